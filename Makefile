@@ -1,0 +1,43 @@
+# Two commands do all set-up on a fresh machine: `make demo` and `make test` (see README.md).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+DEMO_DIR ?= .demo
+
+.PHONY: venv test test-fast demo protos lint-protos lint bench clean
+
+# The venv is (re)installed when it is missing or pyproject.toml changed.
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@echo "installing the suite into $(VENV) (first time: a few minutes)"
+	@$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]' 2> >(grep -v "is ignored: it is neither" >&2)
+	@touch $(STAMP)
+
+venv: $(STAMP)
+
+protos: venv
+	$(PY) protos/generate.py
+
+lint-protos: venv
+	cd protos && ../$(VENV)/bin/buf lint
+
+lint: venv
+	$(VENV)/bin/ruff check wombat_core services clients tests benchmarks
+
+# Runs everything, slow tests included. pytest exits 5 when it collects no tests, which fails the target.
+test: venv lint-protos
+	$(PY) -m pytest tests
+
+test-fast: venv
+	$(PY) -m pytest tests -m "not slow"
+
+demo: venv
+	$(VENV)/bin/wombat demo --workdir $(DEMO_DIR)
+
+bench: venv
+	$(PY) benchmarks/materialize.py
+
+clean:
+	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache

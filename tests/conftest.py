@@ -1,0 +1,86 @@
+"""Shared fixtures: tiny real checkpoints on disk and real gRPC servers on port 0."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+import torch
+
+from tests.models import derive_finetuned, save_tiny_llama
+
+
+class ServerThread:
+    """Runs a Wombat aio server on its own event loop in a background thread, for sync test code."""
+
+    def __init__(self, build: Callable[[], tuple], serving: bool = True):
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.server, self.port, self.servicer = self.call(self._start(build, serving))
+        self.address = f"127.0.0.1:{self.port}"
+
+    async def _start(self, build, serving: bool):
+        server, port, servicer = build()
+        await server.start()
+        if serving:
+            await server.set_serving(True)
+        return server, port, servicer
+
+    def call(self, coroutine, timeout: float = 60):
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
+
+    def stop(self, grace: float = 0) -> None:
+        self.call(self.server.stop(grace))
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+@pytest.fixture
+def model_root(tmp_path: Path) -> Path:
+    root = tmp_path / "models"
+    root.mkdir()
+    return root
+
+
+@pytest.fixture
+def tiny_models(model_root: Path) -> Path:
+    """base (vocab 32), target (vocab 33, the [PAD] row added), both float16; returns the root."""
+    save_tiny_llama(model_root / "base", seed=1, max_shard_size="5KB")
+    derive_finetuned(model_root / "base", model_root / "target", seed=2)
+    return model_root
+
+
+@pytest.fixture
+def materializer(model_root: Path) -> Iterator[ServerThread]:
+    from services.materializer.server import build_server
+    from wombat_core.server import ServerConfig
+
+    config = ServerConfig(host="127.0.0.1", port=0, metrics_port=0)
+    server = ServerThread(lambda: build_server(config, model_root))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def materializer_client(materializer: ServerThread):
+    from clients.materializer import MaterializerClient
+
+    with MaterializerClient(materializer.address, timeout=60) as client:
+        yield client
+
+
+def rpc_error(call: Callable[[], object]) -> grpc.RpcError:
+    """Runs `call` (consuming a stream fully) and returns the RpcError it must raise."""
+    with pytest.raises(grpc.RpcError) as info:
+        result = call()
+        if hasattr(result, "__iter__"):
+            list(result)
+    return info.value
+
+
+torch.set_num_threads(1)  # tiny models; avoids oversubscribing the 2-core CI machine

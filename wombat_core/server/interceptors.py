@@ -1,0 +1,164 @@
+"""One server interceptor for every cross-cutting concern of a call.
+
+For each RPC it: assigns a request id (from `x-request-id` or a new one) and echoes it in the initial
+metadata; checks the bearer token (health and reflection stay open so probes and tooling work); counts
+the call in Prometheus by method and status code; and turns core errors into their gRPC status, so
+servicers just raise. Unexpected exceptions become INTERNAL with the request id, never a stack trace.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import grpc
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from wombat_core.errors import WombatError
+from wombat_core.server.errors import rich_status, status_code_for
+from wombat_core.server.logs import request_id_var
+
+log = logging.getLogger(__name__)
+
+OPEN_METHOD_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+REQUEST_ID_KEY = "x-request-id"
+
+
+class RpcMetrics:
+    def __init__(self, registry: CollectorRegistry):
+        self.requests = Counter(
+            "wombat_rpc_requests", "RPCs finished, by method and status code", ["method", "code"], registry=registry
+        )
+        self.latency = Histogram(
+            "wombat_rpc_duration_seconds",
+            "RPC wall time",
+            ["method"],
+            registry=registry,
+            buckets=(0.005, 0.02, 0.1, 0.5, 1, 2.5, 10, 30, 120, 600, float("inf")),
+        )
+        self.in_flight = Gauge("wombat_rpc_in_flight", "RPCs being served", ["method"], registry=registry)
+
+
+class _CallState:
+    """Per-call bookkeeping shared by the unary and streaming wrappers."""
+
+    def __init__(self, method: str, metrics: RpcMetrics, request_id: str):
+        self.method, self.metrics, self.request_id = method, metrics, request_id
+        self.started = time.monotonic()
+        self.code = grpc.StatusCode.OK
+
+    async def begin(self, context: grpc.aio.ServicerContext) -> None:
+        request_id_var.set(self.request_id)
+        self.metrics.in_flight.labels(self.method).inc()
+        await context.send_initial_metadata(((REQUEST_ID_KEY, self.request_id),))
+
+    async def fail(self, context: grpc.aio.ServicerContext, exc: BaseException) -> None:
+        if isinstance(exc, WombatError):
+            self.code = status_code_for(exc)
+            log.info("%s failed: %s %s", self.method, self.code.name, exc.message)
+            await context.abort(self.code, exc.message, rich_status(self.code, exc.message, exc.reason, exc.metadata))
+        self.code = grpc.StatusCode.INTERNAL
+        log.exception("%s: unexpected error", self.method)
+        message = f"internal error (request id {self.request_id}); the server log has the details"
+        await context.abort(self.code, message, rich_status(self.code, message, "INTERNAL", {}))
+
+    def end(self, context: grpc.aio.ServicerContext) -> None:
+        code = context.code() if hasattr(context, "code") else None
+        if isinstance(code, grpc.StatusCode):
+            self.code = code
+        self.metrics.in_flight.labels(self.method).dec()
+        self.metrics.requests.labels(self.method, self.code.name).inc()
+        self.metrics.latency.labels(self.method).observe(time.monotonic() - self.started)
+
+
+def _wrap_unary(behavior: Callable[..., Awaitable], make_state: Callable[[], _CallState]) -> Callable:
+    async def wrapper(request, context):
+        state = make_state()
+        await state.begin(context)
+        try:
+            return await behavior(request, context)
+        except (grpc.aio.AbortError, AssertionError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - mapped to a status, never leaked
+            await state.fail(context, exc)
+        finally:
+            state.end(context)
+
+    return wrapper
+
+
+def _wrap_stream(behavior: Callable[..., AsyncIterator], make_state: Callable[[], _CallState]) -> Callable:
+    async def wrapper(request, context):
+        state = make_state()
+        await state.begin(context)
+        try:
+            async for response in behavior(request, context):
+                yield response
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - mapped to a status, never leaked
+            await state.fail(context, exc)
+        finally:
+            state.end(context)
+
+    return wrapper
+
+
+class WombatInterceptor(grpc.aio.ServerInterceptor):
+    def __init__(self, metrics: RpcMetrics, auth_token: str | None):
+        self._metrics = metrics
+        self._expected_auth = f"Bearer {auth_token}".encode() if auth_token else None
+
+    def _authorized(self, method: str, metadata: dict[str, str]) -> bool:
+        if self._expected_auth is None or method.startswith(OPEN_METHOD_PREFIXES):
+            return True
+        # Constant-time comparison; the token itself is never logged.
+        return hmac.compare_digest(metadata.get("authorization", "").encode(), self._expected_auth)
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        method = handler_call_details.method
+        metadata = {k: v for k, v in (handler_call_details.invocation_metadata or ()) if isinstance(v, str)}
+        request_id = metadata.get(REQUEST_ID_KEY, "")[:64] or uuid.uuid4().hex[:16]
+        if not self._authorized(method, metadata):
+            self._metrics.requests.labels(method, grpc.StatusCode.UNAUTHENTICATED.name).inc()
+            return _unauthenticated_handler(handler)
+
+        def make_state() -> _CallState:
+            return _CallState(method, self._metrics, request_id)
+
+        if handler.request_streaming:
+            return handler  # no client-streaming RPCs in the Wombat contracts; pass through untouched
+        if handler.response_streaming:
+            return grpc.unary_stream_rpc_method_handler(
+                _wrap_stream(handler.unary_stream, make_state),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return grpc.unary_unary_rpc_method_handler(
+            _wrap_unary(handler.unary_unary, make_state),
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+
+def _unauthenticated_handler(handler):
+    message = "missing or invalid bearer token: send metadata 'authorization: Bearer <token>'"
+
+    async def deny_unary(request, context):
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+
+    async def deny_stream(request, context):
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+        yield  # pragma: no cover - makes this an async generator
+
+    if handler.response_streaming:
+        return grpc.unary_stream_rpc_method_handler(
+            deny_stream, handler.request_deserializer, handler.response_serializer
+        )
+    return grpc.unary_unary_rpc_method_handler(deny_unary, handler.request_deserializer, handler.response_serializer)

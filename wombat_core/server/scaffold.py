@@ -1,0 +1,126 @@
+"""`create_server(config, services) -> (server, port)`: the gRPC server every Wombat service runs on.
+
+It adds, for every service: standard health checking (NOT_SERVING until the service calls
+`set_serving()`), server reflection, Prometheus metrics on their own HTTP port, optional TLS / mTLS and
+bearer-token auth, request ids in the logs, and a graceful drain on SIGTERM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry, start_http_server
+
+from wombat_core.server.config import ServerConfig
+from wombat_core.server.interceptors import RpcMetrics, WombatInterceptor
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ServiceRegistration:
+    """A servicer to add: its full proto name (for health and reflection) and the generated add function."""
+
+    full_name: str
+    add_to_server: Callable[[grpc.aio.Server], None]
+
+
+class WombatServer:
+    """A started-or-not aio server plus its health servicer and metrics endpoint."""
+
+    def __init__(self, server: grpc.aio.Server, health_servicer, service_names: list[str], config: ServerConfig,
+                 registry: CollectorRegistry):  # fmt: skip
+        self.grpc_server = server
+        self.health = health_servicer
+        self.service_names = service_names
+        self.config = config
+        self.registry = registry
+        self.metrics_port: int | None = None
+        self._metrics_http = None
+        self.draining = False
+
+    async def start(self) -> None:
+        # Health answers NOT_SERVING for every service until the service calls set_serving().
+        await self.set_serving(False)
+        await self.grpc_server.start()
+        if self.config.metrics_port is not None:
+            self._metrics_http, _ = start_http_server(
+                self.config.metrics_port, addr=self.config.metrics_host, registry=self.registry
+            )
+            self.metrics_port = self._metrics_http.server_port
+        log.info("serving %s (metrics port %s)", ", ".join(self.service_names), self.metrics_port)
+
+    async def set_serving(self, serving: bool = True) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ["", *self.service_names]:
+            await self.health.set(name, status)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Drains: health goes NOT_SERVING, new calls are refused, in-flight calls get `grace` seconds."""
+        self.draining = True
+        await self.set_serving(False)
+        await self.grpc_server.stop(self.config.drain_grace_seconds if grace is None else grace)
+        if self._metrics_http is not None:
+            self._metrics_http.shutdown()
+            self._metrics_http.server_close()
+            self._metrics_http = None
+
+    async def wait_for_termination(self) -> None:
+        await self.grpc_server.wait_for_termination()
+
+
+def create_server(config: ServerConfig, services: Sequence[ServiceRegistration]) -> tuple[WombatServer, int]:
+    """Builds the server and binds its port; call from inside the event loop that will run it."""
+    registry = CollectorRegistry()
+    options = [
+        ("grpc.max_receive_message_length", config.max_message_bytes),
+        ("grpc.max_send_message_length", config.max_message_bytes),
+        ("grpc.so_reuseport", 0),  # two servers must never share a port silently
+    ]
+    server = grpc.aio.server(
+        interceptors=[WombatInterceptor(RpcMetrics(registry), config.auth_token)],
+        options=options,
+        maximum_concurrent_rpcs=config.max_concurrent_rpcs,
+    )
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    for service in services:
+        service.add_to_server(server)
+    names = [s.full_name for s in services]
+    reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+    address = f"{config.host}:{config.port}"
+    if config.tls is not None:
+        credentials = grpc.ssl_server_credentials(
+            [(config.tls.key_file.read_bytes(), config.tls.cert_file.read_bytes())],
+            root_certificates=config.tls.client_ca_file.read_bytes() if config.tls.client_ca_file else None,
+            require_client_auth=config.tls.client_ca_file is not None,
+        )
+        port = server.add_secure_port(address, credentials)
+    else:
+        port = server.add_insecure_port(address)
+    if port == 0:
+        raise OSError(f"could not bind {address}")
+    return WombatServer(server, health_servicer, names, config, registry), port
+
+
+async def run_until_signalled(server: WombatServer) -> None:
+    """Serves until SIGTERM/SIGINT, then drains gracefully (health NOT_SERVING, in-flight calls finish)."""
+    loop = asyncio.get_running_loop()
+    stop_requested = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop_requested.set)
+    waiter = asyncio.create_task(server.wait_for_termination())
+    stopper = asyncio.create_task(stop_requested.wait())
+    await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    if stop_requested.is_set():
+        log.info("signal received: draining for up to %.0fs", server.config.drain_grace_seconds)
+        await server.stop()
+    waiter.cancel()
+    stopper.cancel()
