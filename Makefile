@@ -24,10 +24,11 @@ lint-protos: venv
 	cd protos && ../$(VENV)/bin/buf lint
 
 lint: venv
-	$(VENV)/bin/ruff check wombat_core services clients tests benchmarks
+	$(VENV)/bin/ruff check wombat_core services clients tests benchmarks protos/generate.py
+	$(VENV)/bin/ruff format --check wombat_core services clients tests benchmarks protos/generate.py
 
 # Runs everything, slow tests included. pytest exits 5 when it collects no tests, which fails the target.
-test: venv lint-protos
+test: venv lint-protos lint
 	$(PY) -m pytest tests
 
 test-fast: venv

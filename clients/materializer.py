@@ -11,8 +11,6 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 
-import grpc
-
 from clients.channel import ChannelSettings, call_metadata, open_channel
 from wombat.common.v1 import common_pb2
 from wombat.materializer.v1 import materializer_pb2 as pb
@@ -22,8 +20,10 @@ _READ_ONLY_RETRY = json.dumps(
     {
         "methodConfig": [
             {
-                "name": [{"service": "wombat.materializer.v1.MaterializerService", "method": m}
-                         for m in ("Verify", "Describe", "ListModels")],  # fmt: skip
+                "name": [
+                    {"service": "wombat.materializer.v1.MaterializerService", "method": m}
+                    for m in ("Verify", "Describe", "ListModels")
+                ],  # fmt: skip
                 "retryPolicy": {
                     "maxAttempts": 4,
                     "initialBackoff": "0.2s",
@@ -67,10 +67,14 @@ class MaterializerClient:
         return self._stub.Verify(pb.VerifyRequest(path=path), timeout=self.timeout, metadata=self._md())
 
     def describe(self, path: str) -> pb.ModelSummary:
-        return self._stub.Describe(pb.DescribeRequest(path=path), timeout=self.timeout, metadata=self._md()).model
+        return self._stub.Describe(
+            pb.DescribeRequest(path=path), timeout=self.timeout, metadata=self._md()
+        ).model
 
     def list_models(self, prefix: str = "") -> list[pb.ModelSummary]:
-        response = self._stub.ListModels(pb.ListModelsRequest(prefix=prefix), timeout=self.timeout, metadata=self._md())
+        response = self._stub.ListModels(
+            pb.ListModelsRequest(prefix=prefix), timeout=self.timeout, metadata=self._md()
+        )
         return list(response.models)
 
     def close(self) -> None:

@@ -7,7 +7,6 @@ regenerates them into a temporary directory and fails when the committed copies 
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 from pathlib import Path
 
@@ -55,7 +54,9 @@ def generated_files(root: Path) -> dict[str, bytes]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--out", type=Path, default=PROTO_ROOT, help="output root (default: beside the protos)")
+    parser.add_argument(
+        "--out", type=Path, default=PROTO_ROOT, help="output root (default: beside the protos)"
+    )
     args = parser.parse_args()
     if args.out == PROTO_ROOT:
         for stale in PROTO_ROOT.joinpath("wombat").rglob("*"):

@@ -27,7 +27,11 @@ def test_core_domain_modules_import_no_grpc_proto_or_ray():
     ]  # fmt: skip
     assert len(domain_files) > 10
     offenders = {
-        str(p.relative_to(ROOT)): sorted(m for m in imported_modules(p) if m == "wombat" or m.startswith(FORBIDDEN) or m.split(".")[0] in {"grpc", "ray"})
+        str(p.relative_to(ROOT)): sorted(
+            m
+            for m in imported_modules(p)
+            if m == "wombat" or m.startswith(FORBIDDEN) or m.split(".")[0] in {"grpc", "ray"}
+        )
         for p in domain_files
     }
     assert {k: v for k, v in offenders.items() if v} == {}
@@ -37,5 +41,7 @@ def test_no_service_imports_another_service():
     services = [p.name for p in (ROOT / "services").iterdir() if p.is_dir() and not p.name.startswith("_")]
     for service in services:
         for path in (ROOT / "services" / service).rglob("*.py"):
-            others = {m for m in imported_modules(path) if m.startswith("services.") and m.split(".")[1] != service}
+            others = {
+                m for m in imported_modules(path) if m.startswith("services.") and m.split(".")[1] != service
+            }
             assert not others, f"{path} imports {others}"

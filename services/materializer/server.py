@@ -8,19 +8,28 @@ from pathlib import Path
 from services.materializer.servicer import MaterializerServicer
 from wombat.materializer.v1 import materializer_pb2, materializer_pb2_grpc
 from wombat_core.errors import InvalidArgument
-from wombat_core.server import ServerConfig, ServiceRegistration, WombatServer, create_server, run_until_signalled
+from wombat_core.server import (
+    ServerConfig,
+    ServiceRegistration,
+    WombatServer,
+    create_server,
+    run_until_signalled,
+)
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = materializer_pb2.DESCRIPTOR.services_by_name["MaterializerService"].full_name
 
 
-def build_server(config: ServerConfig, model_root: Path, max_jobs: int = 2) -> tuple[WombatServer, int, MaterializerServicer]:
+def build_server(
+    config: ServerConfig, model_root: Path, max_jobs: int = 2
+) -> tuple[WombatServer, int, MaterializerServicer]:
     if not Path(model_root).is_dir():
         raise InvalidArgument(f"--model-root {model_root} is not a directory")
     servicer = MaterializerServicer(Path(model_root), max_jobs=max_jobs)
     registration = ServiceRegistration(
-        SERVICE_NAME, lambda server: materializer_pb2_grpc.add_MaterializerServiceServicer_to_server(servicer, server)
+        SERVICE_NAME,
+        lambda server: materializer_pb2_grpc.add_MaterializerServiceServicer_to_server(servicer, server),
     )
     server, port = create_server(config, [registration])
     return server, port, servicer

@@ -36,7 +36,9 @@ class MaterializerServicer(materializer_pb2_grpc.MaterializerServiceServicer):
 
     # --- streaming jobs -------------------------------------------------------------------------------
 
-    async def Materialize(self, request: pb.MaterializeRequest, context) -> AsyncIterator[pb.MaterializeResponse]:
+    async def Materialize(
+        self, request: pb.MaterializeRequest, context
+    ) -> AsyncIterator[pb.MaterializeResponse]:
         base = self.root.resolve(request.base_path, field="base_path")
         delta_dir = self.root.resolve(request.delta_path, field="delta_path")
         target = self.root.resolve(request.target_path, field="target_path")
@@ -44,7 +46,9 @@ class MaterializerServicer(materializer_pb2_grpc.MaterializerServiceServicer):
         displays = {"base": request.base_path, "delta": request.delta_path, "output": request.target_path}
 
         def run(control: JobControl) -> delta.JobOutcome:
-            return delta.apply_delta(base, delta_dir, target, options, control, confine_to=self.root.root, displays=displays)
+            return delta.apply_delta(
+                base, delta_dir, target, options, control, confine_to=self.root.root, displays=displays
+            )
 
         async for kind, value in self._run_job(run):
             if kind == "progress":
@@ -60,7 +64,9 @@ class MaterializerServicer(materializer_pb2_grpc.MaterializerServiceServicer):
         displays = {"base": request.base_path, "target": request.target_path, "output": request.delta_path}
 
         def run(control: JobControl) -> delta.JobOutcome:
-            return delta.make_delta(base, target, delta_dir, options, control, confine_to=self.root.root, displays=displays)
+            return delta.make_delta(
+                base, target, delta_dir, options, control, confine_to=self.root.root, displays=displays
+            )
 
         async for kind, value in self._run_job(run):
             if kind == "progress":
@@ -74,7 +80,9 @@ class MaterializerServicer(materializer_pb2_grpc.MaterializerServiceServicer):
         displays = {"source": request.source_path, "output": request.output_path}
 
         def run(control: JobControl) -> delta.JobOutcome:
-            return delta.convert_checkpoint(source, output, control, confine_to=self.root.root, displays=displays)
+            return delta.convert_checkpoint(
+                source, output, control, confine_to=self.root.root, displays=displays
+            )
 
         async for kind, value in self._run_job(run):
             if kind == "progress":
@@ -91,7 +99,9 @@ class MaterializerServicer(materializer_pb2_grpc.MaterializerServiceServicer):
 
     async def Describe(self, request: pb.DescribeRequest, context) -> pb.DescribeResponse:
         directory = self.root.resolve(request.path, field="path", must_exist=True)
-        summary = await self._in_thread(catalog.describe_model, directory, request.path, confine_to=self.root.root)
+        summary = await self._in_thread(
+            catalog.describe_model, directory, request.path, confine_to=self.root.root
+        )
         return pb.DescribeResponse(model=convert.model_summary(summary))
 
     async def ListModels(self, request: pb.ListModelsRequest, context) -> pb.ListModelsResponse:
@@ -105,7 +115,9 @@ class MaterializerServicer(materializer_pb2_grpc.MaterializerServiceServicer):
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, lambda: fn(*args, **kwargs))
 
-    async def _run_job(self, run: Callable[[JobControl], delta.JobOutcome]) -> AsyncIterator[tuple[str, object]]:
+    async def _run_job(
+        self, run: Callable[[JobControl], delta.JobOutcome]
+    ) -> AsyncIterator[tuple[str, object]]:
         """Runs `run` in a worker thread; yields ("progress", Progress) events, then ("result", JobOutcome)."""
         if self._running >= self._max_jobs:
             raise ResourceExhausted(

@@ -30,7 +30,9 @@ TENSORS = {
 
 def test_streaming_writer_output_is_read_by_the_official_library(tmp_path):
     path = tmp_path / "x.safetensors"
-    writer = StreamingSafetensorsWriter(path, [TensorSpec(n, t.dtype, tuple(t.shape)) for n, t in TENSORS.items()])
+    writer = StreamingSafetensorsWriter(
+        path, [TensorSpec(n, t.dtype, tuple(t.shape)) for n, t in TENSORS.items()]
+    )
     for name, tensor in TENSORS.items():
         writer.write(name, tensor)
     digest = writer.finish()

@@ -66,7 +66,9 @@ def test_sharded_delta_gives_sharded_output_with_index(tmp_path):
     assert len(shards) > 1
     index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
     assert set(index["weight_map"].values()) == set(shards)
-    assert_bit_identical(load_state(tmp_path / "out"), naive_apply(load_state(base), load_state(tmp_path / "delta")))
+    assert_bit_identical(
+        load_state(tmp_path / "out"), naive_apply(load_state(base), load_state(tmp_path / "delta"))
+    )
 
 
 def test_reference_float16_default_casts_float32_inputs(tmp_path):
@@ -115,7 +117,9 @@ def test_missing_tensor_names_the_tensor_and_writes_nothing(tmp_path, tiny_model
 
 def test_extra_tensor_is_refused(tmp_path, tiny_models):
     make_delta(tiny_models / "base", tiny_models / "target", tmp_path / "delta")
-    _rewrite(tmp_path / "delta", lambda s: s.update({"model.extra.weight": torch.zeros(2, dtype=torch.float16)}))
+    _rewrite(
+        tmp_path / "delta", lambda s: s.update({"model.extra.weight": torch.zeros(2, dtype=torch.float16)})
+    )
     with pytest.raises(TensorMismatch, match=r"not in the base: model\.extra\.weight"):
         apply_delta(tiny_models / "base", tmp_path / "delta", tmp_path / "out")
     assert not (tmp_path / "out").exists()
@@ -158,7 +162,9 @@ def test_second_run_is_a_no_op_and_other_inputs_are_refused(tmp_path, tiny_model
     assert second.already_materialized and second.manifest == first.manifest
     assert (tmp_path / "out" / "model.safetensors").stat().st_mtime_ns == mtime
     with pytest.raises(AlreadyExists, match="other inputs or options"):
-        apply_delta(tiny_models / "base", tmp_path / "delta", tmp_path / "out", DeltaOptions(dtype=torch.float32))
+        apply_delta(
+            tiny_models / "base", tmp_path / "delta", tmp_path / "out", DeltaOptions(dtype=torch.float32)
+        )
 
 
 def test_cancellation_leaves_no_output(tmp_path, tiny_models):
@@ -179,9 +185,16 @@ def test_cancellation_leaves_no_output(tmp_path, tiny_models):
 
 def test_progress_reports_tensors_and_bytes(tmp_path, tiny_models):
     events = []
-    make_delta(tiny_models / "base", tiny_models / "target", tmp_path / "delta", control=JobControl(events.append, interval=0))
+    make_delta(
+        tiny_models / "base",
+        tiny_models / "target",
+        tmp_path / "delta",
+        control=JobControl(events.append, interval=0),
+    )
     assert events[0].tensors_done == 0 and events[-1].tensors_done == events[-1].tensors_total > 0
-    assert events[-1].bytes_done == events[-1].bytes_total == sum(
-        t.numel() * t.element_size() for t in load_state(tmp_path / "delta").values()
+    assert (
+        events[-1].bytes_done
+        == events[-1].bytes_total
+        == sum(t.numel() * t.element_size() for t in load_state(tmp_path / "delta").values())
     )
     assert [e.bytes_done for e in events] == sorted(e.bytes_done for e in events)

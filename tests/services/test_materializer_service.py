@@ -106,7 +106,11 @@ def test_missing_tensor_is_invalid_argument_with_error_info(with_delta, material
     error = rpc_error(lambda: materializer_client.materialize("base", "delta", "out"))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "model.norm.weight" in error.details()
     info = error_info(error)
-    assert info is not None and info.reason == "TENSOR_MISMATCH" and info.metadata["tensor"] == "model.norm.weight"
+    assert (
+        info is not None
+        and info.reason == "TENSOR_MISMATCH"
+        and info.metadata["tensor"] == "model.norm.weight"
+    )
     assert not (with_delta / "out").exists()
 
 
@@ -118,7 +122,9 @@ def test_shape_mismatch_is_invalid_argument(with_delta, materializer_client):
 
 
 def test_vocab_mismatch_without_padding_explains_the_fix(with_delta, materializer_client):
-    error = rpc_error(lambda: materializer_client.materialize("base", "delta", "out", pb.DeltaOptions(pad_vocab=False)))
+    error = rpc_error(
+        lambda: materializer_client.materialize("base", "delta", "out", pb.DeltaOptions(pad_vocab=False))
+    )
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert error_info(error).reason == "VOCAB_MISMATCH" and "[PAD]" in error.details()
 
@@ -127,7 +133,9 @@ def test_vocab_mismatch_without_padding_explains_the_fix(with_delta, materialize
 def test_corrupt_safetensors_is_invalid_argument(with_delta, materializer_client, damage):
     path = with_delta / "delta" / "model.safetensors"
     data = path.read_bytes()
-    path.write_bytes(data[: len(data) // 2] if damage == "truncate" else b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}")
+    path.write_bytes(
+        data[: len(data) // 2] if damage == "truncate" else b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}"
+    )
     error = rpc_error(lambda: materializer_client.materialize("base", "delta", "out"))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "model.safetensors is not a valid safetensors file" in error.details()
@@ -163,13 +171,25 @@ def test_verify_without_manifest_is_failed_precondition(with_delta, materializer
 @pytest.fixture
 def big_models(model_root):
     """~60 MB in 3 shards of many tensors: slow enough to cancel mid-job."""
-    overrides = dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=12, num_attention_heads=4, num_key_value_heads=4)
-    save_tiny_llama(model_root / "base", seed=1, dtype=torch.float32, max_shard_size="20MB", config_overrides=overrides)
-    save_tiny_llama(model_root / "target", seed=2, dtype=torch.float32, max_shard_size="20MB", config_overrides=overrides)
+    overrides = dict(
+        hidden_size=256,
+        intermediate_size=1024,
+        num_hidden_layers=12,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+    )
+    save_tiny_llama(
+        model_root / "base", seed=1, dtype=torch.float32, max_shard_size="20MB", config_overrides=overrides
+    )
+    save_tiny_llama(
+        model_root / "target", seed=2, dtype=torch.float32, max_shard_size="20MB", config_overrides=overrides
+    )
     return model_root
 
 
-def test_client_cancellation_stops_the_job_and_leaves_no_output(big_models, materializer, materializer_client):
+def test_client_cancellation_stops_the_job_and_leaves_no_output(
+    big_models, materializer, materializer_client
+):
     stream = materializer_client.make_delta("base", "target", "delta", pb.DeltaOptions(dtype=3))
     first = next(stream)
     assert first.HasField("progress") and first.progress.tensors_done < first.progress.tensors_total
@@ -198,7 +218,9 @@ def test_deadline_exceeded_also_cleans_up(big_models, materializer_client):
 
 
 def test_too_many_concurrent_jobs_is_resource_exhausted(big_models, materializer, materializer_client):
-    streams = [materializer_client.make_delta("base", "target", f"d{i}", pb.DeltaOptions(dtype=3)) for i in range(2)]
+    streams = [
+        materializer_client.make_delta("base", "target", f"d{i}", pb.DeltaOptions(dtype=3)) for i in range(2)
+    ]
     for stream in streams:
         next(stream)  # both jobs are running: the default limit is 2
     code, details = _code(lambda: materializer_client.make_delta("base", "target", "d3"))
@@ -210,7 +232,9 @@ def test_too_many_concurrent_jobs_is_resource_exhausted(big_models, materializer
 def test_same_target_twice_at_once_is_aborted(big_models, materializer_client):
     first = materializer_client.make_delta("base", "target", "same", pb.DeltaOptions(dtype=3))
     next(first)
-    code, details = _code(lambda: materializer_client.make_delta("base", "target", "same", pb.DeltaOptions(dtype=3)))
+    code, details = _code(
+        lambda: materializer_client.make_delta("base", "target", "same", pb.DeltaOptions(dtype=3))
+    )
     assert code == grpc.StatusCode.ABORTED and "already writing" in details
     assert list(first)[-1].HasField("result")
     assert threading.active_count() < 50

@@ -57,7 +57,9 @@ def confined_file(directory: Path, name: str, root: Path | None) -> Path:
         raise CheckpointFormatError(f"{directory.name}: shard name {name!r} is not a plain file name")
     path = directory / name
     if root is not None and not path.resolve().is_relative_to(root):
-        raise PathOutsideRoot(f"{directory.name}/{name} is a link that leaves the model root; refusing to read it")
+        raise PathOutsideRoot(
+            f"{directory.name}/{name} is a link that leaves the model root; refusing to read it"
+        )
     return path
 
 
@@ -77,15 +79,23 @@ class Checkpoint:
         if not path.exists():
             raise NotFound(f"{role} directory {path.name!r} does not exist", metadata={"role": role})
         if not path.is_dir():
-            raise FailedPrecondition(f"{role} {path.name!r} is a file; give the model directory that contains it")
-        for index_name, fmt in ((SAFETENSORS_INDEX, WeightFormat.SAFETENSORS), (BIN_INDEX, WeightFormat.PYTORCH_BIN)):
+            raise FailedPrecondition(
+                f"{role} {path.name!r} is a file; give the model directory that contains it"
+            )
+        for index_name, fmt in (
+            (SAFETENSORS_INDEX, WeightFormat.SAFETENSORS),
+            (BIN_INDEX, WeightFormat.PYTORCH_BIN),
+        ):
             if (path / index_name).is_file():
                 shards = sorted(set(_read_index(path / index_name).values()))
                 for shard in shards:
                     if not confined_file(path, shard, confine_to).is_file():
                         raise NotFound(f"{role} {path.name}: shard {shard} named by {index_name} is missing")
                 return cls(path, fmt, shards, confine_to)
-        for single, fmt in ((SAFETENSORS_SINGLE, WeightFormat.SAFETENSORS), (BIN_SINGLE, WeightFormat.PYTORCH_BIN)):
+        for single, fmt in (
+            (SAFETENSORS_SINGLE, WeightFormat.SAFETENSORS),
+            (BIN_SINGLE, WeightFormat.PYTORCH_BIN),
+        ):
             if (path / single).is_file():
                 confined_file(path, single, confine_to)
                 return cls(path, fmt, [single], confine_to)
@@ -140,7 +150,11 @@ class Checkpoint:
         """Top-level non-weight files (config, tokenizer, generation config): copied alongside outputs."""
         names = []
         for entry in sorted(self.path.iterdir()):
-            if entry.name.startswith(".") or is_weight_file(entry.name) or entry.name == "wombat-manifest.json":
+            if (
+                entry.name.startswith(".")
+                or is_weight_file(entry.name)
+                or entry.name == "wombat-manifest.json"
+            ):
                 continue
             if entry.is_file():
                 names.append(self.file(entry.name).name)

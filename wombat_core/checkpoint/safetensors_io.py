@@ -107,7 +107,9 @@ class SafetensorsFile:
             raise self._fail(f"file is {file_size} bytes, shorter than the 8-byte header length")
         (header_len,) = struct.unpack("<Q", head)
         if header_len > MAX_HEADER_BYTES or 8 + header_len > file_size:
-            raise self._fail(f"header length {header_len} does not fit in a {file_size}-byte file (truncated?)")
+            raise self._fail(
+                f"header length {header_len} does not fit in a {file_size}-byte file (truncated?)"
+            )
         raw = self._file.read(header_len)
         try:
             header = json.loads(raw.decode("utf-8"))
@@ -129,7 +131,9 @@ class SafetensorsFile:
         position = data_start
         for begin, end, name in sorted(spans):
             if begin != position:
-                raise self._fail(f"tensor {name!r} starts at byte {begin - data_start}, expected {position - data_start}")
+                raise self._fail(
+                    f"tensor {name!r} starts at byte {begin - data_start}, expected {position - data_start}"
+                )
             position = end
         if position != file_size:
             raise self._fail(
@@ -208,7 +212,9 @@ class StreamingSafetensorsWriter:
         offset = 0
         for spec in self._specs:
             if spec.dtype not in TORCH_TO_ST:
-                raise InvalidArgument(f"tensor {spec.name!r} has dtype {spec.dtype}, which safetensors cannot store")
+                raise InvalidArgument(
+                    f"tensor {spec.name!r} has dtype {spec.dtype}, which safetensors cannot store"
+                )
             header[spec.name] = {
                 "dtype": TORCH_TO_ST[spec.dtype],
                 "shape": list(spec.shape),

@@ -26,7 +26,12 @@ from wombat_core.cli import render
 from wombat_core.demo_model import derive_finetuned_target, prepare_demo_model
 from wombat_core.manifest import read_manifest
 
-BASE, TARGET, DELTA, RECOVERED = "smollm2-135m", "smollm2-135m-wombat-style", "smollm2-135m-delta", "smollm2-135m-recovered"
+BASE, TARGET, DELTA, RECOVERED = (
+    "smollm2-135m",
+    "smollm2-135m-wombat-style",
+    "smollm2-135m-delta",
+    "smollm2-135m-recovered",
+)
 READY_PATTERN = re.compile(r"WOMBAT_READY port=(\d+)")
 
 
@@ -88,7 +93,8 @@ def run_demo(workdir: Path) -> int:
 
     render.console.print("3/6 starting the materialiser service (its own process)")
     service = ServiceProcess(
-        ["materializer", "--model-root", str(models), "--port", "0", "--metrics-port", "0"], workdir / "materializer.log"
+        ["materializer", "--model-root", str(models), "--port", "0", "--metrics-port", "0"],
+        workdir / "materializer.log",
     )
     try:
         with MaterializerClient(ChannelSettings(f"127.0.0.1:{service.port}")) as client:
@@ -122,7 +128,9 @@ def run_demo(workdir: Path) -> int:
     if differences or not verified.ok:
         render.console.print(f"[red]FAILED:[/red] {differences or 'manifest verification failed'}")
         return 1
-    render.console.print(f"[green]OK:[/green] {RECOVERED} is bit-identical to {TARGET}; models under {models}")
+    render.console.print(
+        f"[green]OK:[/green] {RECOVERED} is bit-identical to {TARGET}; models under {models}"
+    )
     return 0
 
 

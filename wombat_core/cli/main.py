@@ -18,14 +18,26 @@ import typer
 from wombat_core.cli import render
 from wombat_core.errors import WombatError
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, help="Serve and train RRHF-tuned LLaMA models.")
+# Locals are never shown in tracebacks: they could hold auth tokens.
+app = typer.Typer(
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_show_locals=False,
+    help="Serve and train RRHF-tuned LLaMA models.",
+)
 serve_app = typer.Typer(no_args_is_help=True, help="Run a Wombat gRPC service.")
 app.add_typer(serve_app, name="serve")
 
-ServerOpt = Annotated[str | None, typer.Option("--server", help="HOST:PORT of a materialiser; omit to run locally")]
+ServerOpt = Annotated[
+    str | None, typer.Option("--server", help="HOST:PORT of a materialiser; omit to run locally")
+]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print one JSON object per event")]
-DtypeOpt = Annotated[str, typer.Option(help="arithmetic and output dtype: float16 (reference), bfloat16, float32")]
-PadOpt = Annotated[bool, typer.Option("--pad-vocab/--no-pad-vocab", help="zero [PAD] rows for the base vocab")]
+DtypeOpt = Annotated[
+    str, typer.Option(help="arithmetic and output dtype: float16 (reference), bfloat16, float32")
+]
+PadOpt = Annotated[
+    bool, typer.Option("--pad-vocab/--no-pad-vocab", help="zero [PAD] rows for the base vocab")
+]
 TokenEnv = "WOMBAT_AUTH_TOKEN"
 
 
@@ -72,9 +84,13 @@ def _print_result(result, as_json: bool) -> None:
         render.console.print(f"[green]already materialised:[/green] {path} (nothing to do)")
         return
     files = len(result.manifest.files)
-    render.console.print(f"[green]done:[/green] {path} ({files} files, manifest written) in {result.elapsed_seconds:.1f}s")
+    render.console.print(
+        f"[green]done:[/green] {path} ({files} files, manifest written) in {result.elapsed_seconds:.1f}s"
+    )
     if getattr(result, "inexact_elements", 0):
-        render.console.print(f"[yellow]note:[/yellow] {result.inexact_elements} elements do not round-trip exactly")
+        render.console.print(
+            f"[yellow]note:[/yellow] {result.inexact_elements} elements do not round-trip exactly"
+        )
 
 
 def _options(dtype: str, pad_vocab: bool):
@@ -114,7 +130,9 @@ def materialize(
     from wombat_core.delta import apply_delta
 
     options = _options(dtype, pad_vocab)
-    _run_local(lambda c: apply_delta(Path(base), Path(delta), Path(target), options, c), "materialise", json_output)
+    _run_local(
+        lambda c: apply_delta(Path(base), Path(delta), Path(target), options, c), "materialise", json_output
+    )
 
 
 @app.command("make-delta")
@@ -186,7 +204,9 @@ def verify(
         for path, status in checks:
             if status != "ok":
                 render.console.print(f"[red]{status}[/red] {path}")
-        render.console.print(f"[green]verified[/green] {len(checks)} files" if ok else "[red]verification failed[/red]")
+        render.console.print(
+            f"[green]verified[/green] {len(checks)} files" if ok else "[red]verification failed[/red]"
+        )
     raise typer.Exit(0 if ok else 1)
 
 
@@ -217,11 +237,17 @@ def serve_materializer(
     port: Annotated[int, typer.Option(help="gRPC port (0 picks a free one)")] = 50051,
     host: Annotated[str, typer.Option(help="address to bind")] = "0.0.0.0",
     metrics_port: Annotated[int, typer.Option(help="Prometheus port (0 picks one, -1 disables)")] = 9090,
-    max_jobs: Annotated[int, typer.Option(help="concurrent materialise jobs; more get RESOURCE_EXHAUSTED")] = 2,
-    drain_seconds: Annotated[float, typer.Option(help="SIGTERM: seconds in-flight calls get to finish")] = 30.0,
+    max_jobs: Annotated[
+        int, typer.Option(help="concurrent materialise jobs; more get RESOURCE_EXHAUSTED")
+    ] = 2,
+    drain_seconds: Annotated[
+        float, typer.Option(help="SIGTERM: seconds in-flight calls get to finish")
+    ] = 30.0,
     tls_cert: Annotated[Path | None, typer.Option(help="PEM certificate; enables TLS")] = None,
     tls_key: Annotated[Path | None, typer.Option(help="PEM private key")] = None,
-    tls_client_ca: Annotated[Path | None, typer.Option(help="PEM CA; requires client certificates (mTLS)")] = None,
+    tls_client_ca: Annotated[
+        Path | None, typer.Option(help="PEM CA; requires client certificates (mTLS)")
+    ] = None,
     auth_token_file: Annotated[Path | None, typer.Option(help=f"bearer token file (or ${TokenEnv})")] = None,
     log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING")] = "INFO",
 ) -> None:
@@ -230,14 +256,18 @@ def serve_materializer(
     from wombat_core.server.logs import configure_logging
 
     configure_logging(log_level)
-    config = _server_config(host, port, metrics_port, drain_seconds, tls_cert, tls_key, tls_client_ca, auth_token_file)
+    config = _server_config(
+        host, port, metrics_port, drain_seconds, tls_cert, tls_key, tls_client_ca, auth_token_file
+    )
     try:
         asyncio.run(serve(config, model_root, max_jobs=max_jobs))
     except WombatError as exc:
         _fail(exc.message)
 
 
-def _server_config(host, port, metrics_port, drain_seconds, tls_cert, tls_key, tls_client_ca, auth_token_file):
+def _server_config(
+    host, port, metrics_port, drain_seconds, tls_cert, tls_key, tls_client_ca, auth_token_file
+):
     from wombat_core.server import ServerConfig, TlsConfig
 
     if (tls_cert is None) != (tls_key is None):

@@ -4,29 +4,42 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, is_dataclass
+from pathlib import PurePath
 from typing import Any
 
+from google.protobuf.message import Message
 from rich.console import Console
-from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
 
 console = Console(stderr=True)
 
 
 def to_jsonable(value: Any) -> Any:
+    if isinstance(value, PurePath):
+        return str(value)
     if is_dataclass(value):
         return {k: to_jsonable(v) for k, v in asdict(value).items()}
     if isinstance(value, dict):
         return {k: to_jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [to_jsonable(v) for v in value]
-    if hasattr(value, "DESCRIPTOR"):  # a protobuf message: plain field values, int64 kept as numbers
+    if isinstance(
+        value, Message
+    ):  # plain field values, int64 kept as numbers (json_format makes them strings)
         return {f.name: to_jsonable(getattr(value, f.name)) for f in value.DESCRIPTOR.fields}
-    if hasattr(value, "items") and hasattr(value, "keys"):  # protobuf map
+    if isinstance(value, Mapping):  # includes protobuf map fields
         return {k: to_jsonable(v) for k, v in value.items()}
-    if hasattr(value, "__iter__") and not isinstance(value, (str, bytes)):  # repeated field
+    if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):  # includes repeated fields
         return [to_jsonable(v) for v in value]
     return value
 

@@ -30,7 +30,10 @@ REQUEST_ID_KEY = "x-request-id"
 class RpcMetrics:
     def __init__(self, registry: CollectorRegistry):
         self.requests = Counter(
-            "wombat_rpc_requests", "RPCs finished, by method and status code", ["method", "code"], registry=registry
+            "wombat_rpc_requests",
+            "RPCs finished, by method and status code",
+            ["method", "code"],
+            registry=registry,
         )
         self.latency = Histogram(
             "wombat_rpc_duration_seconds",
@@ -59,7 +62,9 @@ class _CallState:
         if isinstance(exc, WombatError):
             self.code = status_code_for(exc)
             log.info("%s failed: %s %s", self.method, self.code.name, exc.message)
-            await context.abort(self.code, exc.message, rich_status(self.code, exc.message, exc.reason, exc.metadata))
+            await context.abort(
+                self.code, exc.message, rich_status(self.code, exc.message, exc.reason, exc.metadata)
+            )
         self.code = grpc.StatusCode.INTERNAL
         log.exception("%s: unexpected error", self.method)
         message = f"internal error (request id {self.request_id}); the server log has the details"
@@ -161,4 +166,6 @@ def _unauthenticated_handler(handler):
         return grpc.unary_stream_rpc_method_handler(
             deny_stream, handler.request_deserializer, handler.response_serializer
         )
-    return grpc.unary_unary_rpc_method_handler(deny_unary, handler.request_deserializer, handler.response_serializer)
+    return grpc.unary_unary_rpc_method_handler(
+        deny_unary, handler.request_deserializer, handler.response_serializer
+    )

@@ -1,0 +1,83 @@
+"""The `wombat` CLI as a user runs it: local jobs with --json, verify's exit code, and --server mode."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.models import derive_finetuned, save_tiny_llama
+
+pytestmark = pytest.mark.slow
+
+
+def wombat(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        [sys.executable, "-m", "wombat_core.cli.main", *args], capture_output=True, text=True, timeout=300
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"wombat {' '.join(args)} failed ({result.returncode}):\n{result.stderr}")
+    return result
+
+
+def json_lines(output: str) -> list[dict]:
+    return [json.loads(line) for line in output.splitlines() if line.strip()]
+
+
+def test_local_make_delta_materialize_verify_with_json(tmp_path):
+    save_tiny_llama(tmp_path / "base", seed=1)
+    derive_finetuned(tmp_path / "base", tmp_path / "target", seed=2)
+    made = json_lines(wombat("make-delta", "--base", str(tmp_path / "base"), "--target", str(tmp_path / "target"),
+                             "--delta", str(tmp_path / "delta"), "--json").stdout)  # fmt: skip
+    assert made[0]["event"] == "progress" and made[-1]["event"] == "result"
+    assert made[-1]["inexact_elements"] == 0
+    done = json_lines(wombat("materialize", "--base", str(tmp_path / "base"), "--delta", str(tmp_path / "delta"),
+                             "--target", str(tmp_path / "out"), "--json").stdout)  # fmt: skip
+    assert done[-1]["event"] == "result" and done[-1]["manifest"]["kind"] == "materialize"
+    again = json_lines(wombat("materialize", "--base", str(tmp_path / "base"), "--delta", str(tmp_path / "delta"),
+                              "--target", str(tmp_path / "out"), "--json").stdout)  # fmt: skip
+    assert again[-1]["already_materialized"] is True
+
+    verified = json_lines(wombat("verify", str(tmp_path / "out"), "--json").stdout)
+    assert verified[-1]["ok"] is True
+    (tmp_path / "out" / "config.json").write_text("{}")
+    failed = wombat("verify", str(tmp_path / "out"), check=False)
+    assert failed.returncode == 1 and "mismatch" in failed.stderr
+
+
+def test_cli_errors_are_one_clear_line(tmp_path):
+    result = wombat("materialize", "--base", str(tmp_path / "nope"), "--delta", str(tmp_path), "--target",
+                    str(tmp_path / "out"), check=False)  # fmt: skip
+    assert result.returncode == 1
+    assert "base directory 'nope' does not exist" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_server_mode(tmp_path, start_materializer):
+    root = tmp_path / "root"
+    save_tiny_llama(root / "base", seed=1)
+    derive_finetuned(root / "base", root / "target", seed=2)
+    service = start_materializer(root)
+    server = f"127.0.0.1:{service.port}"
+    wombat("make-delta", "--base", "base", "--target", "target", "--delta", "delta", "--server", server)
+    out = json_lines(
+        wombat(
+            "materialize",
+            "--base",
+            "base",
+            "--delta",
+            "delta",
+            "--target",
+            "out",
+            "--server",
+            server,
+            "--json",
+        ).stdout
+    )
+    assert out[-1]["event"] == "result" and out[-1]["path"] == "out"
+    assert json_lines(wombat("verify", "out", "--server", server, "--json").stdout)[-1]["ok"] is True
+    refused = wombat(
+        "materialize", "--base", "../x", "--delta", "delta", "--target", "o2", "--server", server, check=False
+    )
+    assert refused.returncode == 1 and "INVALID_ARGUMENT" in refused.stderr

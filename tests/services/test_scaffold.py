@@ -1,0 +1,201 @@
+"""The shared server scaffold: health, reflection, metrics, auth, TLS, request ids, error mapping."""
+
+from __future__ import annotations
+
+import datetime as dt
+import urllib.request
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from tests.conftest import ServerThread, rpc_error
+from wombat.materializer.v1 import materializer_pb2 as pb
+from wombat.materializer.v1 import materializer_pb2_grpc
+
+TOKEN = "s3cret-token-for-tests-only"
+
+
+def _build(model_root, **config):
+    from services.materializer.server import build_server
+    from wombat_core.server import ServerConfig
+
+    settings = {"host": "127.0.0.1", "port": 0, "metrics_port": 0, **config}
+    return lambda: build_server(ServerConfig(**settings), model_root)
+
+
+def _health(channel, service: str = ""):
+    return (
+        health_pb2_grpc.HealthStub(channel)
+        .Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+        .status
+    )
+
+
+def test_health_is_not_serving_until_ready_then_serving_then_drains(model_root):
+    server = ServerThread(_build(model_root), serving=False)
+    try:
+        with grpc.insecure_channel(server.address) as channel:
+            name = "wombat.materializer.v1.MaterializerService"
+            assert _health(channel) == health_pb2.HealthCheckResponse.NOT_SERVING
+            assert _health(channel, name) == health_pb2.HealthCheckResponse.NOT_SERVING
+            server.call(server.server.set_serving(True))
+            assert _health(channel, name) == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        server.stop()
+    with grpc.insecure_channel(server.address) as channel:
+        with pytest.raises(grpc.RpcError) as info:
+            _health(channel)
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_reflection_lists_the_services(materializer):
+    with grpc.insecure_channel(materializer.address) as channel:
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        responses = stub.ServerReflectionInfo(
+            iter([reflection_pb2.ServerReflectionRequest(list_services="")])
+        )
+        names = {s.name for s in next(responses).list_services_response.service}
+    assert {"wombat.materializer.v1.MaterializerService", "grpc.health.v1.Health"} <= names
+
+
+def test_metrics_count_calls_by_method_and_code(materializer, materializer_client):
+    materializer_client.list_models()
+    rpc_error(lambda: materializer_client.verify("../x"))
+    body = (
+        urllib.request.urlopen(f"http://127.0.0.1:{materializer.server.metrics_port}/metrics", timeout=5)
+        .read()
+        .decode()
+    )
+    assert (
+        'wombat_rpc_requests_total{code="OK",method="/wombat.materializer.v1.MaterializerService/ListModels"} 1.0'
+        in body
+    )
+    assert 'code="INVALID_ARGUMENT",method="/wombat.materializer.v1.MaterializerService/Verify"' in body
+    assert "wombat_rpc_duration_seconds_bucket" in body
+
+
+def test_request_id_is_echoed_and_generated(materializer):
+    with grpc.insecure_channel(materializer.address) as channel:
+        stub = materializer_pb2_grpc.MaterializerServiceStub(channel)
+        _, call = stub.ListModels.with_call(
+            pb.ListModelsRequest(), metadata=[("x-request-id", "abc123")], timeout=5
+        )
+        assert ("x-request-id", "abc123") in call.initial_metadata()
+        _, call = stub.ListModels.with_call(pb.ListModelsRequest(), timeout=5)
+        assert dict(call.initial_metadata())["x-request-id"]
+
+
+def test_bearer_token_guards_everything_but_health_and_reflection(model_root, caplog):
+    server = ServerThread(_build(model_root, auth_token=TOKEN))
+    try:
+        with grpc.insecure_channel(server.address) as channel:
+            stub = materializer_pb2_grpc.MaterializerServiceStub(channel)
+            for metadata in (
+                [],
+                [("authorization", "Bearer wrong-token-xxxxxxxx")],
+                [("authorization", TOKEN)],
+            ):
+                error = rpc_error(
+                    lambda md=metadata: stub.ListModels(pb.ListModelsRequest(), metadata=md, timeout=5)
+                )
+                assert error.code() == grpc.StatusCode.UNAUTHENTICATED
+            error = rpc_error(lambda: stub.Materialize(pb.MaterializeRequest(), timeout=5))
+            assert error.code() == grpc.StatusCode.UNAUTHENTICATED
+            ok = stub.ListModels(
+                pb.ListModelsRequest(), metadata=[("authorization", f"Bearer {TOKEN}")], timeout=5
+            )
+            assert list(ok.models) == []
+            assert _health(channel) == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        server.stop()
+    assert TOKEN not in caplog.text
+
+
+def _certificates(tmp_path):
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    def key():
+        return ec.generate_private_key(ec.SECP256R1())
+
+    def cert(subject_key, name, issuer_key=None, issuer_name=None, ca=False, san=None):
+        now = dt.datetime.now(dt.UTC)
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+            .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer_name or name)]))
+            .public_key(subject_key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=1))
+            .not_valid_after(now + dt.timedelta(hours=1))
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        )
+        if san:
+            builder = builder.add_extension(x509.SubjectAlternativeName([x509.DNSName(san)]), critical=False)
+        return builder.sign(issuer_key or subject_key, hashes.SHA256())
+
+    def write(name, obj):
+        path = tmp_path / name
+        if hasattr(obj, "private_bytes"):
+            data = obj.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
+        else:
+            data = obj.public_bytes(serialization.Encoding.PEM)
+        path.write_bytes(data)
+        return path
+
+    ca_key = key()
+    ca = cert(ca_key, "wombat-test-ca", ca=True)
+    server_key, client_key = key(), key()
+    return {
+        "ca": write("ca.pem", ca),
+        "server_cert": write(
+            "server.pem", cert(server_key, "localhost", ca_key, "wombat-test-ca", san="localhost")
+        ),
+        "server_key": write("server.key", server_key),
+        "client_cert": write("client.pem", cert(client_key, "client", ca_key, "wombat-test-ca")),
+        "client_key": write("client.key", client_key),
+    }
+
+
+def test_mutual_tls(model_root, tmp_path):
+    from clients.channel import ChannelSettings
+    from clients.materializer import MaterializerClient
+    from wombat_core.server import TlsConfig
+
+    certs = _certificates(tmp_path)
+    tls = TlsConfig(certs["server_cert"], certs["server_key"], certs["ca"])
+    server = ServerThread(_build(model_root, tls=tls, host="localhost"))
+    address = f"localhost:{server.port}"
+    try:
+        mtls = ChannelSettings(
+            address,
+            ca_file=certs["ca"],
+            client_cert_file=certs["client_cert"],
+            client_key_file=certs["client_key"],
+        )
+        with MaterializerClient(mtls, timeout=10) as client:
+            assert client.list_models() == []
+        with MaterializerClient(ChannelSettings(address, ca_file=certs["ca"]), timeout=10) as no_client_cert:
+            assert rpc_error(no_client_cert.list_models).code() == grpc.StatusCode.UNAVAILABLE
+        with MaterializerClient(ChannelSettings(address), timeout=10) as plaintext:
+            assert rpc_error(plaintext.list_models).code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        server.stop()
+
+
+def test_unexpected_errors_become_internal_without_a_traceback(materializer):
+    def explode(*args, **kwargs):
+        raise RuntimeError("secret internal detail")
+
+    materializer.servicer._in_thread = explode  # noqa: SLF001 - inject a bug
+    with grpc.insecure_channel(materializer.address) as channel:
+        stub = materializer_pb2_grpc.MaterializerServiceStub(channel)
+        error = rpc_error(lambda: stub.ListModels(pb.ListModelsRequest(), timeout=5))
+    assert error.code() == grpc.StatusCode.INTERNAL
+    assert "secret" not in error.details() and "request id" in error.details()
