@@ -66,7 +66,9 @@ def prepare_demo_model(out_dir: Path, *, install: bool = True) -> Path:
             log.info("%s already holds the demo model", out_dir)
             return out_dir
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # the CLI draws its own status line
     quantized = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     config = quantized.config
     if hasattr(config, "quantization_config"):

@@ -13,7 +13,9 @@ import logging
 import threading
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
+from typing import TypeVar
 
 from services.materializer import convert
 from wombat.materializer.v1 import materializer_pb2 as pb
@@ -25,6 +27,8 @@ from wombat_core.manifest import verify_directory
 from wombat_core.paths import ConfinedRoot
 
 log = logging.getLogger(__name__)
+
+JobResponse = TypeVar("JobResponse", pb.MaterializeResponse, pb.MakeDeltaResponse, pb.ConvertResponse)
 
 
 class MaterializerServicer(materializer_pb2_grpc.MaterializerServiceServicer):
@@ -45,16 +49,11 @@ class MaterializerServicer(materializer_pb2_grpc.MaterializerServiceServicer):
         options = convert.delta_options(request.options)
         displays = {"base": request.base_path, "delta": request.delta_path, "output": request.target_path}
 
-        def run(control: JobControl) -> delta.JobOutcome:
-            return delta.apply_delta(
-                base, delta_dir, target, options, control, confine_to=self.root.root, displays=displays
-            )
-
-        async for kind, value in self._run_job(run):
-            if kind == "progress":
-                yield pb.MaterializeResponse(progress=convert.progress(value))
-            else:
-                yield pb.MaterializeResponse(result=convert.job_result(value, request.target_path))
+        run = partial(
+            delta.apply_delta, base, delta_dir, target, options, confine_to=self.root.root, displays=displays
+        )
+        async for event in self._run_job(run, pb.MaterializeResponse, request.target_path):
+            yield event
 
     async def MakeDelta(self, request: pb.MakeDeltaRequest, context) -> AsyncIterator[pb.MakeDeltaResponse]:
         base = self.root.resolve(request.base_path, field="base_path")
@@ -63,32 +62,20 @@ class MaterializerServicer(materializer_pb2_grpc.MaterializerServiceServicer):
         options = convert.delta_options(request.options)
         displays = {"base": request.base_path, "target": request.target_path, "output": request.delta_path}
 
-        def run(control: JobControl) -> delta.JobOutcome:
-            return delta.make_delta(
-                base, target, delta_dir, options, control, confine_to=self.root.root, displays=displays
-            )
-
-        async for kind, value in self._run_job(run):
-            if kind == "progress":
-                yield pb.MakeDeltaResponse(progress=convert.progress(value))
-            else:
-                yield pb.MakeDeltaResponse(result=convert.job_result(value, request.delta_path))
+        run = partial(
+            delta.make_delta, base, target, delta_dir, options, confine_to=self.root.root, displays=displays
+        )
+        async for event in self._run_job(run, pb.MakeDeltaResponse, request.delta_path):
+            yield event
 
     async def Convert(self, request: pb.ConvertRequest, context) -> AsyncIterator[pb.ConvertResponse]:
         source = self.root.resolve(request.source_path, field="source_path")
         output = self.root.resolve(request.output_path, field="output_path")
         displays = {"source": request.source_path, "output": request.output_path}
 
-        def run(control: JobControl) -> delta.JobOutcome:
-            return delta.convert_checkpoint(
-                source, output, control, confine_to=self.root.root, displays=displays
-            )
-
-        async for kind, value in self._run_job(run):
-            if kind == "progress":
-                yield pb.ConvertResponse(progress=convert.progress(value))
-            else:
-                yield pb.ConvertResponse(result=convert.job_result(value, request.output_path))
+        run = partial(delta.convert_checkpoint, source, output, confine_to=self.root.root, displays=displays)
+        async for event in self._run_job(run, pb.ConvertResponse, request.output_path):
+            yield event
 
     # --- unary ----------------------------------------------------------------------------------------
 
@@ -116,9 +103,12 @@ class MaterializerServicer(materializer_pb2_grpc.MaterializerServiceServicer):
         return await loop.run_in_executor(self._executor, lambda: fn(*args, **kwargs))
 
     async def _run_job(
-        self, run: Callable[[JobControl], delta.JobOutcome]
-    ) -> AsyncIterator[tuple[str, object]]:
-        """Runs `run` in a worker thread; yields ("progress", Progress) events, then ("result", JobOutcome)."""
+        self,
+        run: Callable[[JobControl], delta.JobOutcome],
+        response_type: type[JobResponse],
+        output_path: str,
+    ) -> AsyncIterator[JobResponse]:
+        """Runs `run` in a worker thread; yields `response_type` progress events, then one result event."""
         if self._running >= self._max_jobs:
             raise ResourceExhausted(
                 f"the materialiser is already running {self._running} job(s), its limit; retry when one finishes"
@@ -135,10 +125,10 @@ class MaterializerServicer(materializer_pb2_grpc.MaterializerServiceServicer):
                 next_event = asyncio.ensure_future(events.get())
                 await asyncio.wait({next_event, job}, return_when=asyncio.FIRST_COMPLETED)
                 if next_event.done():
-                    yield "progress", next_event.result()
+                    yield response_type(progress=convert.progress(next_event.result()))
                 else:
                     next_event.cancel()  # a stale getter must not swallow a later event
-            yield "result", job.result()
+            yield response_type(result=convert.job_result(job.result(), output_path))
         finally:
             self._running -= 1
             if next_event is not None:

@@ -115,6 +115,7 @@ class _CreatesFileWhenUnpickled:
         return (os.system, (f"touch {self.marker}",))
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 def test_malicious_bin_is_refused_and_never_executes(tmp_path):
     marker = tmp_path / "pwned"
     source = tmp_path / "evil"

@@ -111,6 +111,15 @@ def _proto_options(dtype: str, pad_vocab: bool):
     return pb.DeltaOptions(dtype=dtype_option(dtype), pad_vocab=pad_vocab)
 
 
+def _run_job(server: str | None, remote, local, description: str, as_json: bool) -> None:
+    """Runs a job on the server (`remote(client)` returns its stream) or in-process (`local(control)`)."""
+    if server:
+        with _client(server) as client:
+            _run_remote(lambda: remote(client), description, as_json)
+    else:
+        _run_local(local, description, as_json)
+
+
 @app.command()
 def materialize(
     base: Annotated[str, typer.Option(help="base checkpoint directory (e.g. LLaMA-7B)")],
@@ -122,17 +131,14 @@ def materialize(
     json_output: JsonOpt = False,
 ) -> None:
     """Recover a model: target = base + delta (after the [PAD]-row resize)."""
-    if server:
-        with _client(server) as client:
-            _run_remote(lambda: client.materialize(base, delta, target, _proto_options(dtype, pad_vocab)),
-                        "materialise", json_output)  # fmt: skip
-        return
-    from wombat_core.delta import apply_delta
 
-    options = _options(dtype, pad_vocab)
-    _run_local(
-        lambda c: apply_delta(Path(base), Path(delta), Path(target), options, c), "materialise", json_output
-    )
+    def local(control):
+        from wombat_core.delta import apply_delta
+
+        return apply_delta(Path(base), Path(delta), Path(target), _options(dtype, pad_vocab), control)
+
+    remote = lambda client: client.materialize(base, delta, target, _proto_options(dtype, pad_vocab))  # noqa: E731
+    _run_job(server, remote, local, "materialise", json_output)
 
 
 @app.command("make-delta")
@@ -146,15 +152,14 @@ def make_delta(
     json_output: JsonOpt = False,
 ) -> None:
     """Make a delta: delta = target - base (after the [PAD]-row resize)."""
-    if server:
-        with _client(server) as client:
-            _run_remote(lambda: client.make_delta(base, target, delta, _proto_options(dtype, pad_vocab)),
-                        "make delta", json_output)  # fmt: skip
-        return
-    from wombat_core.delta import make_delta as make
 
-    options = _options(dtype, pad_vocab)
-    _run_local(lambda c: make(Path(base), Path(target), Path(delta), options, c), "make delta", json_output)
+    def local(control):
+        from wombat_core.delta import make_delta as make
+
+        return make(Path(base), Path(target), Path(delta), _options(dtype, pad_vocab), control)
+
+    remote = lambda client: client.make_delta(base, target, delta, _proto_options(dtype, pad_vocab))  # noqa: E731
+    _run_job(server, remote, local, "make delta", json_output)
 
 
 @app.command()
@@ -165,13 +170,13 @@ def convert(
     json_output: JsonOpt = False,
 ) -> None:
     """Convert a legacy .bin checkpoint (read with weights_only=True, never unpickled) to safetensors."""
-    if server:
-        with _client(server) as client:
-            _run_remote(lambda: client.convert(source, output), "convert", json_output)
-        return
-    from wombat_core.delta import convert_checkpoint
 
-    _run_local(lambda c: convert_checkpoint(Path(source), Path(output), c), "convert", json_output)
+    def local(control):
+        from wombat_core.delta import convert_checkpoint
+
+        return convert_checkpoint(Path(source), Path(output), control)
+
+    _run_job(server, lambda client: client.convert(source, output), local, "convert", json_output)
 
 
 @app.command()

@@ -85,7 +85,7 @@ def _wrap_unary(behavior: Callable[..., Awaitable], make_state: Callable[[], _Ca
         await state.begin(context)
         try:
             return await behavior(request, context)
-        except (grpc.aio.AbortError, AssertionError):
+        except grpc.aio.AbortError:
             raise
         except Exception as exc:  # noqa: BLE001 - mapped to a status, never leaked
             await state.fail(context, exc)
