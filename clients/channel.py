@@ -20,7 +20,7 @@ class ChannelSettings:
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
 
 
-def open_channel(settings: ChannelSettings, service_config: str | None = None) -> grpc.Channel:
+def channel_options(settings: ChannelSettings, service_config: str | None = None) -> list[tuple[str, object]]:
     """`service_config` is a gRPC service config JSON, used for per-method retry policies."""
     options: list[tuple[str, object]] = [
         ("grpc.max_receive_message_length", settings.max_message_bytes),
@@ -28,14 +28,30 @@ def open_channel(settings: ChannelSettings, service_config: str | None = None) -
     ]
     if service_config:
         options += [("grpc.service_config", service_config), ("grpc.enable_retries", 1)]
-    if settings.ca_file is None:
-        return grpc.insecure_channel(settings.address, options=options)
-    credentials = grpc.ssl_channel_credentials(
+    return options
+
+
+def credentials(settings: ChannelSettings) -> grpc.ChannelCredentials:
+    assert settings.ca_file is not None
+    return grpc.ssl_channel_credentials(
         root_certificates=settings.ca_file.read_bytes(),
         private_key=settings.client_key_file.read_bytes() if settings.client_key_file else None,
         certificate_chain=settings.client_cert_file.read_bytes() if settings.client_cert_file else None,
     )
-    return grpc.secure_channel(settings.address, credentials, options=options)
+
+
+def open_channel(settings: ChannelSettings, service_config: str | None = None) -> grpc.Channel:
+    options = channel_options(settings, service_config)
+    if settings.ca_file is None:
+        return grpc.insecure_channel(settings.address, options=options)
+    return grpc.secure_channel(settings.address, credentials(settings), options=options)
+
+
+def open_aio_channel(settings: ChannelSettings, service_config: str | None = None) -> grpc.aio.Channel:
+    options = channel_options(settings, service_config)
+    if settings.ca_file is None:
+        return grpc.aio.insecure_channel(settings.address, options=options)
+    return grpc.aio.secure_channel(settings.address, credentials(settings), options=options)
 
 
 def call_metadata(settings: ChannelSettings, request_id: str | None = None) -> list[tuple[str, str]]:

@@ -270,6 +270,115 @@ def serve_materializer(
         _fail(exc.message)
 
 
+@serve_app.command("inference")
+def serve_inference(
+    model: Annotated[Path, typer.Option(help="model directory (HF layout, safetensors)")],
+    port: Annotated[int, typer.Option(help="gRPC port (0 picks a free one)")] = 50052,
+    host: Annotated[str, typer.Option(help="address to bind")] = "0.0.0.0",
+    metrics_port: Annotated[int, typer.Option(help="Prometheus port (0 picks one, -1 disables)")] = 9090,
+    max_batch_size: Annotated[int, typer.Option(help="sequences decoded together")] = 8,
+    max_queue: Annotated[int, typer.Option(help="waiting requests; more get RESOURCE_EXHAUSTED")] = 64,
+    max_prefill_tokens: Annotated[int, typer.Option(help="prompt tokens per prefill chunk")] = 512,
+    dtype: Annotated[
+        str, typer.Option(help="auto (fp16 on CUDA, fp32 on CPU), float32, float16, bfloat16")
+    ] = "auto",
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N")] = "auto",
+    default_format: Annotated[
+        str, typer.Option(help="prompt format when a request leaves it unset")
+    ] = "alpaca",
+    drain_seconds: Annotated[
+        float, typer.Option(help="SIGTERM: seconds in-flight streams get to finish")
+    ] = 30.0,
+    tls_cert: Annotated[Path | None, typer.Option(help="PEM certificate; enables TLS")] = None,
+    tls_key: Annotated[Path | None, typer.Option(help="PEM private key")] = None,
+    tls_client_ca: Annotated[
+        Path | None, typer.Option(help="PEM CA; requires client certificates (mTLS)")
+    ] = None,
+    auth_token_file: Annotated[Path | None, typer.Option(help=f"bearer token file (or ${TokenEnv})")] = None,
+    log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING")] = "INFO",
+) -> None:
+    """Serve token-streaming generation with continuous batching."""
+    from services.inference.server import InferenceSettings, serve
+    from wombat_core.engine.prompting import PromptFormat
+    from wombat_core.server.logs import configure_logging
+
+    configure_logging(log_level)
+    config = _server_config(
+        host, port, metrics_port, drain_seconds, tls_cert, tls_key, tls_client_ca, auth_token_file
+    )
+    try:
+        settings = InferenceSettings(
+            model_dir=model,
+            dtype=dtype,
+            device=device,
+            default_format=PromptFormat(default_format),
+            max_batch_size=max_batch_size,
+            max_queue=max_queue,
+            max_prefill_tokens=max_prefill_tokens,
+        )
+        asyncio.run(serve(config, settings))
+    except ValueError:
+        _fail(f"--default-format must be raw, alpaca or chat, got {default_format}")
+    except WombatError as exc:
+        _fail(exc.message)
+
+
+@app.command()
+def generate(
+    instruction: Annotated[
+        str, typer.Argument(help="the instruction (alpaca), the text (raw) or the user turn (chat)")
+    ],
+    server: Annotated[str, typer.Option(help="HOST:PORT of an inference server")],
+    template: Annotated[str | None, typer.Option(help="raw, alpaca or chat (default: the server's)")] = None,
+    input_text: Annotated[str, typer.Option("--input", help="alpaca input section")] = "",
+    max_tokens: Annotated[int, typer.Option(help="max new tokens")] = 256,
+    temperature: Annotated[float, typer.Option(help="0 = greedy")] = 0.7,
+    top_p: Annotated[float, typer.Option(help="nucleus mass")] = 1.0,
+    top_k: Annotated[int, typer.Option(help="0 disables")] = 0,
+    repetition_penalty: Annotated[float, typer.Option(help="1 disables")] = 1.0,
+    seed: Annotated[int | None, typer.Option(help="reproducible sampling")] = None,
+    stop: Annotated[list[str] | None, typer.Option(help="stop sequence (repeatable)")] = None,
+    timeout: Annotated[float, typer.Option(help="deadline in seconds")] = 300.0,
+    json_output: JsonOpt = False,
+) -> None:
+    """Stream a completion from an inference server, token by token."""
+    import grpc
+
+    from clients.channel import ChannelSettings
+    from clients.inference import InferenceClient, prompt, sampling
+
+    if template == "chat":
+        prompt_input = prompt(format="chat", messages=[("user", instruction)])
+    else:
+        prompt_input = prompt(instruction, format=template, input=input_text)
+    params = sampling(max_new_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                      repetition_penalty=repetition_penalty, stop=stop or [])  # fmt: skip
+    if seed is not None:
+        params.seed = seed
+    settings = ChannelSettings(server, token=os.environ.get(TokenEnv))
+    try:
+        with InferenceClient(settings, timeout=timeout) as client:
+            for response in client.generate(prompt_input, params):
+                if json_output:
+                    render.print_json("token", response)
+                else:
+                    sys.stdout.write(response.text)
+                    sys.stdout.flush()
+                if response.finish_reason:
+                    final = response
+    except grpc.RpcError as exc:
+        _fail(f"{exc.code().name}: {exc.details()}")
+    if not json_output:
+        from wombat.inference.v1 import inference_pb2 as pb
+
+        reason = pb.FinishReason.Name(final.finish_reason).removeprefix("FINISH_REASON_").lower()
+        render.console.print(
+            f"\n[dim]{final.usage.completion_tokens} tokens, {reason}, "
+            f"first token {final.timings.time_to_first_token_seconds * 1000:.0f} ms, "
+            f"total {final.timings.total_seconds:.1f} s[/dim]"
+        )
+
+
 def _server_config(
     host, port, metrics_port, drain_seconds, tls_cert, tls_key, tls_client_ca, auth_token_file
 ):

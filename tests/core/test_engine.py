@@ -1,0 +1,235 @@
+"""The continuous-batching engine on a tiny random LLaMA with a real sentencepiece tokenizer."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+from tests.engine_fixtures import save_servable_tiny_model
+from wombat_core.engine import Engine, EngineConfig, FinishReason, GenerationRequest, SamplingParams
+from wombat_core.engine.detokenizer import IncrementalDetokenizer
+from wombat_core.engine.loading import load_for_serving
+from wombat_core.errors import InvalidArgument, ResourceExhausted
+
+
+@pytest.fixture(scope="module")
+def loaded(tmp_path_factory):
+    return load_for_serving(save_servable_tiny_model(tmp_path_factory.mktemp("engine") / "tiny"))
+
+
+class Collector:
+    """Collects a request's events; `wait()` returns (token ids, text, final event)."""
+
+    def __init__(self):
+        self.events, self.done = [], threading.Event()
+
+    def __call__(self, event):
+        self.events.append(event)
+        if event.finished:
+            self.done.set()
+
+    def wait(self, timeout: float = 60):
+        assert self.done.wait(timeout), "request did not finish"
+        final = self.events[-1]
+        assert final.error is None, final.error
+        return [t for e in self.events for t in e.token_ids], "".join(e.text for e in self.events), final
+
+
+@pytest.fixture
+def engine(loaded):
+    engine = Engine(
+        loaded.model, loaded.tokenizer, EngineConfig(max_batch_size=4, max_queue=4, context_length=256)
+    )
+    engine.start()
+    yield engine
+    engine.stop()
+
+
+def submit(engine, prompt_ids, request_id: str, **params) -> Collector:
+    collector = Collector()
+    engine.submit(GenerationRequest(request_id, tuple(prompt_ids), SamplingParams(**params)), collector)
+    return collector
+
+
+def reference_greedy(loaded, prompt_ids, max_new_tokens: int) -> list[int]:
+    output = loaded.model.generate(
+        torch.tensor([prompt_ids]), do_sample=False, max_new_tokens=max_new_tokens,
+        eos_token_id=2, pad_token_id=loaded.tokenizer.pad_token_id,
+    )  # fmt: skip
+    return output[0, len(prompt_ids) :].tolist()
+
+
+PROMPTS = ["Name three colours.", "The quick brown fox", "你好世界 🙂", "Below is an instruction that describes a task.",
+           "café", "1234567890 times."]  # fmt: skip
+
+
+def test_greedy_matches_hf_generate_alone_and_batched(loaded, engine):
+    ids = [loaded.tokenizer(p)["input_ids"] for p in PROMPTS]
+    alone = submit(engine, ids[0], "alone", temperature=0, max_new_tokens=24).wait()[0]
+    assert alone == reference_greedy(loaded, ids[0], 24)
+    collectors = []
+    for i, prompt in enumerate(ids):  # staggered arrivals join a running batch; more than max_batch_size
+        collectors.append(submit(engine, prompt, f"r{i}", temperature=0, max_new_tokens=24))
+        time.sleep(0.003 * i)
+    for prompt, collector in zip(ids, collectors, strict=True):
+        assert collector.wait()[0] == reference_greedy(loaded, prompt, 24)
+
+
+def test_long_prompt_is_prefilled_in_chunks_with_the_same_result(loaded):
+    engine = Engine(
+        loaded.model,
+        loaded.tokenizer,
+        EngineConfig(max_batch_size=2, max_prefill_tokens=16, context_length=256),
+    )
+    engine.start()
+    try:
+        prompt = loaded.tokenizer(" ".join(PROMPTS) * 2)["input_ids"]
+        assert len(prompt) > 40
+        running = submit(engine, prompt[:5], "short", temperature=0, max_new_tokens=30)
+        long = submit(engine, prompt, "long", temperature=0, max_new_tokens=12)
+        assert long.wait()[0] == reference_greedy(loaded, prompt, 12)
+        assert running.wait()[0] == reference_greedy(loaded, prompt[:5], 30)
+    finally:
+        engine.stop()
+
+
+def test_seeded_sampling_reproduces_whatever_else_runs(loaded, engine):
+    prompt = loaded.tokenizer(PROMPTS[0])["input_ids"]
+    params = dict(temperature=1.0, top_p=0.9, top_k=50, max_new_tokens=20, seed=1234, ignore_eos=True)
+    alone = submit(engine, prompt, "a", **params).wait()[0]
+    noise = [submit(engine, loaded.tokenizer(p)["input_ids"], f"n{i}", temperature=1.0, max_new_tokens=20)
+             for i, p in enumerate(PROMPTS[1:3])]  # fmt: skip
+    crowded = submit(engine, prompt, "b", **params).wait()[0]
+    for collector in noise:
+        collector.wait()
+    assert alone == crowded
+    other_seed = submit(engine, prompt, "c", **{**params, "seed": 99}).wait()[0]
+    assert other_seed != alone
+
+
+def test_stop_sequence_spanning_two_tokens_cuts_the_text(loaded, engine):
+    prompt = loaded.tokenizer(PROMPTS[3])["input_ids"]
+    tokens, text, _ = submit(engine, prompt, "free", temperature=0, max_new_tokens=30, ignore_eos=True).wait()
+    pieces = [loaded.tokenizer.decode(tokens[: i + 1], skip_special_tokens=True) for i in range(len(tokens))]
+    # A stop string made of the last character of one token's text and the first of the next.
+    boundary = next(
+        i for i in range(5, len(pieces) - 1) if len(pieces[i]) > 1 and len(pieces[i + 1]) > len(pieces[i])
+    )
+    stop = pieces[boundary][-1] + pieces[boundary + 1][len(pieces[boundary])]
+    expected = text[: text.find(stop)]
+    _, stopped_text, final = submit(engine, prompt, "stop", temperature=0, max_new_tokens=30, ignore_eos=True,
+                                    stop=(stop,)).wait()  # fmt: skip
+    assert final.finish_reason is FinishReason.STOP
+    assert stopped_text == expected and stop not in stopped_text
+
+
+def test_eos_min_new_tokens_and_stop_token_ids(loaded, engine):
+    prompt = loaded.tokenizer(PROMPTS[1])["input_ids"]
+    tokens, _, final = submit(engine, prompt, "x", temperature=0, max_new_tokens=40, ignore_eos=True).wait()
+    assert final.finish_reason is FinishReason.LENGTH and len(tokens) == 40
+    target = tokens[7]
+    first = tokens.index(target)
+    tokens2, _, final2 = submit(engine, prompt, "y", temperature=0, max_new_tokens=40, ignore_eos=True,
+                                stop_token_ids=(target,)).wait()  # fmt: skip
+    assert final2.finish_reason is FinishReason.STOP and tokens2 == tokens[: first + 1]
+    assert final2.usage.completion_tokens == first + 1 and final2.usage.prompt_tokens == len(prompt)
+
+
+def test_logprobs_are_the_models_own_distribution(loaded, engine):
+    prompt = loaded.tokenizer(PROMPTS[0])["input_ids"]
+    _, _, _ = submit(engine, prompt, "warm", temperature=0, max_new_tokens=1).wait()
+    collector = submit(engine, prompt, "lp", temperature=0, max_new_tokens=1, logprobs=True, top_logprobs=3)
+    tokens, _, _ = collector.wait()
+    logprob = collector.events[-1].logprobs[0]
+    with torch.no_grad():
+        expected = torch.log_softmax(loaded.model(torch.tensor([prompt])).logits[0, -1].float(), -1)
+    assert logprob.token_id == tokens[0] == int(expected.argmax())
+    assert logprob.logprob == pytest.approx(float(expected.max()), abs=1e-4)
+    assert [t.token_id for t in logprob.top] == expected.topk(3).indices.tolist()
+
+
+def test_cancel_frees_the_slot_within_a_step(loaded):
+    engine = Engine(
+        loaded.model, loaded.tokenizer, EngineConfig(max_batch_size=1, max_queue=1, context_length=256)
+    )
+    engine.start()
+    try:
+        prompt = loaded.tokenizer(PROMPTS[0])["input_ids"]
+        long = submit(engine, prompt, "long", temperature=0, max_new_tokens=200, ignore_eos=True)
+        while not long.events:
+            time.sleep(0.001)
+        engine.cancel("long")
+        assert long.done.wait(5) and long.events[-1].finish_reason is FinishReason.CANCELLED
+        assert len(long.events) < 100
+        quick = submit(engine, prompt, "quick", temperature=0, max_new_tokens=3)
+        assert quick.done.wait(5) and quick.events[-1].finish_reason is not None
+    finally:
+        engine.stop()
+
+
+def test_full_queue_is_refused_at_once(loaded):
+    engine = Engine(
+        loaded.model, loaded.tokenizer, EngineConfig(max_batch_size=1, max_queue=1, context_length=256)
+    )
+    engine.start()
+    try:
+        prompt = loaded.tokenizer(PROMPTS[0])["input_ids"]
+        first = submit(engine, prompt, "1", temperature=0, max_new_tokens=200, ignore_eos=True)
+        while not first.events:
+            time.sleep(0.001)
+        second = submit(engine, prompt, "2", temperature=0, max_new_tokens=2)  # waits in the queue
+        started = time.monotonic()
+        with pytest.raises(ResourceExhausted, match="capacity"):
+            submit(engine, prompt, "3", temperature=0, max_new_tokens=2)
+        assert time.monotonic() - started < 0.5
+        engine.cancel("1")
+        assert second.wait()[2].finish_reason is not None
+    finally:
+        engine.stop()
+
+
+def test_prompt_longer_than_the_context_is_invalid(loaded, engine):
+    with pytest.raises(InvalidArgument, match="context is 256"):
+        submit(engine, [5] * 300, "too-long", max_new_tokens=2)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("top_p", 1.5, "top_p must be in (0, 1], got 1.5"),
+        ("top_p", 0.0, "top_p must be in (0, 1], got 0.0"),
+        ("temperature", -0.1, "temperature must be >= 0"),
+        ("temperature", float("nan"), "temperature must be >= 0"),
+        ("top_k", -1, "top_k must be >= 0"),
+        ("min_p", 1.1, "min_p must be in [0, 1]"),
+        ("repetition_penalty", 0.0, "repetition_penalty must be > 0"),
+        ("max_new_tokens", 0, "max_new_tokens must be >= 1"),
+        ("min_new_tokens", 500, "min_new_tokens must be in [0, max_new_tokens=128]"),
+        ("top_logprobs", 21, "top_logprobs must be in [0, 20]"),
+        ("stop", ("",), "stop sequences must be 1 to 256 characters"),
+        ("seed", -1, "seed must be in [0, 2**63 - 1]"),
+    ],
+)
+def test_sampling_params_validation_messages(field, value, message):
+    with pytest.raises(InvalidArgument) as info:
+        SamplingParams(**{field: value})
+    assert info.value.message.startswith(message)
+
+
+@pytest.mark.parametrize(
+    "text", ["袋熊 🦘🐨 wombat", "你好世界 🙂🚀 café", "Red, green.\n\n### Response:", "ünïcödé 12"]
+)
+def test_incremental_detokenizer_never_splits_a_character(loaded, text):
+    tokenizer = loaded.tokenizer
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if text.startswith("袋熊"):  # not in the training corpus: byte-fallback tokens, 3-4 per character
+        assert len(ids) > len(text)
+    detokenizer = IncrementalDetokenizer(tokenizer, prompt_token_ids=(1,))
+    chunks = [detokenizer.add(token)[0] for token in ids]
+    chunks.append(detokenizer.flush())
+    assert "".join(chunks) == tokenizer.decode(ids, skip_special_tokens=True)
+    assert not any("\ufffd" in chunk for chunk in chunks)
+    assert len([c for c in chunks if c]) > 1  # it really streamed

@@ -1,0 +1,60 @@
+"""A tiny random LLaMA with a real sentencepiece tokenizer, saved as a servable model directory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import sentencepiece as spm
+import torch
+
+from tests.models import tiny_config
+
+CORPUS = [
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request.",
+    "### Instruction:\nName three colours.\n\n### Response:\nRed, green and blue.",
+    "The quick brown fox jumps over the lazy dog 1234567890 times.",
+    "Unicode: café, naïve, 你好世界, 🙂🚀 and ünïcödé.",
+] * 50
+
+
+def train_llama_like_spm(directory: Path, vocab_size: int = 400) -> Path:
+    """A sentencepiece BPE model with LLaMA's settings (identity normalisation, byte fallback, split digits)."""
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(CORPUS),
+        model_prefix=str(directory / "tokenizer"),
+        vocab_size=vocab_size,
+        model_type="bpe",
+        character_coverage=1.0,
+        byte_fallback=True,
+        split_digits=True,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        add_dummy_prefix=True,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        minloglevel=2,
+    )
+    return directory / "tokenizer.model"
+
+
+def save_servable_tiny_model(directory: Path, *, seed: int = 0) -> Path:
+    """Random LLaMA (float32, context 256) plus the sentencepiece tokenizer with a [PAD] token."""
+    from transformers import LlamaForCausalLM
+
+    from wombat_core.tokenizer import PAD_TOKEN, load_tokenizer
+
+    directory.mkdir(parents=True, exist_ok=True)
+    train_llama_like_spm(directory)
+    tokenizer = load_tokenizer(directory)
+    tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
+    torch.manual_seed(seed)
+    config = tiny_config(
+        vocab_size=len(tokenizer), max_position_embeddings=256, bos_token_id=1, eos_token_id=2
+    )
+    model = LlamaForCausalLM(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory

@@ -1,0 +1,79 @@
+"""Prompt rendering and tokenisation per request: raw text, the exact Alpaca template, or a chat template."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from wombat_core.errors import InvalidArgument
+from wombat_core.prompts import alpaca_prompt
+
+MAX_PROMPT_CHARS = 1_000_000
+CHAT_ROLES = ("system", "user", "assistant")
+
+
+class PromptFormat(enum.Enum):
+    RAW = "raw"
+    ALPACA = "alpaca"
+    CHAT = "chat"
+
+
+@dataclass(frozen=True)
+class PromptSpec:
+    format: PromptFormat | None  # None: the server's default
+    text: str = ""
+    input: str = ""
+    messages: tuple[tuple[str, str], ...] = ()
+    truncate_left_tokens: int | None = None
+
+    def __post_init__(self) -> None:
+        size = len(self.text) + len(self.input) + sum(len(c) for _, c in self.messages)
+        if size > MAX_PROMPT_CHARS:
+            raise InvalidArgument(f"prompt must be at most {MAX_PROMPT_CHARS} characters, got {size}")
+        if self.truncate_left_tokens is not None and self.truncate_left_tokens < 1:
+            raise InvalidArgument(f"truncate_left_tokens must be >= 1, got {self.truncate_left_tokens}")
+        for role, _ in self.messages:
+            if role not in CHAT_ROLES:
+                raise InvalidArgument(
+                    f"chat message role must be one of {', '.join(CHAT_ROLES)}, got {role!r}"
+                )
+
+
+@dataclass(frozen=True)
+class EncodedPrompt:
+    rendered: str
+    token_ids: tuple[int, ...]
+    truncated_tokens: int
+
+
+def render(spec: PromptSpec, tokenizer, default: PromptFormat) -> tuple[str, bool]:
+    """Returns the prompt text and whether the tokenizer should add its special tokens (BOS)."""
+    fmt = spec.format or default
+    if fmt is PromptFormat.CHAT:
+        if not spec.messages:
+            raise InvalidArgument("chat prompts need at least one message in `messages`")
+        if not getattr(tokenizer, "chat_template", None):
+            raise InvalidArgument("this model's tokenizer has no chat template; use the raw or alpaca format")
+        messages = [{"role": role, "content": content} for role, content in spec.messages]
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True), False
+    if spec.messages:
+        raise InvalidArgument(f"`messages` is only for the chat format, not {fmt.value}")
+    if not spec.text:
+        what = "the instruction" if fmt is PromptFormat.ALPACA else "the prompt text"
+        raise InvalidArgument(f"`text` ({what}) is empty")
+    if fmt is PromptFormat.ALPACA:
+        return alpaca_prompt(spec.text, spec.input), True
+    if spec.input:
+        raise InvalidArgument("`input` is only for the alpaca format")
+    return spec.text, True
+
+
+def encode(spec: PromptSpec, tokenizer, default: PromptFormat) -> EncodedPrompt:
+    text, add_special = render(spec, tokenizer, default)
+    ids = tokenizer(text, add_special_tokens=add_special)["input_ids"]
+    truncated = 0
+    if spec.truncate_left_tokens is not None and len(ids) > spec.truncate_left_tokens:
+        # The reference keeps the last 100 prompt tokens; here the number is the caller's choice.
+        truncated = len(ids) - spec.truncate_left_tokens
+        ids = ids[truncated:]
+    return EncodedPrompt(text, tuple(ids), truncated)
