@@ -39,8 +39,8 @@ def train_llama_like_spm(directory: Path, vocab_size: int = 400) -> Path:
     return directory / "tokenizer.model"
 
 
-def save_servable_tiny_model(directory: Path, *, seed: int = 0) -> Path:
-    """Random LLaMA (float32, context 256) plus the sentencepiece tokenizer with a [PAD] token."""
+def save_servable_tiny_model(directory: Path, *, seed: int = 0, context: int = 256) -> Path:
+    """Random LLaMA (float32, context 256 by default) plus the sentencepiece tokenizer with a [PAD] token."""
     from transformers import LlamaForCausalLM
 
     from wombat_core.tokenizer import PAD_TOKEN, load_tokenizer
@@ -51,10 +51,47 @@ def save_servable_tiny_model(directory: Path, *, seed: int = 0) -> Path:
     tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
     torch.manual_seed(seed)
     config = tiny_config(
-        vocab_size=len(tokenizer), max_position_embeddings=256, bos_token_id=1, eos_token_id=2
+        vocab_size=len(tokenizer), max_position_embeddings=context, bos_token_id=1, eos_token_id=2
     )
     model = LlamaForCausalLM(config)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
+
+
+def save_cycling_model(directory: Path, text: str) -> tuple[Path, list[int]]:
+    """A LLaMA wired by hand to repeat the tokens of `text` forever (greedy), for exact streaming tests.
+
+    Attention and MLP outputs are zeroed, so the last hidden state is the normalised embedding of the
+    current token; the LM head row of each token's successor in the cycle is that embedding, so greedy
+    decoding walks the cycle. Returns the directory and the cycle's token ids.
+    """
+    from transformers import LlamaForCausalLM
+
+    from wombat_core.tokenizer import PAD_TOKEN, load_tokenizer
+
+    directory.mkdir(parents=True, exist_ok=True)
+    train_llama_like_spm(directory)
+    tokenizer = load_tokenizer(directory)
+    tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
+    cycle = tokenizer(text, add_special_tokens=False)["input_ids"]
+    cycle = cycle[1:] if tokenizer.convert_ids_to_tokens(cycle[0]) == "▁" else cycle
+    assert len(set(cycle)) == len(cycle), "the cycle's tokens must be distinct"
+    torch.manual_seed(0)
+    config = tiny_config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=64, max_position_embeddings=256,
+                         bos_token_id=1, eos_token_id=2)  # fmt: skip
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        embeddings = model.model.embed_tokens.weight
+        head = torch.zeros_like(model.lm_head.weight)
+        for i, token in enumerate(cycle):
+            successor = cycle[(i + 1) % len(cycle)]
+            head[successor] = embeddings[token] / embeddings[token].norm() * 10
+        model.lm_head.weight.copy_(head)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory, cycle
