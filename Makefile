@@ -39,6 +39,7 @@ demo: venv
 
 bench: venv
 	$(PY) benchmarks/materialize.py
+	$(PY) benchmarks/inference.py
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache

@@ -47,3 +47,13 @@ def start_materializer(tmp_path):
             service.process.kill()
             service.process.wait()
         service.stop()
+
+
+@pytest.fixture(scope="session")
+def demo_workdir(tmp_path_factory) -> Path:
+    """A `wombat demo` work directory holding the converted SmolLM2-135M (converted once per session)."""
+    from wombat_core.demo_model import prepare_demo_model
+
+    workdir = tmp_path_factory.mktemp("demo")
+    prepare_demo_model(workdir / "models" / "smollm2-135m")
+    return workdir

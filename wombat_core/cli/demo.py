@@ -6,7 +6,8 @@
 4. make the delta target - base through it, with progress;
 5. materialise base + delta through it, with progress;
 6. verify the manifest and check the result is bit-identical to the target;
-7. print a summary.
+7. serve the recovered model with `wombat serve inference` (its own process) and stream an Alpaca answer;
+8. print a summary.
 """
 
 from __future__ import annotations
@@ -70,6 +71,35 @@ class ServiceProcess:
         self._log.close()
 
 
+DEMO_INSTRUCTION = "Give three tips for staying healthy."
+
+
+def stream_answer(model_dir: Path, log_path: Path):
+    """Starts the inference service on `model_dir` and streams an Alpaca-prompted answer to the terminal."""
+    from clients.inference import InferenceClient, prompt, sampling
+
+    render.console.print(f"7/8 serving {model_dir.name} with the inference service (its own process)")
+    service = ServiceProcess(
+        ["inference", "--model", str(model_dir), "--port", "0", "--metrics-port", "0"], log_path
+    )
+    try:
+        with InferenceClient(f"127.0.0.1:{service.port}", timeout=300) as client:
+            render.console.print(
+                f"[bold]### Instruction:[/bold] {DEMO_INSTRUCTION}\n[bold]### Response:[/bold]"
+            )
+            final = None
+            for response in client.generate(
+                prompt(DEMO_INSTRUCTION), sampling(temperature=0, max_new_tokens=96)
+            ):
+                sys.stderr.write(response.text)
+                sys.stderr.flush()
+                final = response
+            sys.stderr.write("\n")
+            return final
+    finally:
+        service.stop()
+
+
 def run_demo(workdir: Path) -> int:
     from clients.channel import ChannelSettings
     from clients.materializer import MaterializerClient
@@ -82,16 +112,16 @@ def run_demo(workdir: Path) -> int:
         timings.append((name, time.monotonic() - started, detail))
 
     t = time.monotonic()
-    with render.console.status("1/6 preparing SmolLM2-135M (GGUF -> safetensors)"):
+    with render.console.status("1/8 preparing SmolLM2-135M (GGUF -> safetensors)"):
         prepare_demo_model(models / BASE)
     stage("prepare base", t, BASE)
     t = time.monotonic()
     if not (models / TARGET).exists():
-        with render.console.status("2/6 deriving a Wombat-style fine-tune (+[PAD] row, float16)"):
+        with render.console.status("2/8 deriving a Wombat-style fine-tune (+[PAD] row, float16)"):
             derive_finetuned_target(models / BASE, models / TARGET)
     stage("derive target", t, TARGET)
 
-    render.console.print("3/6 starting the materialiser service (its own process)")
+    render.console.print("3/8 starting the materialiser service (its own process)")
     service = ServiceProcess(
         ["materializer", "--model-root", str(models), "--port", "0", "--metrics-port", "0"],
         workdir / "materializer.log",
@@ -100,11 +130,11 @@ def run_demo(workdir: Path) -> int:
         with MaterializerClient(ChannelSettings(f"127.0.0.1:{service.port}")) as client:
             render.console.print(f"    listening on 127.0.0.1:{service.port}")
             t = time.monotonic()
-            with render.job_progress("4/6 make delta", as_json=False) as update:
+            with render.job_progress("4/8 make delta", as_json=False) as update:
                 made = render.drain(client.make_delta(BASE, TARGET, DELTA), update)
             stage("make delta", t, f"inexact elements: {made.inexact_elements}")
             t = time.monotonic()
-            with render.job_progress("5/6 materialise", as_json=False) as update:
+            with render.job_progress("5/8 materialise", as_json=False) as update:
                 result = render.drain(client.materialize(BASE, DELTA, RECOVERED), update)
             stage("materialise", t, "already materialised" if result.already_materialized else "written")
             t = time.monotonic()
@@ -113,6 +143,11 @@ def run_demo(workdir: Path) -> int:
         stage("verify", t, f"manifest ok={verified.ok}, bit-identical={not differences}")
     finally:
         service.stop()
+
+    t = time.monotonic()
+    answer = stream_answer(models / RECOVERED, workdir / "inference.log")
+    stage("serve + generate", t, f"{answer.usage.completion_tokens} tokens, first after "
+          f"{answer.timings.time_to_first_token_seconds * 1000:.0f} ms")  # fmt: skip
 
     table = Table(title="Wombat delta lifecycle on SmolLM2-135M")
     for column in ("stage", "seconds", "detail"):
