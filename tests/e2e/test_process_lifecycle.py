@@ -60,3 +60,31 @@ def test_sigterm_lets_the_running_job_finish_and_refuses_new_calls(medium_models
     assert events[-1].HasField("result")
     assert service.process.wait(60) == 0
     assert verify_directory(root / "drain-delta").ok
+
+
+def test_inference_sigterm_finishes_streams_and_refuses_new_calls(tmp_path):
+    from clients.inference import InferenceClient, prompt, sampling
+    from tests.engine_fixtures import save_servable_tiny_model
+    from wombat.inference.v1 import inference_pb2
+    from wombat_core.cli.demo import ServiceProcess
+
+    model = save_servable_tiny_model(tmp_path / "tiny", context=8192)
+    service = ServiceProcess(["inference", "--model", str(model), "--port", "0", "--metrics-port", "-1",
+                              "--drain-seconds", "60"], tmp_path / "inference.log")  # fmt: skip
+    try:
+        with InferenceClient(f"127.0.0.1:{service.port}", timeout=120) as client:
+            stream = client.generate(
+                prompt("x"), sampling(temperature=0, max_new_tokens=1500, ignore_eos=True)
+            )
+            next(stream)
+            service.process.send_signal(signal.SIGTERM)
+            with pytest.raises(grpc.RpcError) as refused:
+                for _ in range(500):
+                    client.tokenize(prompt("y"))
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+            responses = list(stream)
+        assert responses[-1].finish_reason == inference_pb2.FINISH_REASON_LENGTH
+        assert sum(len(r.token_ids) for r in responses) == 1500 - 1
+        assert service.process.wait(60) == 0
+    finally:
+        service.stop()

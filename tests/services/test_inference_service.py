@@ -29,7 +29,9 @@ def _server(model_dir, *, load: bool = True, **settings) -> ServerThread:
     from wombat_core.server import ServerConfig
 
     settings = InferenceSettings(model_dir=model_dir, **settings)
-    thread = ServerThread(lambda: build_server(ServerConfig(host="127.0.0.1", port=0, metrics_port=0), settings), serving=False)
+    thread = ServerThread(
+        lambda: build_server(ServerConfig(host="127.0.0.1", port=0, metrics_port=0), settings), serving=False
+    )
     if load:
         loaded, engine = load_engine(settings)
         thread.servicer.attach(loaded, engine)
@@ -81,12 +83,23 @@ def test_greedy_stream_is_token_identical_to_hf_generate(client, reference):
     final = responses[-1]
     assert final.finish_reason in (pb.FINISH_REASON_LENGTH, pb.FINISH_REASON_EOS)
     assert final.usage.completion_tokens == len(tokens) and final.usage.prompt_tokens > 20
-    assert final.timings.time_to_first_token_seconds > 0 and final.timings.total_seconds >= final.timings.queue_seconds
+    assert (
+        final.timings.time_to_first_token_seconds > 0
+        and final.timings.total_seconds >= final.timings.queue_seconds
+    )
     assert all(r.finish_reason == pb.FINISH_REASON_UNSPECIFIED for r in responses[:-1])
 
 
 def test_concurrent_requests_are_each_token_identical(server, reference):
-    instructions = ["Name three colours.", "Say hello.", "你好世界", "Count 1234567890.", "café?", "🦘 wombat", "Why?"]
+    instructions = [
+        "Name three colours.",
+        "Say hello.",
+        "你好世界",
+        "Count 1234567890.",
+        "café?",
+        "🦘 wombat",
+        "Why?",
+    ]
     results: dict[str, list[int]] = {}
 
     def run(text: str) -> None:
@@ -238,7 +251,11 @@ def test_not_serving_and_unavailable_before_the_model_is_loaded(model_dir):
 
 def test_metrics_report_queue_batch_latency_and_tokens(server, client):
     client.complete(prompt("Say hello."), sampling(temperature=0, max_new_tokens=5, ignore_eos=True))
-    body = urllib.request.urlopen(f"http://127.0.0.1:{server.server.metrics_port}/metrics", timeout=5).read().decode()
+    body = (
+        urllib.request.urlopen(f"http://127.0.0.1:{server.server.metrics_port}/metrics", timeout=5)
+        .read()
+        .decode()
+    )
     for name in ("wombat_inference_queue_depth", "wombat_inference_running_sequences",
                  "wombat_inference_time_to_first_token_seconds_bucket", "wombat_inference_inter_token_seconds_bucket",
                  "wombat_inference_generated_tokens_total", 'wombat_inference_requests_finished_total{reason="length"}',

@@ -45,17 +45,30 @@ class RpcMetrics:
         self.in_flight = Gauge("wombat_rpc_in_flight", "RPCs being served", ["method"], registry=registry)
 
 
+class DrainState:
+    """Shared by the interceptor and the server: once draining, new calls are refused with UNAVAILABLE
+    (deterministically, rather than racing gRPC's own shutdown) while in-flight calls run to completion."""
+
+    def __init__(self) -> None:
+        self.draining = False
+        self.in_flight = 0
+
+
 class _CallState:
     """Per-call bookkeeping shared by the unary and streaming wrappers."""
 
-    def __init__(self, method: str, metrics: RpcMetrics, request_id: str):
-        self.method, self.metrics, self.request_id = method, metrics, request_id
+    def __init__(self, method: str, metrics: RpcMetrics, request_id: str, drain: DrainState):
+        self.method, self.metrics, self.request_id, self.drain = method, metrics, request_id, drain
         self.started = time.monotonic()
         self.code = grpc.StatusCode.OK
 
     async def begin(self, context: grpc.aio.ServicerContext) -> None:
         request_id_var.set(self.request_id)
         self.metrics.in_flight.labels(self.method).inc()
+        self.drain.in_flight += 1
+        if self.drain.draining:
+            self.code = grpc.StatusCode.UNAVAILABLE
+            await context.abort(self.code, "the server is shutting down; retry on another replica")
         await context.send_initial_metadata(((REQUEST_ID_KEY, self.request_id),))
 
     async def fail(self, context: grpc.aio.ServicerContext, exc: BaseException) -> None:
@@ -75,6 +88,7 @@ class _CallState:
         if isinstance(code, grpc.StatusCode):
             self.code = code
         self.metrics.in_flight.labels(self.method).dec()
+        self.drain.in_flight -= 1
         self.metrics.requests.labels(self.method, self.code.name).inc()
         self.metrics.latency.labels(self.method).observe(time.monotonic() - self.started)
 
@@ -82,8 +96,8 @@ class _CallState:
 def _wrap_unary(behavior: Callable[..., Awaitable], make_state: Callable[[], _CallState]) -> Callable:
     async def wrapper(request, context):
         state = make_state()
-        await state.begin(context)
         try:
+            await state.begin(context)
             return await behavior(request, context)
         except grpc.aio.AbortError:
             raise
@@ -98,8 +112,8 @@ def _wrap_unary(behavior: Callable[..., Awaitable], make_state: Callable[[], _Ca
 def _wrap_stream(behavior: Callable[..., AsyncIterator], make_state: Callable[[], _CallState]) -> Callable:
     async def wrapper(request, context):
         state = make_state()
-        await state.begin(context)
         try:
+            await state.begin(context)
             async for response in behavior(request, context):
                 yield response
         except grpc.aio.AbortError:
@@ -113,8 +127,9 @@ def _wrap_stream(behavior: Callable[..., AsyncIterator], make_state: Callable[[]
 
 
 class WombatInterceptor(grpc.aio.ServerInterceptor):
-    def __init__(self, metrics: RpcMetrics, auth_token: str | None):
+    def __init__(self, metrics: RpcMetrics, auth_token: str | None, drain: DrainState):
         self._metrics = metrics
+        self._drain = drain
         self._expected_auth = f"Bearer {auth_token}".encode() if auth_token else None
 
     def _authorized(self, method: str, metadata: dict[str, str]) -> bool:
@@ -133,9 +148,11 @@ class WombatInterceptor(grpc.aio.ServerInterceptor):
         if not self._authorized(method, metadata):
             self._metrics.requests.labels(method, grpc.StatusCode.UNAUTHENTICATED.name).inc()
             return _unauthenticated_handler(handler)
+        if method.startswith(OPEN_METHOD_PREFIXES):
+            return handler  # health and reflection keep answering during a drain, untracked
 
         def make_state() -> _CallState:
-            return _CallState(method, self._metrics, request_id)
+            return _CallState(method, self._metrics, request_id, self._drain)
 
         if handler.request_streaming:
             return handler  # no client-streaming RPCs in the Wombat contracts; pass through untouched

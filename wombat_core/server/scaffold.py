@@ -19,7 +19,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, start_http_server
 
 from wombat_core.server.config import ServerConfig
-from wombat_core.server.interceptors import RpcMetrics, WombatInterceptor
+from wombat_core.server.interceptors import DrainState, RpcMetrics, WombatInterceptor
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ class WombatServer:
     """A started-or-not aio server plus its health servicer and metrics endpoint."""
 
     def __init__(self, server: grpc.aio.Server, health_servicer, service_names: list[str], config: ServerConfig,
-                 registry: CollectorRegistry):  # fmt: skip
+                 registry: CollectorRegistry, drain: DrainState):  # fmt: skip
         self.grpc_server = server
         self.health = health_servicer
         self.service_names = service_names
@@ -44,7 +44,7 @@ class WombatServer:
         self.registry = registry
         self.metrics_port: int | None = None
         self._metrics_http = None
-        self.draining = False
+        self._drain = drain
 
     async def start(self) -> None:
         # Health answers NOT_SERVING for every service until the service calls set_serving().
@@ -64,11 +64,20 @@ class WombatServer:
         for name in ["", *self.service_names]:
             await self.health.set(name, status)
 
+    @property
+    def draining(self) -> bool:
+        return self._drain.draining
+
     async def stop(self, grace: float | None = None) -> None:
-        """Drains: health goes NOT_SERVING, new calls are refused, in-flight calls get `grace` seconds."""
-        self.draining = True
+        """Drains: health goes NOT_SERVING and new calls get UNAVAILABLE at once, while in-flight calls get
+        up to `grace` seconds to finish; then the server stops (cancelling whatever is left)."""
+        grace = self.config.drain_grace_seconds if grace is None else grace
+        self._drain.draining = True
         await self.set_serving(False)
-        await self.grpc_server.stop(self.config.drain_grace_seconds if grace is None else grace)
+        deadline = asyncio.get_running_loop().time() + grace
+        while self._drain.in_flight > 0 and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.02)
+        await self.grpc_server.stop(max(0.0, deadline - asyncio.get_running_loop().time()))
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
             self._metrics_http.server_close()
@@ -81,13 +90,14 @@ class WombatServer:
 def create_server(config: ServerConfig, services: Sequence[ServiceRegistration]) -> tuple[WombatServer, int]:
     """Builds the server and binds its port; call from inside the event loop that will run it."""
     registry = CollectorRegistry()
+    drain = DrainState()
     options = [
         ("grpc.max_receive_message_length", config.max_message_bytes),
         ("grpc.max_send_message_length", config.max_message_bytes),
         ("grpc.so_reuseport", 0),  # two servers must never share a port silently
     ]
     server = grpc.aio.server(
-        interceptors=[WombatInterceptor(RpcMetrics(registry), config.auth_token)],
+        interceptors=[WombatInterceptor(RpcMetrics(registry), config.auth_token, drain)],
         options=options,
         maximum_concurrent_rpcs=config.max_concurrent_rpcs,
     )
@@ -109,7 +119,7 @@ def create_server(config: ServerConfig, services: Sequence[ServiceRegistration])
         port = server.add_insecure_port(address)
     if port == 0:
         raise OSError(f"could not bind {address}")
-    return WombatServer(server, health_servicer, names, config, registry), port
+    return WombatServer(server, health_servicer, names, config, registry, drain), port
 
 
 async def run_until_signalled(server: WombatServer) -> None:
