@@ -84,7 +84,7 @@ def test_inference_sigterm_finishes_streams_and_refuses_new_calls(tmp_path):
             assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
             responses = list(stream)
         assert responses[-1].finish_reason == inference_pb2.FINISH_REASON_LENGTH
-        assert sum(len(r.token_ids) for r in responses) == 1500 - 1
+        assert len(first.token_ids) + sum(len(r.token_ids) for r in responses) == 1500
         assert service.process.wait(60) == 0
     finally:
         service.stop()
