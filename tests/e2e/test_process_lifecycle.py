@@ -76,7 +76,7 @@ def test_inference_sigterm_finishes_streams_and_refuses_new_calls(tmp_path):
             stream = client.generate(
                 prompt("x"), sampling(temperature=0, max_new_tokens=1500, ignore_eos=True)
             )
-            next(stream)
+            first = next(stream)
             service.process.send_signal(signal.SIGTERM)
             with pytest.raises(grpc.RpcError) as refused:
                 for _ in range(500):
