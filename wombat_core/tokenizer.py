@@ -50,6 +50,10 @@ def add_wombat_special_tokens(tokenizer, *, llama_conventions: bool = True) -> i
         added = tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
     if llama_conventions:
         tokenizer.eos_token = tokenizer.bos_token = tokenizer.unk_token = LLAMA_SPECIAL_TOKEN
+        # Fast tokenizers keep prepending the old BOS id until their post-processor is rebuilt; the
+        # reference's slow tokenizer prepends the new one (`</s>`), which is what Wombat was trained with.
+        if hasattr(tokenizer, "update_post_processor"):
+            tokenizer.update_post_processor()
     return added
 
 

@@ -91,6 +91,7 @@ def test_wombat_special_tokens_and_zero_pad_row(llama_like_tokenizer_dir):
     assert tokenizer.pad_token == "[PAD]" and tokenizer.pad_token_id == base_vocab
     assert tokenizer.eos_token == tokenizer.bos_token == tokenizer.unk_token == "</s>"
     assert tokenizer.eos_token_id == 2
+    assert tokenizer("x").input_ids[0] == 2  # BOS really is </s> now, as with the reference's slow tokenizer
     assert len(tokenizer) == base_vocab + 1
 
     torch.manual_seed(0)
