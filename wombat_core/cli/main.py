@@ -323,6 +323,60 @@ def serve_inference(
         _fail(exc.message)
 
 
+@serve_app.command("rrhf")
+def serve_rrhf(
+    model_root: Annotated[Path, typer.Option(help="models (to score with, train, and write) live here")],
+    data_root: Annotated[Path, typer.Option(help="training data and candidate JSONL live here")],
+    port: Annotated[int, typer.Option(help="gRPC port (0 picks a free one)")] = 50053,
+    host: Annotated[str, typer.Option(help="address to bind")] = "0.0.0.0",
+    metrics_port: Annotated[int, typer.Option(help="Prometheus port (0 picks one, -1 disables)")] = 9090,
+    ray_address: Annotated[
+        str | None, typer.Option(help="join this Ray cluster (KubeRay head); default: start one")
+    ] = None,
+    scorer_replicas: Annotated[int, typer.Option(help="Ray actors per scoring model")] = 1,
+    policy_model: Annotated[
+        str | None, typer.Option(help="default policy model for Score, under the model root")
+    ] = None,
+    reward_model: Annotated[
+        str | None, typer.Option(help="default reward model, under the model root")
+    ] = None,
+    state_dir: Annotated[
+        Path | None, typer.Option(help="where job state is kept (default <data-root>/.wombat-jobs)")
+    ] = None,
+    drain_seconds: Annotated[
+        float, typer.Option(help="SIGTERM: seconds in-flight calls get to finish")
+    ] = 30.0,
+    tls_cert: Annotated[Path | None, typer.Option(help="PEM certificate; enables TLS")] = None,
+    tls_key: Annotated[Path | None, typer.Option(help="PEM private key")] = None,
+    tls_client_ca: Annotated[
+        Path | None, typer.Option(help="PEM CA; requires client certificates (mTLS)")
+    ] = None,
+    auth_token_file: Annotated[Path | None, typer.Option(help=f"bearer token file (or ${TokenEnv})")] = None,
+    log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING")] = "INFO",
+) -> None:
+    """Serve RRHF scoring/ranking, candidate generation and training jobs on Ray."""
+    from services.rrhf.server import RrhfSettings, serve
+    from wombat_core.server.logs import configure_logging
+
+    configure_logging(log_level)
+    config = _server_config(
+        host, port, metrics_port, drain_seconds, tls_cert, tls_key, tls_client_ca, auth_token_file
+    )
+    settings = RrhfSettings(
+        model_root=model_root,
+        data_root=data_root,
+        state_dir=state_dir,
+        ray_address=ray_address,
+        scorer_replicas=scorer_replicas,
+        policy_model=policy_model,
+        reward_model=reward_model,
+    )
+    try:
+        asyncio.run(serve(config, settings))
+    except WombatError as exc:
+        _fail(exc.message)
+
+
 @app.command()
 def generate(
     instruction: Annotated[

@@ -62,7 +62,9 @@ def collate_group(
         )
     sequences, labels = [], []
     for response in responses:
-        response_ids = _ids(tokenizer, response + tokenizer.eos_token, config.bos_per_segment, max_length=room)
+        response_ids = _ids(
+            tokenizer, response + tokenizer.eos_token, config.bos_per_segment, max_length=room
+        )
         sequences.append(query_ids + response_ids)
         labels.append([IGNORE_INDEX] * (len(query_ids) - 1) + response_ids + [IGNORE_INDEX])
     length = max(len(s) for s in sequences)
@@ -77,5 +79,7 @@ def collate_group(
     return CollatedGroup(input_ids, attention_mask, label_tensor, torch.tensor(scores, dtype=torch.float32))
 
 
-def collate_record(tokenizer, record: PreferenceRecord, config: CollationConfig, where: str = "record") -> CollatedGroup:
+def collate_record(
+    tokenizer, record: PreferenceRecord, config: CollationConfig, where: str = "record"
+) -> CollatedGroup:
     return collate_group(tokenizer, record.query, record.responses, record.scores, config, where)

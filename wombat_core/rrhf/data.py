@@ -82,7 +82,9 @@ def load_jsonl(path: Path) -> list[PreferenceRecord]:
 
 def dump_jsonl(records: Iterable[PreferenceRecord]) -> str:
     return "".join(
-        json.dumps({"query": r.query, "responses": list(r.responses), "scores": list(r.scores)}, ensure_ascii=False)
+        json.dumps(
+            {"query": r.query, "responses": list(r.responses), "scores": list(r.scores)}, ensure_ascii=False
+        )
         + "\n"
         for r in records
     )

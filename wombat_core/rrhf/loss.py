@@ -1,11 +1,11 @@
 """The RRHF objective (REFERENCE.md §4), per query with k responses.
 
-    logp[i, t]  = log_softmax(logits)[i, t, labels[i, t]], 0 where the label is ignored
-    p_i         = sum_t logp[i, t] / len_i ** length_penalty              (len_i = labelled tokens)
-    L_rank      = sum over (i, j) with r_i < r_j and p_i > p_j of (p_i - p_j)
-    L_sft       = -mean_t logp[b, t] for b = argmax r   (the reference averages over the padded length,
-                  ignored positions counting as 0: `sft_padded_mean=True`; False averages over labelled tokens)
-    L           = rrhf_weight * L_rank + L_sft
+logp[i, t]  = log_softmax(logits)[i, t, labels[i, t]], 0 where the label is ignored
+p_i         = sum_t logp[i, t] / len_i ** length_penalty              (len_i = labelled tokens)
+L_rank      = sum over (i, j) with r_i < r_j and p_i > p_j of (p_i - p_j)
+L_sft       = -mean_t logp[b, t] for b = argmax r   (the reference averages over the padded length,
+              ignored positions counting as 0: `sft_padded_mean=True`; False averages over labelled tokens)
+L           = rrhf_weight * L_rank + L_sft
 """
 
 from __future__ import annotations
@@ -62,7 +62,9 @@ def rank_loss(p: torch.Tensor, rewards: torch.Tensor) -> torch.Tensor:
     return -diff[violated].sum()
 
 
-def sft_loss(logp: torch.Tensor, labels: torch.Tensor, rewards: torch.Tensor, padded_mean: bool) -> torch.Tensor:
+def sft_loss(
+    logp: torch.Tensor, labels: torch.Tensor, rewards: torch.Tensor, padded_mean: bool
+) -> torch.Tensor:
     best = int(torch.argmax(rewards))
     if padded_mean:
         return -logp[best].mean()
@@ -85,5 +87,7 @@ def compute_loss(model: torch.nn.Module, group: CollatedGroup, config: LossConfi
     logits = model(
         input_ids=group.input_ids.to(device), attention_mask=group.attention_mask.to(device)
     ).logits
-    moved = CollatedGroup(group.input_ids, group.attention_mask, group.labels.to(device), group.scores.to(device))
+    moved = CollatedGroup(
+        group.input_ids, group.attention_mask, group.labels.to(device), group.scores.to(device)
+    )
     return rrhf_loss(logits, moved, config)

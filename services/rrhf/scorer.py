@@ -1,0 +1,144 @@
+"""Score / Rank on a pool of Ray actors, with requests from different callers batched dynamically.
+
+Requests wait at most `max_wait_ms` (or until `max_batch_responses` responses are queued), then go as one
+batch to the least busy actor of the model's pool, which scores them in one padded forward pass.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import ray
+
+from wombat_core.errors import InvalidArgument
+from wombat_core.rrhf.scoring import ScoreItem
+
+log = logging.getLogger(__name__)
+
+
+@ray.remote(num_cpus=0)
+class ScorerActor:
+    """Holds one model. `num_cpus=0`: scoring and training share the machine's cores on a small host;
+    on a cluster set `--scorer-gpus` so each replica gets its own accelerator."""
+
+    def __init__(self, model_dir: str, method: str):
+        import torch
+
+        from wombat_core.engine.loading import load_for_serving
+        from wombat_core.rrhf.scoring import RewardModel
+
+        torch.set_num_threads(max(1, torch.get_num_threads()))
+        self.method = method
+        if method == "reward_model":
+            self.reward = RewardModel.load(Path(model_dir))
+        else:
+            loaded = load_for_serving(Path(model_dir))
+            self.model, self.tokenizer = loaded.model, loaded.tokenizer
+            self.tokenizer.padding_side = "right"
+
+    def score(self, items: list[ScoreItem]) -> list[list[float] | str]:
+        """Scores per item; an item that cannot be scored (say, too long) yields its error message instead,
+        so one bad request never fails the others batched with it."""
+        try:
+            return self._score(items)
+        except InvalidArgument:
+            results: list[list[float] | str] = []
+            for item in items:
+                try:
+                    results.append(self._score([item])[0])
+                except InvalidArgument as exc:
+                    results.append(exc.message)
+            return results
+
+    def _score(self, items: list[ScoreItem]) -> list[list[float]]:
+        from wombat_core.prompts import alpaca_prompt_from_query
+        from wombat_core.rrhf.scoring import policy_scores
+
+        if self.method == "reward_model":
+            results = []
+            for item in items:
+                query = alpaca_prompt_from_query(item.query) if item.alpaca_prompt else item.query
+                results.append(self.reward.score([query + response for response in item.responses]))
+            return results
+        return policy_scores(self.model, self.tokenizer, items)
+
+    def ready(self) -> bool:
+        return True
+
+
+@dataclass
+class _Pending:
+    item: ScoreItem
+    future: asyncio.Future
+
+
+class ScorerPool:
+    def __init__(self, model_dir: Path, method: str, replicas: int, max_batch_responses: int = 64,
+                 max_wait_ms: float = 5.0, gpus_per_replica: float = 0.0):  # fmt: skip
+        self.model_dir, self.method = model_dir, method
+        options = {"num_gpus": gpus_per_replica} if gpus_per_replica else {}
+        self.actors = [ScorerActor.options(**options).remote(str(model_dir), method) for _ in range(replicas)]
+        self._busy = [0] * replicas
+        self._queue: asyncio.Queue[_Pending] | None = None
+        self._task: asyncio.Task | None = None
+        self.max_batch_responses, self.max_wait = max_batch_responses, max_wait_ms / 1000
+        self._round_robin = itertools.count()
+
+    async def wait_ready(self) -> None:
+        await asyncio.gather(*(actor.ready.remote() for actor in self.actors))
+
+    async def score(self, item: ScoreItem) -> list[float]:
+        if self._queue is None:
+            self._queue = asyncio.Queue()
+            self._task = asyncio.create_task(self._batcher())
+        future = asyncio.get_running_loop().create_future()
+        await self._queue.put(_Pending(item, future))
+        return await future
+
+    async def _batcher(self) -> None:
+        assert self._queue is not None
+        while True:
+            batch = [await self._queue.get()]
+            size = len(batch[0].item.responses)
+            deadline = asyncio.get_running_loop().time() + self.max_wait
+            while size < self.max_batch_responses:
+                timeout = deadline - asyncio.get_running_loop().time()
+                if timeout <= 0:
+                    break
+                try:
+                    pending = await asyncio.wait_for(self._queue.get(), timeout)
+                except TimeoutError:
+                    break
+                batch.append(pending)
+                size += len(pending.item.responses)
+            asyncio.create_task(self._dispatch(batch))
+
+    async def _dispatch(self, batch: list[_Pending]) -> None:
+        index = min(range(len(self.actors)), key=lambda i: (self._busy[i], next(self._round_robin)))
+        self._busy[index] += 1
+        try:
+            results = await self.actors[index].score.remote([p.item for p in batch])
+        except Exception as exc:  # noqa: BLE001 - delivered to each waiting caller
+            for pending in batch:
+                if not pending.future.done():
+                    pending.future.set_exception(exc)
+            return
+        finally:
+            self._busy[index] -= 1
+        for pending, scores in zip(batch, results, strict=True):
+            if pending.future.done():
+                continue
+            if isinstance(scores, str):
+                pending.future.set_exception(InvalidArgument(scores))
+            else:
+                pending.future.set_result(scores)
+
+    async def close(self) -> None:
+        if self._task:
+            self._task.cancel()
+        for actor in self.actors:
+            ray.kill(actor)

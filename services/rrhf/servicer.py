@@ -1,0 +1,215 @@
+"""RrhfService: Score/Rank on the scorer pools; training and candidate jobs on Ray; job watching."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from services.rrhf import convert
+from services.rrhf.jobs import JobStore
+from services.rrhf.runner import JobRunner
+from services.rrhf.scorer import ScorerPool
+from wombat.rrhf.v1 import rrhf_pb2 as pb
+from wombat.rrhf.v1 import rrhf_pb2_grpc
+from wombat_core.checkpoint.layout import Checkpoint
+from wombat_core.errors import AlreadyExists, FailedPrecondition, InvalidArgument, ResourceExhausted
+from wombat_core.paths import ConfinedRoot
+from wombat_core.rrhf.data import MAX_RESPONSES, MAX_TEXT_CHARS, load_jsonl, validate_records
+from wombat_core.rrhf.scoring import ScoreItem
+
+MAX_CANDIDATE_QUERIES = 10_000
+MAX_MODEL_POOLS = 4
+
+
+class RrhfServicer(rrhf_pb2_grpc.RrhfServiceServicer):
+    def __init__(self, model_root: Path, data_root: Path, store: JobStore, runner: JobRunner,
+                 default_models: dict[str, Path | None], scorer_replicas: int):  # fmt: skip
+        self.models = ConfinedRoot(model_root)
+        self.data = ConfinedRoot(data_root)
+        self.store, self.runner = store, runner
+        self.default_models = default_models  # method -> directory
+        self.scorer_replicas = scorer_replicas
+        self._pools: dict[tuple[str, Path], ScorerPool] = {}
+
+    # --- scoring --------------------------------------------------------------------------------------
+
+    async def Score(self, request: pb.ScoreRequest, context) -> pb.ScoreResponse:
+        scores = await self._score(request.query, request.responses, request.options)
+        ranking = sorted(range(len(scores)), key=lambda i: (-scores[i], i))
+        return pb.ScoreResponse(scores=scores, ranking=ranking)
+
+    async def Rank(self, request: pb.RankRequest, context) -> pb.RankResponse:
+        scores = await self._score(request.query, request.responses, request.options)
+        order = sorted(range(len(scores)), key=lambda i: (-scores[i], i))
+        return pb.RankResponse(
+            ranked=[pb.RankedResponse(index=i, response=request.responses[i], score=scores[i]) for i in order]
+        )
+
+    async def _score(self, query: str, responses, options: pb.ScoringOptions) -> list[float]:
+        if not query.strip():
+            raise InvalidArgument("query is empty")
+        if not responses:
+            raise InvalidArgument("responses is empty; send at least one candidate")
+        if len(responses) > MAX_RESPONSES:
+            raise InvalidArgument(
+                f"responses may hold at most {MAX_RESPONSES} candidates, got {len(responses)}"
+            )
+        if any(not r.strip() for r in responses):
+            raise InvalidArgument("every response must be non-empty")
+        if len(query) + sum(len(r) for r in responses) > MAX_TEXT_CHARS * 4:
+            raise InvalidArgument(
+                f"query and responses may hold at most {MAX_TEXT_CHARS * 4} characters in all"
+            )
+        length_penalty = options.length_penalty if options.HasField("length_penalty") else 1.0
+        if not 0 <= length_penalty <= 10:
+            raise InvalidArgument(f"length_penalty must be in [0, 10], got {length_penalty}")
+        pool = self._pool(convert.scoring_method(options.method), options.model_path)
+        await pool.wait_ready()
+        return await pool.score(ScoreItem(query, tuple(responses), length_penalty, options.alpaca_prompt))
+
+    def _pool(self, method: str, model_path: str) -> ScorerPool:
+        if model_path:
+            directory = self.models.resolve(model_path, field="options.model_path", must_exist=True)
+            Checkpoint.open(directory, role="model", confine_to=self.models.root)
+        else:
+            directory = self.default_models.get(method)
+            if directory is None:
+                flag = "--reward-model" if method == "reward_model" else "--policy-model"
+                raise FailedPrecondition(
+                    f"no default model for {method}: set options.model_path or start the service with {flag}"
+                )
+        key = (method, directory)
+        if key not in self._pools:
+            if len(self._pools) >= MAX_MODEL_POOLS:
+                raise ResourceExhausted(f"at most {MAX_MODEL_POOLS} scoring models are loaded at once")
+            self._pools[key] = ScorerPool(directory, method, self.scorer_replicas)
+        return self._pools[key]
+
+    # --- jobs -------------------------------------------------------------------------------------------
+
+    async def StartTraining(self, request: pb.StartTrainingRequest, context) -> pb.StartTrainingResponse:
+        model_dir = self.models.resolve(request.model_path, field="model_path", must_exist=True)
+        Checkpoint.open(model_dir, role="model", confine_to=self.models.root)
+        output = self._new_output(request.output_path)
+        config = convert.training_config(request.hyperparameters)
+        records = await asyncio.to_thread(self._records, request)
+        await asyncio.to_thread(self._precheck, model_dir, records, config)
+        job_id = self.runner.start_training(model_dir, output, request.output_path, records, config)
+        return pb.StartTrainingResponse(job_id=job_id)
+
+    def _records(self, request: pb.StartTrainingRequest):
+        which = request.WhichOneof("data")
+        if which == "data_path":
+            return load_jsonl(self.data.resolve(request.data_path, field="data_path", must_exist=True))
+        if which == "records":
+            raws = [
+                {"query": r.query, "responses": list(r.responses), "scores": list(r.scores)}
+                for r in request.records.records
+            ]
+            return validate_records(raws)
+        raise InvalidArgument(
+            "give the training data as data_path (JSONL under the data root) or inline records"
+        )
+
+    @staticmethod
+    def _precheck(model_dir: Path, records, config) -> None:
+        """Collates every record once, so a query too long for model_max_length fails now, not mid-run."""
+        from wombat_core.rrhf.collate import collate_record
+        from wombat_core.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(model_dir, padding_side="right")
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        for number, record in enumerate(records, start=1):
+            collate_record(tokenizer, record, config.collation, where=f"record {number}")
+
+    def _new_output(self, path: str) -> Path:
+        output = self.models.resolve(path, field="output_path")
+        if output.exists():
+            raise AlreadyExists(f"output_path {path!r} already exists; choose a new directory")
+        return output
+
+    async def GenerateCandidates(
+        self, request: pb.GenerateCandidatesRequest, context
+    ) -> pb.GenerateCandidatesResponse:
+        model_dir = self.models.resolve(request.model_path, field="model_path", must_exist=True)
+        reward_dir = self.models.resolve(
+            request.reward_model_path, field="reward_model_path", must_exist=True
+        )
+        if not request.queries or len(request.queries) > MAX_CANDIDATE_QUERIES:
+            raise InvalidArgument(
+                f"queries must hold 1 to {MAX_CANDIDATE_QUERIES} entries, got {len(request.queries)}"
+            )
+        if any(not q.strip() for q in request.queries):
+            raise InvalidArgument("every query must be non-empty")
+        k = request.num_candidates if request.HasField("num_candidates") else 4
+        max_new = request.max_new_tokens if request.HasField("max_new_tokens") else 128
+        if not 1 <= k <= 16:
+            raise InvalidArgument(f"num_candidates must be in [1, 16], got {k}")
+        if not 1 <= max_new <= 2048:
+            raise InvalidArgument(f"max_new_tokens must be in [1, 2048], got {max_new}")
+        output = self.data.resolve(request.output_path, field="output_path")
+        if output.exists():
+            raise AlreadyExists(f"output_path {request.output_path!r} already exists; choose a new file")
+        settings = {
+            "model_dir": str(model_dir),
+            "reward_model_dir": str(reward_dir),
+            "queries": list(request.queries),
+            "num_candidates": k,
+            "max_new_tokens": max_new,
+            "method": "sampling" if request.method == pb.CANDIDATE_METHOD_SAMPLING else "diverse_beam_search",
+            "seed": request.seed if request.HasField("seed") else 42,
+            "output_file": str(output),
+        }
+        return pb.GenerateCandidatesResponse(
+            job_id=self.runner.start_candidates(settings, request.output_path)
+        )
+
+    async def WatchJob(self, request: pb.WatchJobRequest, context) -> AsyncIterator[pb.WatchJobResponse]:
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+
+        def listener(job, event) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, (job, event))
+
+        job = self.store.subscribe(request.job_id, listener)
+        try:
+            yield pb.WatchJobResponse(job_id=job.job_id, job=convert.job(job))
+            while not job.finished:
+                job, event = await queue.get()
+                message = convert.watch_event(job, event)
+                if message is not None:
+                    yield message
+            if event is None or event.get("kind") != "state":
+                yield pb.WatchJobResponse(job_id=job.job_id, job=convert.job(job))
+        finally:
+            self.store.unsubscribe(request.job_id, listener)
+
+    async def GetJob(self, request: pb.GetJobRequest, context) -> pb.GetJobResponse:
+        return pb.GetJobResponse(job=convert.job(self.store.get(request.job_id)))
+
+    async def CancelJob(self, request: pb.CancelJobRequest, context) -> pb.CancelJobResponse:
+        self.runner.cancel(request.job_id)
+        return pb.CancelJobResponse(job=convert.job(self.store.get(request.job_id)))
+
+    async def ListJobs(self, request: pb.ListJobsRequest, context) -> pb.ListJobsResponse:
+        size = request.page_size or 100
+        if not 1 <= size <= 1000:
+            raise InvalidArgument(f"page_size must be in [1, 1000], got {size}")
+        try:
+            offset = int(base64.urlsafe_b64decode(request.page_token).decode()) if request.page_token else 0
+        except ValueError:
+            raise InvalidArgument("page_token is not a token this service issued") from None
+        state = convert.STATE_NAMES.get(request.state) if request.state else None
+        if request.state and state is None:
+            raise InvalidArgument(f"state {request.state} is not a known JobState value")
+        jobs = self.store.list(state)
+        page = jobs[offset : offset + size]
+        token = (
+            base64.urlsafe_b64encode(str(offset + size).encode()).decode()
+            if offset + size < len(jobs)
+            else ""
+        )
+        return pb.ListJobsResponse(jobs=[convert.job(j) for j in page], next_page_token=token)

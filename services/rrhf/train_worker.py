@@ -1,0 +1,110 @@
+"""The Ray Train worker loop: the core's RRHF step, wrapped with DDP/FSDP, checkpoints and reports.
+
+Checkpoints hold the model and optimiser state and the step (loaded back with weights_only=True). On a
+worker failure Ray Train restarts the group (FailureConfig) and every worker resumes from the latest
+checkpoint at the same step and data position. Rank 0 writes the final model as an HF safetensors
+directory, atomically, with a manifest.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import ray
+import ray.train
+import ray.train.torch
+import torch
+
+from services.rrhf.events import get_channel
+from wombat_core.atomic import AtomicOutputDir
+from wombat_core.manifest import Manifest, fingerprint_files
+from wombat_core.rrhf.data import PreferenceRecord
+from wombat_core.rrhf.training import TrainingConfig, plan, train_step
+from wombat_core.tokenizer import PAD_TOKEN, load_tokenizer
+
+STATE_FILE = "rrhf-state.pt"
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if hasattr(model, "module") else model
+
+
+def train_loop_per_worker(settings: dict) -> None:
+    from transformers import AutoModelForCausalLM
+
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    config = TrainingConfig(**settings["config"])
+    records = [
+        PreferenceRecord(r["query"], tuple(r["responses"]), tuple(r["scores"])) for r in settings["records"]
+    ]
+    channel = get_channel(settings["job_id"])
+    torch.manual_seed(config.seed)
+
+    model_dir = Path(settings["model_dir"])
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, local_files_only=True)
+    tokenizer = load_tokenizer(model_dir, padding_side="right")
+    if tokenizer.pad_token is None:
+        tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate)
+    start_step = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as directory:
+            state = torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=True)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start_step = int(state["step"])
+        if rank == 0:
+            channel.put.remote({"kind": "resumed", "step": start_step})
+    model = ray.train.torch.prepare_model(model, parallel_strategy=config.strategy)
+    steps = plan(config, len(records))
+    every = config.checkpoint_every_steps or steps.steps_per_epoch
+    channel.put.remote({"kind": "worker", "rank": rank, "pid": os.getpid()})
+
+    for step in range(start_step, steps.total_steps):
+        if ray.get(channel.cancelled.remote()):
+            channel.put.remote({"kind": "cancelled", "step": step})
+            return
+        result = train_step(model, optimizer, tokenizer, records, config, step, steps.total_steps, rank)
+        metrics = {**result.__dict__, "total_steps": steps.total_steps, "world_size": world}
+        due = result.step % every == 0 or result.step == steps.total_steps
+        if due:
+            with tempfile.TemporaryDirectory() as directory:
+                if rank == 0:
+                    state = {
+                        "model": _unwrap(model).state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "step": result.step,
+                    }
+                    torch.save(state, Path(directory) / STATE_FILE)
+                    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+                else:
+                    ray.train.report(metrics)
+        else:
+            ray.train.report(metrics)
+        if rank == 0:
+            channel.put.remote({"kind": "step", **metrics})
+            if due:
+                channel.put.remote({"kind": "checkpoint", "step": result.step})
+
+    if rank == 0:
+        _save_final(
+            _unwrap(model), tokenizer, model_dir, Path(settings["output_dir"]), config, settings["job_id"]
+        )
+        channel.put.remote({"kind": "saved", "path": settings["output_display"]})
+
+
+def _save_final(model, tokenizer, model_dir: Path, output: Path, config: TrainingConfig, job_id: str) -> None:
+    from wombat_core.checkpoint.layout import Checkpoint
+
+    base = Checkpoint.open(model_dir, role="model")
+    inputs = (fingerprint_files("model", model_dir.name, [base.file(s) for s in base.shards]),)
+    options = {k: str(v) for k, v in config.as_dict().items()} | {"job_id": job_id}
+    with AtomicOutputDir(output) as out:
+        model.save_pretrained(out.path, safe_serialization=True)
+        tokenizer.save_pretrained(out.path)
+        out.commit(Manifest(kind="rrhf-train", inputs=inputs, options=options, files=()))

@@ -1,0 +1,117 @@
+"""Scoring candidate responses: the RRHF policy score p_i, and reward models.
+
+Policy scores batch every response of every query in one padded forward pass (rows from different
+callers share it), with log-softmax taken row by row so memory stays at one row's [L, V].
+
+Reward models (REFERENCE.md §3) come in two layouts:
+  * a Hugging Face `*ForSequenceClassification` checkpoint: the score is its logit at the last token;
+  * a causal-LM body plus `value_head.safetensors` holding `v_head.weight` [1, hidden] (linear, no bias):
+    the reward is the value at the first EOS after the text (EOS appended; left truncation to 1024 tokens).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from wombat_core.errors import FailedPrecondition
+from wombat_core.rrhf.collate import IGNORE_INDEX, CollationConfig, collate_group
+from wombat_core.rrhf.loss import response_scores
+
+VALUE_HEAD_FILE = "value_head.safetensors"
+REWARD_MAX_TOKENS = 1024
+
+
+@dataclass(frozen=True)
+class ScoreItem:
+    query: str
+    responses: tuple[str, ...]
+    length_penalty: float = 1.0
+    alpaca_prompt: bool = False
+
+
+@torch.inference_mode()
+def policy_scores(
+    model: torch.nn.Module, tokenizer, items: list[ScoreItem], model_max_length: int = 512
+) -> list[list[float]]:
+    groups = [
+        collate_group(tokenizer, item.query, item.responses, (0.0,) * len(item.responses),
+                      CollationConfig(model_max_length, alpaca_prompt=item.alpaca_prompt), where=f"item {n + 1}")
+        for n, item in enumerate(items)
+    ]  # fmt: skip
+    length = max(g.input_ids.shape[1] for g in groups)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    input_ids = torch.cat([F.pad(g.input_ids, (0, length - g.input_ids.shape[1]), value=pad) for g in groups])
+    mask = torch.cat([F.pad(g.attention_mask, (0, length - g.attention_mask.shape[1])) for g in groups])
+    labels = torch.cat([F.pad(g.labels, (0, length - g.labels.shape[1]), value=IGNORE_INDEX) for g in groups])
+    device = next(model.parameters()).device
+    logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits
+    labels = labels.to(device)
+    logp = torch.stack([
+        torch.log_softmax(logits[row].float(), -1).gather(-1, labels[row].clamp(min=0)[:, None])[:, 0]
+        * (labels[row] != IGNORE_INDEX)
+        for row in range(logits.shape[0])
+    ])  # fmt: skip
+    flat = response_scores(logp, labels, 1.0).tolist()
+    lengths = (labels != IGNORE_INDEX).sum(-1).clamp(min=1).tolist()
+    results, row = [], 0
+    for item in items:
+        count = len(item.responses)
+        # p_i with this item's own length penalty: sum logp = p(lp=1) * len
+        results.append(
+            [flat[row + i] * lengths[row + i] / lengths[row + i] ** item.length_penalty for i in range(count)]
+        )
+        row += count
+    return results
+
+
+class RewardModel:
+    def __init__(self, model: torch.nn.Module, tokenizer, value_head: torch.nn.Linear | None):
+        self.model, self.tokenizer, self.value_head = model, tokenizer, value_head
+
+    @classmethod
+    def load(cls, directory: Path) -> RewardModel:
+        from safetensors.torch import load_file
+        from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
+
+        from wombat_core.tokenizer import load_tokenizer
+
+        directory = Path(directory)
+        config = AutoConfig.from_pretrained(str(directory), local_files_only=True)
+        tokenizer = load_tokenizer(directory, padding_side="right")
+        if any(a.endswith("ForSequenceClassification") for a in (config.architectures or [])):
+            model = AutoModelForSequenceClassification.from_pretrained(
+                str(directory), local_files_only=True
+            ).eval()
+            return cls(model, tokenizer, None)
+        if not (directory / VALUE_HEAD_FILE).is_file():
+            raise FailedPrecondition(
+                f"{directory.name} is not a reward model: expected a *ForSequenceClassification config or "
+                f"{VALUE_HEAD_FILE} with v_head.weight beside a causal-LM body"
+            )
+        body = AutoModel.from_pretrained(str(directory), local_files_only=True).eval()
+        weight = load_file(directory / VALUE_HEAD_FILE)["v_head.weight"]
+        head = torch.nn.Linear(weight.shape[1], 1, bias=False)
+        with torch.no_grad():
+            head.weight.copy_(weight)
+        return cls(body, tokenizer, head.eval())
+
+    @torch.inference_mode()
+    def score(self, texts: list[str]) -> list[float]:
+        eos = self.tokenizer.eos_token_id
+        rewards = []
+        for text in texts:
+            ids = list(self.tokenizer(text)["input_ids"]) + [eos]
+            ids = ids[-REWARD_MAX_TOKENS:]  # left truncation keeps the end of the response
+            tensor = torch.tensor([ids])
+            if self.value_head is None:
+                rewards.append(float(self.model(input_ids=tensor).logits[0, 0]))
+                continue
+            hidden = self.model(input_ids=tensor).last_hidden_state[0]
+            # The first EOS after position 0 (with LLaMA's bos = </s>, position 0 is also an EOS id).
+            first_eos = next(i for i, t in enumerate(ids) if t == eos and i > 0)
+            rewards.append(float(self.value_head(hidden[first_eos])[0]))
+        return rewards
