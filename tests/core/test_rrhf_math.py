@@ -30,7 +30,9 @@ def model(tokenizer):
     from transformers import LlamaForCausalLM
 
     torch.manual_seed(0)
-    return LlamaForCausalLM(tiny_config(vocab_size=len(tokenizer), max_position_embeddings=256)).double().eval()
+    return (
+        LlamaForCausalLM(tiny_config(vocab_size=len(tokenizer), max_position_embeddings=256)).double().eval()
+    )
 
 
 QUERY = "Name three colours."
@@ -44,7 +46,9 @@ def reference_loss(model, tokenizer, query, responses, scores, *, length_penalty
     q = tokenizer(query)["input_ids"]
     logps, lengths, padded_len = [], [], 0
     for response in responses:
-        r = tokenizer(response + tokenizer.eos_token, add_special_tokens=bos_per_segment)["input_ids"][: max_length - len(q)]
+        r = tokenizer(response + tokenizer.eos_token, add_special_tokens=bos_per_segment)["input_ids"][
+            : max_length - len(q)
+        ]
         sequence = q + r
         padded_len = max(padded_len, len(sequence))
         with torch.no_grad():
@@ -70,7 +74,9 @@ def reference_loss(model, tokenizer, query, responses, scores, *, length_penalty
 @pytest.mark.parametrize("bos_per_segment", [True, False])
 def test_loss_equals_the_reference_formulas(model, tokenizer, length_penalty, padded_mean, bos_per_segment):
     rrhf_weight = 0.7
-    group = collate_group(tokenizer, QUERY, RESPONSES, SCORES, CollationConfig(bos_per_segment=bos_per_segment))
+    group = collate_group(
+        tokenizer, QUERY, RESPONSES, SCORES, CollationConfig(bos_per_segment=bos_per_segment)
+    )
     parts = compute_loss(model, group, LossConfig(rrhf_weight, length_penalty, padded_mean))
     expected, rank, sft, p = reference_loss(model, tokenizer, QUERY, RESPONSES, SCORES, length_penalty=length_penalty,
                                             rrhf_weight=rrhf_weight, padded_mean=padded_mean,
@@ -97,7 +103,11 @@ def test_truncation_to_model_max_length(model, tokenizer):
 def test_collation_labels_for_a_sentencepiece_tokenizer(tokenizer):
     add_wombat_special_tokens(tokenizer)  # the reference's LLaMA conventions: eos = bos = unk = </s>
     group = collate_group(tokenizer, QUERY, ("Blue.",), (1.0,), CollationConfig())
-    ids, labels, mask = group.input_ids[0].tolist(), group.labels[0].tolist(), group.attention_mask[0].tolist()
+    ids, labels, mask = (
+        group.input_ids[0].tolist(),
+        group.labels[0].tolist(),
+        group.attention_mask[0].tolist(),
+    )
     query_ids = tokenizer(QUERY)["input_ids"]
     response_ids = tokenizer("Blue.</s>")["input_ids"]
     assert ids == query_ids + response_ids and all(mask)
@@ -113,7 +123,9 @@ def test_collation_labels_for_a_sentencepiece_tokenizer(tokenizer):
 
 
 def test_padding_rows_are_ignored(tokenizer):
-    group = collate_group(tokenizer, QUERY, ("Blue.", "A much longer answer about colours."), (0.0, 1.0), CollationConfig())
+    group = collate_group(
+        tokenizer, QUERY, ("Blue.", "A much longer answer about colours."), (0.0, 1.0), CollationConfig()
+    )
     short = group.labels[0]
     padding = group.attention_mask[0] == 0
     assert padding.any() and (short[padding] == IGNORE_INDEX).all()
@@ -123,7 +135,10 @@ def test_padding_rows_are_ignored(tokenizer):
 @pytest.mark.parametrize(
     ("raw", "message"),
     [
-        ({"query": "q", "responses": ["a", "b"], "scores": [1.0]}, "scores must be a list as long as responses (2), got 1"),
+        (
+            {"query": "q", "responses": ["a", "b"], "scores": [1.0]},
+            "scores must be a list as long as responses (2), got 1",
+        ),
         ({"query": "q", "responses": ["a", ""], "scores": [1, 2]}, "responses[1] must be a non-empty string"),
         ({"query": "q", "responses": ["a"], "scores": [math.inf]}, "scores[0] must be a finite number"),
         ({"query": "q", "responses": ["a"], "scores": [float("nan")]}, "scores[0] must be a finite number"),
@@ -135,4 +150,6 @@ def test_padding_rows_are_ignored(tokenizer):
 def test_bad_records_name_the_record_and_field(raw, message):
     with pytest.raises(InvalidArgument) as info:
         validate_records([{"query": "fine", "responses": ["x"], "scores": [1]}, raw])
-    assert info.value.message == f"record 2: {message}" or info.value.message.startswith(f"record 2: {message}")
+    assert info.value.message == f"record 2: {message}" or info.value.message.startswith(
+        f"record 2: {message}"
+    )

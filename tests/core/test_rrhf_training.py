@@ -38,10 +38,16 @@ def test_training_lowers_the_loss_and_raises_rank_agreement(tmp_path):
     config = TrainingConfig(learning_rate=1e-2, epochs=4, batch_size=4, seed=0)
     steps = plan(config, len(records))
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate)
-    loss_before, agreement_before = evaluate_loss(model, tokenizer, records, config), rank_agreement(model, tokenizer, records, config)
+    loss_before, agreement_before = (
+        evaluate_loss(model, tokenizer, records, config),
+        rank_agreement(model, tokenizer, records, config),
+    )
     for step in range(steps.total_steps):
         train_step(model, optimizer, tokenizer, records, config, step, steps.total_steps)
-    loss_after, agreement_after = evaluate_loss(model, tokenizer, records, config), rank_agreement(model, tokenizer, records, config)
+    loss_after, agreement_after = (
+        evaluate_loss(model, tokenizer, records, config),
+        rank_agreement(model, tokenizer, records, config),
+    )
     assert loss_after < loss_before * 0.9, (loss_before, loss_after)
     assert agreement_after > agreement_before + 0.1, (agreement_before, agreement_after)
 
@@ -58,14 +64,25 @@ def test_data_order_is_a_deterministic_partition():
 
 def test_schedule_warms_up_then_decays():
     config = TrainingConfig(learning_rate=1e-3, warmup_steps=2)
-    assert [round(learning_rate(config, s, 6), 6) for s in range(6)] == [0.0005, 0.001, 0.001, 0.00075, 0.0005, 0.00025]
+    assert [round(learning_rate(config, s, 6), 6) for s in range(6)] == [
+        0.0005,
+        0.001,
+        0.001,
+        0.00075,
+        0.0005,
+        0.00025,
+    ]
 
 
 @pytest.mark.parametrize(
     ("field", "value", "message"),
-    [("learning_rate", 0.0, "learning_rate must be in (0, 1]"), ("epochs", 0, "epochs must be in [1, 1000]"),
-     ("strategy", "zero3", "strategy must be ddp or fsdp"), ("precision", "fp8", "precision must be fp32 or bf16"),
-     ("num_workers", 0, "num_workers must be in [1, 1024]")],  # fmt: skip
+    [
+        ("learning_rate", 0.0, "learning_rate must be in (0, 1]"),
+        ("epochs", 0, "epochs must be in [1, 1000]"),
+        ("strategy", "zero3", "strategy must be ddp or fsdp"),
+        ("precision", "fp8", "precision must be fp32 or bf16"),
+        ("num_workers", 0, "num_workers must be in [1, 1024]"),
+    ],  # fmt: skip
 )
 def test_training_config_validation(field, value, message):
     from wombat_core.errors import InvalidArgument

@@ -159,7 +159,9 @@ def train_step(
             with autocast:
                 parts = compute_loss(model, group, config.loss)
             (parts.loss / queries).backward()
-            totals += torch.tensor([float(parts.loss.detach()), float(parts.rank_loss.detach()), float(parts.sft_loss.detach())])
+            totals += torch.tensor(
+                [float(parts.loss.detach()), float(parts.rank_loss.detach()), float(parts.sft_loss.detach())]
+            )
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     elapsed = time.perf_counter() - started
@@ -168,11 +170,16 @@ def train_step(
     return StepResult(step + 1, loss, rank_loss, sft, lr, queries / elapsed, epoch)
 
 
-def evaluate_loss(model: torch.nn.Module, tokenizer, records: Sequence[PreferenceRecord], config: TrainingConfig) -> float:
+def evaluate_loss(
+    model: torch.nn.Module, tokenizer, records: Sequence[PreferenceRecord], config: TrainingConfig
+) -> float:
     """Mean RRHF loss over `records`, without gradients."""
     model.eval()
     with torch.no_grad():
-        total = sum(float(compute_loss(model, collate_record(tokenizer, r, config.collation), config.loss).loss) for r in records)
+        total = sum(
+            float(compute_loss(model, collate_record(tokenizer, r, config.collation), config.loss).loss)
+            for r in records
+        )
     return total / len(records)
 
 

@@ -1,0 +1,285 @@
+"""RrhfService over real gRPC with a real local Ray cluster: scoring, jobs, status codes."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+import time
+from importlib import resources
+
+import grpc
+import pytest
+
+from tests.conftest import ServerThread, rpc_error
+from tests.engine_fixtures import save_servable_tiny_model
+from wombat.rrhf.v1 import rrhf_pb2 as pb
+from wombat.rrhf.v1 import rrhf_pb2_grpc
+from wombat_core.rrhf.data import PreferenceRecord
+from wombat_core.rrhf.scoring import ScoreItem, policy_scores
+
+SHIPPED = resources.files("wombat_core.rrhf") / "data" / "preferences.jsonl"
+RESPONSES = ["Red, green and blue.", "Blue.", "The quick brown fox.", "café 你好"]
+
+
+@pytest.fixture(scope="module")
+def roots(tmp_path_factory):
+    base = tmp_path_factory.mktemp("rrhf")
+    models, data = base / "models", base / "data"
+    data.mkdir()
+    save_servable_tiny_model(models / "policy")
+    shutil.copy(SHIPPED, data / "preferences.jsonl")
+    return models, data
+
+
+@pytest.fixture(scope="module")
+def server(roots):
+    from services.rrhf.server import RrhfSettings, build_server
+    from wombat_core.server import ServerConfig
+
+    models, data = roots
+    settings = RrhfSettings(model_root=models, data_root=data, policy_model="policy", scorer_replicas=1)
+    thread = ServerThread(
+        lambda: build_server(ServerConfig(host="127.0.0.1", port=0, metrics_port=0), settings)
+    )
+    yield thread
+    thread.stop()
+
+
+@pytest.fixture(scope="module")
+def stub(server):
+    channel = grpc.insecure_channel(server.address)
+    yield rrhf_pb2_grpc.RrhfServiceStub(channel)
+    channel.close()
+
+
+def test_score_equals_in_process_p_i_and_ranks(stub, roots):
+    from wombat_core.engine.loading import load_for_serving
+
+    loaded = load_for_serving(roots[0] / "policy")
+    loaded.tokenizer.padding_side = "right"
+    expected = policy_scores(
+        loaded.model, loaded.tokenizer, [ScoreItem("Name three colours.", tuple(RESPONSES))]
+    )[0]
+    response = stub.Score(pb.ScoreRequest(query="Name three colours.", responses=RESPONSES), timeout=120)
+    assert list(response.scores) == pytest.approx(expected, abs=1e-4)
+    assert list(response.ranking) == sorted(range(4), key=lambda i: -expected[i])
+    ranked = stub.Rank(pb.RankRequest(query="Name three colours.", responses=RESPONSES), timeout=60).ranked
+    assert [r.index for r in ranked] == list(response.ranking)
+    assert [r.response for r in ranked] == [RESPONSES[i] for i in response.ranking]
+
+
+def test_concurrent_callers_are_batched_without_mixing_results(stub):
+    queries = [f"Question number {i}?" for i in range(8)]
+    alone = {q: list(stub.Score(pb.ScoreRequest(query=q, responses=RESPONSES[: 1 + i % 4]), timeout=60).scores)
+             for i, q in enumerate(queries)}  # fmt: skip
+    together: dict[str, list[float]] = {}
+
+    def call(i: int, q: str) -> None:
+        together[q] = list(
+            stub.Score(pb.ScoreRequest(query=q, responses=RESPONSES[: 1 + i % 4]), timeout=60).scores
+        )
+
+    threads = [threading.Thread(target=call, args=(i, q)) for i, q in enumerate(queries)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for q in queries:
+        assert together[q] == pytest.approx(alone[q], abs=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("request_", "code", "message"),
+    [
+        (pb.ScoreRequest(query="q", responses=[]), grpc.StatusCode.INVALID_ARGUMENT, "responses is empty"),
+        (pb.ScoreRequest(query="", responses=["a"]), grpc.StatusCode.INVALID_ARGUMENT, "query is empty"),
+        (pb.ScoreRequest(query="q", responses=["a"] * 65), grpc.StatusCode.INVALID_ARGUMENT, "at most 64"),
+        (pb.ScoreRequest(query="q", responses=["a", " "]), grpc.StatusCode.INVALID_ARGUMENT, "non-empty"),
+        (
+            pb.ScoreRequest(query="q", responses=["a"], options=pb.ScoringOptions(model_path="nope")),
+            grpc.StatusCode.NOT_FOUND,
+            "does not exist",
+        ),
+        (
+            pb.ScoreRequest(query="q", responses=["a"], options=pb.ScoringOptions(model_path="../x")),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "contains '..'",
+        ),
+        (
+            pb.ScoreRequest(
+                query="q", responses=["a"], options=pb.ScoringOptions(method=pb.SCORING_METHOD_REWARD_MODEL)
+            ),
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "--reward-model",
+        ),
+        (
+            pb.ScoreRequest(query="word " * 2000, responses=["a"]),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "no room for a response",
+        ),
+    ],  # fmt: skip
+)
+def test_bad_score_requests(stub, request_, code, message):
+    error = rpc_error(lambda: stub.Score(request_, timeout=60))
+    assert error.code() == code and message in error.details()
+
+
+def _write(data_dir, name: str, lines: list[str]) -> str:
+    (data_dir / name).write_text("\n".join(lines) + "\n")
+    return name
+
+
+GOOD = json.dumps({"query": "q", "responses": ["a", "b"], "scores": [1, 0]})
+
+
+@pytest.mark.parametrize(
+    ("lines", "message"),
+    [
+        ([GOOD, "{not json"], "line 2: not valid JSON"),
+        (
+            [GOOD, json.dumps({"query": "q", "responses": ["a", "b"], "scores": [1]})],
+            "line 2: scores must be a list as long as responses (2), got 1",
+        ),
+        (
+            [json.dumps({"query": "q", "responses": ["a", ""], "scores": [1, 0]})],
+            "line 1: responses[1] must be a non-empty string",
+        ),
+        (
+            [GOOD, GOOD, '{"query": "q", "responses": ["a"], "scores": [NaN]}'],
+            "line 3: scores[0] must be a finite number",
+        ),
+    ],  # fmt: skip
+)
+def test_bad_training_data_is_invalid_argument_and_starts_nothing(stub, roots, lines, message):
+    path = _write(roots[1], "bad.jsonl", lines)
+    before = len(stub.ListJobs(pb.ListJobsRequest(), timeout=10).jobs)
+    error = rpc_error(lambda: stub.StartTraining(
+        pb.StartTrainingRequest(model_path="policy", data_path=path, output_path="never"), timeout=60))  # fmt: skip
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and message in error.details()
+    assert len(stub.ListJobs(pb.ListJobsRequest(), timeout=10).jobs) == before
+
+
+def test_training_request_checks(stub):
+    cases = [
+        (pb.StartTrainingRequest(model_path="nope", data_path="preferences.jsonl", output_path="o"), grpc.StatusCode.NOT_FOUND),
+        (pb.StartTrainingRequest(model_path="policy", data_path="missing.jsonl", output_path="o"), grpc.StatusCode.NOT_FOUND),
+        (pb.StartTrainingRequest(model_path="policy", data_path="preferences.jsonl", output_path="policy"), grpc.StatusCode.ALREADY_EXISTS),
+        (pb.StartTrainingRequest(model_path="policy", output_path="o"), grpc.StatusCode.INVALID_ARGUMENT),
+        (pb.StartTrainingRequest(model_path="policy", data_path="preferences.jsonl", output_path="o",
+                                 hyperparameters=pb.TrainingHyperparameters(learning_rate=-1)), grpc.StatusCode.INVALID_ARGUMENT),
+    ]  # fmt: skip
+    for request, code in cases:
+        assert rpc_error(lambda r=request: stub.StartTraining(r, timeout=60)).code() == code
+
+
+def test_unknown_job_is_not_found(stub):
+    for call in (lambda: stub.GetJob(pb.GetJobRequest(job_id="nope"), timeout=10),
+                 lambda: stub.CancelJob(pb.CancelJobRequest(job_id="nope"), timeout=10),
+                 lambda: list(stub.WatchJob(pb.WatchJobRequest(job_id="nope"), timeout=10))):  # fmt: skip
+        error = rpc_error(call)
+        assert error.code() == grpc.StatusCode.NOT_FOUND and "nope" in error.details()
+
+
+def _start(stub, output: str, **hyper) -> str:
+    request = pb.StartTrainingRequest(model_path="policy", data_path="preferences.jsonl", output_path=output,
+                                      hyperparameters=pb.TrainingHyperparameters(**hyper))  # fmt: skip
+    return stub.StartTraining(request, timeout=120).job_id
+
+
+@pytest.mark.slow
+def test_two_worker_training_job_completes_while_rpcs_still_answer(stub, roots):
+    job_id = _start(
+        stub,
+        "trained",
+        num_workers=2,
+        max_steps=4,
+        batch_size=2,
+        learning_rate=1e-3,
+        checkpoint_every_steps=2,
+    )
+    events = stub.WatchJob(pb.WatchJobRequest(job_id=job_id), timeout=300)
+    first = next(events)
+    assert first.job.job_id == job_id
+    # While training runs, the other RPCs answer.
+    assert stub.GetJob(pb.GetJobRequest(job_id=job_id), timeout=10).job.kind == pb.JOB_KIND_TRAINING
+    assert len(stub.Score(pb.ScoreRequest(query="q?", responses=["a", "b"]), timeout=60).scores) == 2
+    rest = list(events)
+    steps = [e.step for e in rest if e.HasField("step")]
+    assert [s.step for s in steps] == [1, 2, 3, 4] and all(s.total_steps == 4 for s in steps)
+    assert all(s.loss > 0 and s.samples_per_second > 0 for s in steps)
+    assert [e.checkpoint.step for e in rest if e.HasField("checkpoint")] == [2, 4]
+    final = rest[-1].job
+    assert final.state == pb.JOB_STATE_SUCCEEDED, final.error
+    assert final.progress == 1.0 and final.latest.step == 4
+    from wombat_core.engine.loading import load_for_serving
+    from wombat_core.manifest import verify_directory
+
+    assert verify_directory(roots[0] / "trained").ok
+    assert load_for_serving(roots[0] / "trained").model_type == "llama"  # the inference service can load it
+    listed = stub.ListJobs(pb.ListJobsRequest(state=pb.JOB_STATE_SUCCEEDED), timeout=10).jobs
+    assert job_id in [j.job_id for j in listed]
+
+
+@pytest.mark.slow
+def test_cancel_stops_a_running_job(stub, roots):
+    job_id = _start(stub, "cancelled-run", num_workers=1, epochs=50, learning_rate=1e-4)
+    events = stub.WatchJob(pb.WatchJobRequest(job_id=job_id), timeout=300)
+    for event in events:
+        if event.HasField("step"):
+            break
+    stub.CancelJob(pb.CancelJobRequest(job_id=job_id), timeout=10)
+    final = [e for e in events if e.HasField("job")][-1].job
+    assert final.state == pb.JOB_STATE_CANCELLED and "cancelled" in final.error
+    assert not (roots[0] / "cancelled-run").exists()
+    assert stub.CancelJob(pb.CancelJobRequest(job_id=job_id), timeout=10).job.state == pb.JOB_STATE_CANCELLED
+
+
+@pytest.mark.slow
+def test_killed_worker_resumes_from_the_checkpoint(stub, server):
+    import os
+    import signal
+
+    job_id = _start(
+        stub,
+        "resumed",
+        num_workers=2,
+        max_steps=8,
+        batch_size=1,
+        learning_rate=1e-3,
+        checkpoint_every_steps=1,
+    )
+    events = stub.WatchJob(pb.WatchJobRequest(job_id=job_id), timeout=600)
+    for event in events:
+        if event.HasField("step") and event.step.step >= 3:
+            break
+    job = server.servicer.store.get(job_id)
+    victim = next(e["pid"] for e in job.events if e.get("kind") == "worker" and e.get("rank") == 1)
+    os.kill(victim, signal.SIGKILL)
+    final = [e for e in events if e.HasField("job")][-1].job
+    assert final.state == pb.JOB_STATE_SUCCEEDED, final.error
+    job = server.servicer.store.get(job_id)
+    resumed = [e for e in job.events if e.get("kind") == "resumed"]
+    # Resumed from a saved checkpoint (not from scratch), at most the step reached before the kill.
+    assert resumed and 1 <= resumed[0]["step"] <= 4
+    steps = [e["step"] for e in job.events if e.get("kind") == "step"]
+    assert steps[-1] == 8 and set(steps) == set(range(1, 9))
+    assert steps.index(resumed[0]["step"] + 1) < len(steps) - steps[::-1].index(resumed[0]["step"] + 1)
+
+
+def test_restarted_service_reports_its_jobs(tmp_path):
+    from services.rrhf.jobs import JobStore
+
+    store = JobStore(tmp_path)
+    running = store.create("training", "out-a")
+    store.update(running.job_id, {"kind": "checkpoint", "step": 3}, state="running", last_checkpoint_step=3)
+    done = store.create("training", "out-b")
+    store.update(done.job_id, state="succeeded")
+    reopened = JobStore(tmp_path)
+    assert reopened.get(done.job_id).state == "succeeded"
+    lost = reopened.get(running.job_id)
+    assert (
+        lost.state == "failed"
+        and "restarted while the job was running" in lost.error
+        and "step 3" in lost.error
+    )
