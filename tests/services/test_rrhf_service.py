@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import shutil
 import threading
-import time
 from importlib import resources
 
 import grpc
@@ -15,7 +14,6 @@ from tests.conftest import ServerThread, rpc_error
 from tests.engine_fixtures import save_servable_tiny_model
 from wombat.rrhf.v1 import rrhf_pb2 as pb
 from wombat.rrhf.v1 import rrhf_pb2_grpc
-from wombat_core.rrhf.data import PreferenceRecord
 from wombat_core.rrhf.scoring import ScoreItem, policy_scores
 
 SHIPPED = resources.files("wombat_core.rrhf") / "data" / "preferences.jsonl"
@@ -161,16 +159,20 @@ def test_bad_training_data_is_invalid_argument_and_starts_nothing(stub, roots, l
 
 
 def test_training_request_checks(stub):
-    cases = [
-        (pb.StartTrainingRequest(model_path="nope", data_path="preferences.jsonl", output_path="o"), grpc.StatusCode.NOT_FOUND),
-        (pb.StartTrainingRequest(model_path="policy", data_path="missing.jsonl", output_path="o"), grpc.StatusCode.NOT_FOUND),
-        (pb.StartTrainingRequest(model_path="policy", data_path="preferences.jsonl", output_path="policy"), grpc.StatusCode.ALREADY_EXISTS),
-        (pb.StartTrainingRequest(model_path="policy", output_path="o"), grpc.StatusCode.INVALID_ARGUMENT),
-        (pb.StartTrainingRequest(model_path="policy", data_path="preferences.jsonl", output_path="o",
-                                 hyperparameters=pb.TrainingHyperparameters(learning_rate=-1)), grpc.StatusCode.INVALID_ARGUMENT),
-    ]  # fmt: skip
-    for request, code in cases:
-        assert rpc_error(lambda r=request: stub.StartTraining(r, timeout=60)).code() == code
+    def start(**fields):
+        request = pb.StartTrainingRequest(
+            **{"model_path": "policy", "data_path": "preferences.jsonl", "output_path": "o", **fields}
+        )
+        return rpc_error(lambda: stub.StartTraining(request, timeout=60)).code()
+
+    assert start(model_path="nope") == grpc.StatusCode.NOT_FOUND
+    assert start(data_path="missing.jsonl") == grpc.StatusCode.NOT_FOUND
+    assert start(output_path="policy") == grpc.StatusCode.ALREADY_EXISTS
+    assert start(data_path="") == grpc.StatusCode.INVALID_ARGUMENT  # no data at all
+    assert (
+        start(hyperparameters=pb.TrainingHyperparameters(learning_rate=-1))
+        == grpc.StatusCode.INVALID_ARGUMENT
+    )
 
 
 def test_unknown_job_is_not_found(stub):
@@ -264,7 +266,6 @@ def test_killed_worker_resumes_from_the_checkpoint(stub, server):
     assert resumed and 1 <= resumed[0]["step"] <= 4
     steps = [e["step"] for e in job.events if e.get("kind") == "step"]
     assert steps[-1] == 8 and set(steps) == set(range(1, 9))
-    assert steps.index(resumed[0]["step"] + 1) < len(steps) - steps[::-1].index(resumed[0]["step"] + 1)
 
 
 def test_restarted_service_reports_its_jobs(tmp_path):
