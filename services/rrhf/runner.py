@@ -37,7 +37,7 @@ def init_ray(address: str | None, num_cpus: int | None = None) -> None:
 class JobRunner:
     def __init__(self, store: JobStore, state_dir: Path, max_failures: int = 2):
         self.store = store
-        self.state_dir = Path(state_dir)
+        self.state_dir = Path(state_dir).resolve()  # Ray Train needs an absolute storage path
         self.max_failures = max_failures
         self._channels: dict[str, object] = {}
 

@@ -87,6 +87,11 @@ class RrhfServicer(rrhf_pb2_grpc.RrhfServiceServicer):
             self._pools[key] = ScorerPool(directory, method, self.scorer_replicas)
         return self._pools[key]
 
+    async def close(self) -> None:
+        for pool in self._pools.values():
+            await pool.close()
+        self._pools.clear()
+
     # --- jobs -------------------------------------------------------------------------------------------
 
     async def StartTraining(self, request: pb.StartTrainingRequest, context) -> pb.StartTrainingResponse:
