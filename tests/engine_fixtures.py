@@ -95,3 +95,26 @@ def save_cycling_model(directory: Path, text: str) -> tuple[Path, list[int]]:
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory, cycle
+
+
+def save_reward_models(directory: Path, policy_dir: Path) -> tuple[Path, Path]:
+    """Two tiny reward models sharing the policy's tokenizer: a LlamaForSequenceClassification, and a
+    LLaMA body with `value_head.safetensors` (the reference's layout)."""
+    from safetensors.torch import save_file
+    from transformers import LlamaForSequenceClassification, LlamaModel
+
+    from wombat_core.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(policy_dir)
+    config = tiny_config(vocab_size=len(tokenizer), max_position_embeddings=256, bos_token_id=1, eos_token_id=2,
+                         num_labels=1, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+    torch.manual_seed(1)
+    classifier = directory / "reward-cls"
+    LlamaForSequenceClassification(config).save_pretrained(classifier)
+    tokenizer.save_pretrained(classifier)
+    value = directory / "reward-value-head"
+    body = LlamaModel(config)
+    body.save_pretrained(value)
+    tokenizer.save_pretrained(value)
+    save_file({"v_head.weight": torch.randn(1, config.hidden_size)}, value / "value_head.safetensors")
+    return classifier, value

@@ -247,22 +247,27 @@ def candidates_task(settings: dict) -> int:
 
 
 def _sample(engine, prompt_ids: list[int], k: int, max_new_tokens: int, seed: int) -> list[str]:
+    """k independent samples (temperature 1, seeds seed..seed+k-1), batched together by the engine."""
     import threading
 
     from wombat_core.engine import GenerationRequest, SamplingParams
 
-    texts, done = [""] * k, threading.Barrier(k + 1)
+    texts, remaining, all_done = [""] * k, [k], threading.Event()
+    lock = threading.Lock()
 
     def sink_for(i: int):
-        def sink(event) -> None:
+        def sink(event) -> None:  # runs on the engine thread: must never block
             texts[i] += event.text
             if event.finished:
-                done.wait()
+                with lock:
+                    remaining[0] -= 1
+                    if remaining[0] == 0:
+                        all_done.set()
 
         return sink
 
     for i in range(k):
         params = SamplingParams(temperature=1.0, max_new_tokens=max_new_tokens, seed=seed + i)
         engine.submit(GenerationRequest(f"candidate-{seed}-{i}", tuple(prompt_ids), params), sink_for(i))
-    done.wait()
+    all_done.wait()
     return [t.strip() for t in texts]

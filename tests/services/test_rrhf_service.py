@@ -11,7 +11,7 @@ import grpc
 import pytest
 
 from tests.conftest import ServerThread, rpc_error
-from tests.engine_fixtures import save_servable_tiny_model
+from tests.engine_fixtures import save_reward_models, save_servable_tiny_model
 from wombat.rrhf.v1 import rrhf_pb2 as pb
 from wombat.rrhf.v1 import rrhf_pb2_grpc
 from wombat_core.rrhf.scoring import ScoreItem, policy_scores
@@ -26,6 +26,7 @@ def roots(tmp_path_factory):
     models, data = base / "models", base / "data"
     data.mkdir()
     save_servable_tiny_model(models / "policy")
+    save_reward_models(models, models / "policy")
     shutil.copy(SHIPPED, data / "preferences.jsonl")
     return models, data
 
@@ -284,3 +285,55 @@ def test_restarted_service_reports_its_jobs(tmp_path):
         and "restarted while the job was running" in lost.error
         and "step 3" in lost.error
     )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", [pb.CANDIDATE_METHOD_DIVERSE_BEAM_SEARCH, pb.CANDIDATE_METHOD_SAMPLING])
+def test_generate_candidates_writes_scored_rrhf_jsonl(stub, roots, method):
+    from wombat_core.rrhf.data import load_jsonl
+    from wombat_core.rrhf.scoring import RewardModel
+
+    models, data = roots
+    output = f"candidates-{method}.jsonl"
+    request = pb.GenerateCandidatesRequest(model_path="policy", reward_model_path="reward-cls", queries=["Name a colour.", "Say hi.\nPlease."],
+                                           num_candidates=4, max_new_tokens=8, method=method, output_path=output)  # fmt: skip
+    job_id = stub.GenerateCandidates(request, timeout=60).job_id
+    final = [e for e in stub.WatchJob(pb.WatchJobRequest(job_id=job_id), timeout=300) if e.HasField("job")][
+        -1
+    ].job
+    assert final.state == pb.JOB_STATE_SUCCEEDED, final.error
+    assert final.kind == pb.JOB_KIND_CANDIDATES and final.progress == 1.0
+    records = load_jsonl(data / output)
+    assert [r.query for r in records] == ["Name a colour.", "Say hi.\nPlease."]
+    assert all(len(r.responses) == 4 == len(r.scores) for r in records)
+    from wombat_core.prompts import alpaca_prompt_from_query
+
+    reward = RewardModel.load(models / "reward-cls")
+    expected = reward.score([alpaca_prompt_from_query(records[0].query) + c for c in records[0].responses])
+    assert list(records[0].scores) == pytest.approx(expected, abs=1e-4)
+    again = rpc_error(lambda: stub.GenerateCandidates(request, timeout=60))
+    assert again.code() == grpc.StatusCode.ALREADY_EXISTS
+
+
+def test_generate_candidates_checks_its_request(stub):
+    base = dict(model_path="policy", reward_model_path="reward-cls", queries=["q"], output_path="c.jsonl")
+    for fields, code in (({"num_candidates": 0}, grpc.StatusCode.INVALID_ARGUMENT),
+                         ({"queries": []}, grpc.StatusCode.INVALID_ARGUMENT),
+                         ({"max_new_tokens": 0}, grpc.StatusCode.INVALID_ARGUMENT),
+                         ({"reward_model_path": "missing"}, grpc.StatusCode.NOT_FOUND),
+                         ({"output_path": "/abs.jsonl"}, grpc.StatusCode.INVALID_ARGUMENT)):  # fmt: skip
+        request = pb.GenerateCandidatesRequest(**{**base, **fields})
+        assert rpc_error(lambda r=request: stub.GenerateCandidates(r, timeout=30)).code() == code
+
+
+def test_reward_model_scoring_through_the_service(stub, roots):
+    from wombat_core.rrhf.scoring import RewardModel
+
+    options = pb.ScoringOptions(method=pb.SCORING_METHOD_REWARD_MODEL, model_path="reward-value-head")
+    response = stub.Score(
+        pb.ScoreRequest(query="Name a colour. ", responses=["Red.", "Blue."], options=options), timeout=120
+    )
+    expected = RewardModel.load(roots[0] / "reward-value-head").score(
+        ["Name a colour. Red.", "Name a colour. Blue."]
+    )
+    assert list(response.scores) == pytest.approx(expected, abs=1e-4)
