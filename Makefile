@@ -40,6 +40,7 @@ demo: venv
 bench: venv
 	$(PY) benchmarks/materialize.py
 	$(PY) benchmarks/inference.py
+	$(PY) benchmarks/rrhf.py
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache

@@ -7,6 +7,7 @@ poller moves the workers' events from the job's channel actor into the job store
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from pathlib import Path
 
@@ -25,8 +26,6 @@ def init_ray(address: str | None, num_cpus: int | None = None) -> None:
     at least 4 so that a 2-worker training job and the scorer actors fit on a small machine."""
     if ray.is_initialized():
         return
-    import os
-
     if address:
         ray.init(address=address, namespace="wombat-rrhf", log_to_driver=False)
     else:
@@ -72,7 +71,14 @@ class JobRunner:
         trainer = TorchTrainer(
             train_loop_per_worker,
             train_loop_config=settings,
-            scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=use_gpu),
+            scaling_config=ScalingConfig(
+                num_workers=config.num_workers,
+                use_gpu=use_gpu,
+                # On CPU each worker gets an equal share of the cores (Ray sets its torch thread count).
+                resources_per_worker=None
+                if use_gpu
+                else {"CPU": max(1, (os.cpu_count() or 1) // config.num_workers)},
+            ),
             torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
             run_config=RunConfig(
                 name=job_id,

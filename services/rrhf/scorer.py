@@ -31,7 +31,11 @@ class ScorerActor:
         from wombat_core.engine.loading import load_for_serving
         from wombat_core.rrhf.scoring import RewardModel
 
-        torch.set_num_threads(max(1, torch.get_num_threads()))
+        import os
+
+        # Ray gives a num_cpus=0 actor one thread; on a CPU host the scorer should use the cores it has.
+        if not torch.cuda.is_available():
+            torch.set_num_threads(os.cpu_count() or 1)
         self.method = method
         if method == "reward_model":
             self.reward = RewardModel.load(Path(model_dir))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import time
 from pathlib import Path
 
 import ray
@@ -70,7 +71,12 @@ def train_loop_per_worker(settings: dict) -> None:
             channel.put.remote({"kind": "cancelled", "step": step})
             return
         result = train_step(model, optimizer, tokenizer, records, config, step, steps.total_steps, rank)
-        metrics = {**result.__dict__, "total_steps": steps.total_steps, "world_size": world}
+        metrics = {
+            **result.__dict__,
+            "total_steps": steps.total_steps,
+            "world_size": world,
+            "finished_at": time.time(),
+        }
         due = result.step % every == 0 or result.step == steps.total_steps
         if due:
             with tempfile.TemporaryDirectory() as directory:

@@ -48,13 +48,17 @@ def policy_scores(
     mask = torch.cat([F.pad(g.attention_mask, (0, length - g.attention_mask.shape[1])) for g in groups])
     labels = torch.cat([F.pad(g.labels, (0, length - g.labels.shape[1]), value=IGNORE_INDEX) for g in groups])
     device = next(model.parameters()).device
-    logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits
-    labels = labels.to(device)
-    logp = torch.stack([
-        torch.log_softmax(logits[row].float(), -1).gather(-1, labels[row].clamp(min=0)[:, None])[:, 0]
-        * (labels[row] != IGNORE_INDEX)
-        for row in range(logits.shape[0])
-    ])  # fmt: skip
+    labelled = labels != IGNORE_INDEX
+    # Only positions that predict a response token need the LM head and a log-softmax: skip the query.
+    first = int(labelled.any(0).to(torch.int8).argmax())
+    keep = torch.arange(first, length, device=device)
+    logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device), logits_to_keep=keep).logits
+    labels, labelled = labels[:, first:].to(device), labelled[:, first:].to(device)
+    logp = torch.zeros(labels.shape, dtype=torch.float32, device=device)
+    for row in range(logits.shape[0]):
+        positions = labelled[row].nonzero()[:, 0]
+        row_logp = torch.log_softmax(logits[row, positions].float(), -1)
+        logp[row, positions] = row_logp.gather(-1, labels[row, positions][:, None])[:, 0]
     flat = response_scores(logp, labels, 1.0).tolist()
     lengths = (labels != IGNORE_INDEX).sum(-1).clamp(min=1).tolist()
     results, row = [], 0
