@@ -26,12 +26,12 @@ class ScorerActor:
     on a cluster set `--scorer-gpus` so each replica gets its own accelerator."""
 
     def __init__(self, model_dir: str, method: str):
+        import os
+
         import torch
 
         from wombat_core.engine.loading import load_for_serving
         from wombat_core.rrhf.scoring import RewardModel
-
-        import os
 
         # Ray gives a num_cpus=0 actor one thread; on a CPU host the scorer should use the cores it has.
         if not torch.cuda.is_available():

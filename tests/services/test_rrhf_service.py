@@ -295,7 +295,8 @@ def test_generate_candidates_writes_scored_rrhf_jsonl(stub, roots, method):
 
     models, data = roots
     output = f"candidates-{method}.jsonl"
-    request = pb.GenerateCandidatesRequest(model_path="policy", reward_model_path="reward-cls", queries=["Name a colour.", "Say hi.\nPlease."],
+    queries = ["Name a colour.", "Say hi.\nPlease."]
+    request = pb.GenerateCandidatesRequest(model_path="policy", reward_model_path="reward-cls", queries=queries,
                                            num_candidates=4, max_new_tokens=8, method=method, output_path=output)  # fmt: skip
     job_id = stub.GenerateCandidates(request, timeout=60).job_id
     final = [e for e in stub.WatchJob(pb.WatchJobRequest(job_id=job_id), timeout=300) if e.HasField("job")][
