@@ -7,6 +7,7 @@ batch to the least busy actor of the model's pool, which scores them in one padd
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 from dataclasses import dataclass
@@ -144,5 +145,7 @@ class ScorerPool:
     async def close(self) -> None:
         if self._task:
             self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
         for actor in self.actors:
             ray.kill(actor)

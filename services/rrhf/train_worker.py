@@ -61,15 +61,19 @@ def train_loop_per_worker(settings: dict) -> None:
         start_step = int(state["step"])
         if rank == 0:
             channel.put.remote({"kind": "resumed", "step": start_step})
-    model = ray.train.torch.prepare_model(model, parallel_strategy=config.strategy)
+    # One worker needs no DDP/FSDP wrapper; DDP would copy every gradient through its buckets for nothing.
+    model = ray.train.torch.prepare_model(model, parallel_strategy=config.strategy if world > 1 else None)
     steps = plan(config, len(records))
     every = config.checkpoint_every_steps or steps.steps_per_epoch
     channel.put.remote({"kind": "worker", "rank": rank, "pid": os.getpid()})
 
+    cancel_check = channel.cancelled.remote()
     for step in range(start_step, steps.total_steps):
-        if ray.get(channel.cancelled.remote()):
+        # The cancel flag is fetched while the previous step ran, so checking it costs no round trip.
+        if ray.get(cancel_check):
             channel.put.remote({"kind": "cancelled", "step": step})
             return
+        cancel_check = channel.cancelled.remote()
         result = train_step(model, optimizer, tokenizer, records, config, step, steps.total_steps, rank)
         metrics = {
             **result.__dict__,
@@ -78,8 +82,11 @@ def train_loop_per_worker(settings: dict) -> None:
             "finished_at": time.time(),
         }
         due = result.step % every == 0 or result.step == steps.total_steps
+        # Metrics reach the service through the job channel every step; ray.train.report (a synchronisation
+        # point across workers) is only needed when there is a checkpoint to register.
         if due:
             with tempfile.TemporaryDirectory() as directory:
+                checkpoint = None
                 if rank == 0:
                     state = {
                         "model": _unwrap(model).state_dict(),
@@ -87,11 +94,8 @@ def train_loop_per_worker(settings: dict) -> None:
                         "step": result.step,
                     }
                     torch.save(state, Path(directory) / STATE_FILE)
-                    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
-                else:
-                    ray.train.report(metrics)
-        else:
-            ray.train.report(metrics)
+                    checkpoint = ray.train.Checkpoint.from_directory(directory)
+                ray.train.report(metrics, checkpoint=checkpoint)
         if rank == 0:
             channel.put.remote({"kind": "step", **metrics})
             if due:
