@@ -42,6 +42,16 @@ PadOpt = Annotated[
 ]
 TokenEnv = "WOMBAT_AUTH_TOKEN"
 
+# Options every `wombat serve <service>` shares (the server scaffold's settings).
+HostOpt = Annotated[str, typer.Option(help="address to bind")]
+MetricsPortOpt = Annotated[int, typer.Option(help="Prometheus port (0 picks one, -1 disables)")]
+DrainOpt = Annotated[float, typer.Option(help="SIGTERM: seconds in-flight calls get to finish")]
+TlsCertOpt = Annotated[Path | None, typer.Option(help="PEM certificate; enables TLS")]
+TlsKeyOpt = Annotated[Path | None, typer.Option(help="PEM private key")]
+TlsCaOpt = Annotated[Path | None, typer.Option(help="PEM CA; requires client certificates (mTLS)")]
+AuthTokenOpt = Annotated[Path | None, typer.Option(help=f"bearer token file (or ${TokenEnv})")]
+LogLevelOpt = Annotated[str, typer.Option(help="DEBUG, INFO, WARNING")]
+
 
 def _fail(message: str, code: int = 1) -> None:
     render.console.print(f"[red]error:[/red] {message}")
@@ -242,21 +252,17 @@ def prepare_demo_model(
 def serve_materializer(
     model_root: Annotated[Path, typer.Option(help="every request path is confined to this directory")],
     port: Annotated[int, typer.Option(help="gRPC port (0 picks a free one)")] = 50051,
-    host: Annotated[str, typer.Option(help="address to bind")] = "0.0.0.0",
-    metrics_port: Annotated[int, typer.Option(help="Prometheus port (0 picks one, -1 disables)")] = 9090,
+    host: HostOpt = "0.0.0.0",
+    metrics_port: MetricsPortOpt = 9090,
     max_jobs: Annotated[
         int, typer.Option(help="concurrent materialise jobs; more get RESOURCE_EXHAUSTED")
     ] = 2,
-    drain_seconds: Annotated[
-        float, typer.Option(help="SIGTERM: seconds in-flight calls get to finish")
-    ] = 30.0,
-    tls_cert: Annotated[Path | None, typer.Option(help="PEM certificate; enables TLS")] = None,
-    tls_key: Annotated[Path | None, typer.Option(help="PEM private key")] = None,
-    tls_client_ca: Annotated[
-        Path | None, typer.Option(help="PEM CA; requires client certificates (mTLS)")
-    ] = None,
-    auth_token_file: Annotated[Path | None, typer.Option(help=f"bearer token file (or ${TokenEnv})")] = None,
-    log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING")] = "INFO",
+    drain_seconds: DrainOpt = 30.0,
+    tls_cert: TlsCertOpt = None,
+    tls_key: TlsKeyOpt = None,
+    tls_client_ca: TlsCaOpt = None,
+    auth_token_file: AuthTokenOpt = None,
+    log_level: LogLevelOpt = "INFO",
 ) -> None:
     """Serve the materialiser (weight deltas, conversion, verification)."""
     from services.materializer.server import serve
@@ -276,8 +282,8 @@ def serve_materializer(
 def serve_inference(
     model: Annotated[Path, typer.Option(help="model directory (HF layout, safetensors)")],
     port: Annotated[int, typer.Option(help="gRPC port (0 picks a free one)")] = 50052,
-    host: Annotated[str, typer.Option(help="address to bind")] = "0.0.0.0",
-    metrics_port: Annotated[int, typer.Option(help="Prometheus port (0 picks one, -1 disables)")] = 9090,
+    host: HostOpt = "0.0.0.0",
+    metrics_port: MetricsPortOpt = 9090,
     max_batch_size: Annotated[int, typer.Option(help="sequences decoded together")] = 8,
     max_queue: Annotated[int, typer.Option(help="waiting requests; more get RESOURCE_EXHAUSTED")] = 64,
     max_prefill_tokens: Annotated[int, typer.Option(help="prompt tokens per prefill chunk")] = 512,
@@ -288,16 +294,12 @@ def serve_inference(
     default_format: Annotated[
         str, typer.Option(help="prompt format when a request leaves it unset")
     ] = "alpaca",
-    drain_seconds: Annotated[
-        float, typer.Option(help="SIGTERM: seconds in-flight streams get to finish")
-    ] = 30.0,
-    tls_cert: Annotated[Path | None, typer.Option(help="PEM certificate; enables TLS")] = None,
-    tls_key: Annotated[Path | None, typer.Option(help="PEM private key")] = None,
-    tls_client_ca: Annotated[
-        Path | None, typer.Option(help="PEM CA; requires client certificates (mTLS)")
-    ] = None,
-    auth_token_file: Annotated[Path | None, typer.Option(help=f"bearer token file (or ${TokenEnv})")] = None,
-    log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING")] = "INFO",
+    drain_seconds: DrainOpt = 30.0,
+    tls_cert: TlsCertOpt = None,
+    tls_key: TlsKeyOpt = None,
+    tls_client_ca: TlsCaOpt = None,
+    auth_token_file: AuthTokenOpt = None,
+    log_level: LogLevelOpt = "INFO",
 ) -> None:
     """Serve token-streaming generation with continuous batching."""
     from services.inference.server import InferenceSettings, serve
@@ -330,8 +332,8 @@ def serve_rrhf(
     model_root: Annotated[Path, typer.Option(help="models (to score with, train, and write) live here")],
     data_root: Annotated[Path, typer.Option(help="training data and candidate JSONL live here")],
     port: Annotated[int, typer.Option(help="gRPC port (0 picks a free one)")] = 50053,
-    host: Annotated[str, typer.Option(help="address to bind")] = "0.0.0.0",
-    metrics_port: Annotated[int, typer.Option(help="Prometheus port (0 picks one, -1 disables)")] = 9090,
+    host: HostOpt = "0.0.0.0",
+    metrics_port: MetricsPortOpt = 9090,
     ray_address: Annotated[
         str | None, typer.Option(help="join this Ray cluster (KubeRay head); default: start one")
     ] = None,
@@ -345,16 +347,12 @@ def serve_rrhf(
     state_dir: Annotated[
         Path | None, typer.Option(help="where job state is kept (default <data-root>/.wombat-jobs)")
     ] = None,
-    drain_seconds: Annotated[
-        float, typer.Option(help="SIGTERM: seconds in-flight calls get to finish")
-    ] = 30.0,
-    tls_cert: Annotated[Path | None, typer.Option(help="PEM certificate; enables TLS")] = None,
-    tls_key: Annotated[Path | None, typer.Option(help="PEM private key")] = None,
-    tls_client_ca: Annotated[
-        Path | None, typer.Option(help="PEM CA; requires client certificates (mTLS)")
-    ] = None,
-    auth_token_file: Annotated[Path | None, typer.Option(help=f"bearer token file (or ${TokenEnv})")] = None,
-    log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING")] = "INFO",
+    drain_seconds: DrainOpt = 30.0,
+    tls_cert: TlsCertOpt = None,
+    tls_key: TlsKeyOpt = None,
+    tls_client_ca: TlsCaOpt = None,
+    auth_token_file: AuthTokenOpt = None,
+    log_level: LogLevelOpt = "INFO",
 ) -> None:
     """Serve RRHF scoring/ranking, candidate generation and training jobs on Ray."""
     from services.rrhf.server import RrhfSettings, serve
