@@ -71,3 +71,6 @@ async def serve(config: ServerConfig, settings: RrhfSettings) -> None:
         await run_until_signalled(server)
     finally:
         await servicer.close()
+        import ray
+
+        ray.shutdown()  # a local cluster started by this process stops with it

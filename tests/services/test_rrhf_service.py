@@ -42,7 +42,11 @@ def server(roots):
         lambda: build_server(ServerConfig(host="127.0.0.1", port=0, metrics_port=0), settings)
     )
     yield thread
+    thread.call(thread.servicer.close())
     thread.stop()
+    import ray
+
+    ray.shutdown()  # stop this module's local cluster now, not in a race with interpreter exit
 
 
 @pytest.fixture(scope="module")
