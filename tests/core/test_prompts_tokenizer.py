@@ -8,6 +8,7 @@ import pytest
 import sentencepiece as spm
 import torch
 
+from tests.engine_fixtures import train_llama_like_spm
 from tests.models import tiny_config
 from wombat_core.prompts import alpaca_prompt, alpaca_prompt_from_query, extract_response
 from wombat_core.tokenizer import add_wombat_special_tokens, load_tokenizer, resize_embeddings_with_zero_rows
@@ -40,36 +41,11 @@ def test_response_extraction_cuts_at_first_eos_and_strips():
     assert extract_response(text) == "Hello there!"
 
 
-CORPUS = [
-    "Below is an instruction that describes a task. Write a response that appropriately completes the request.",
-    "### Instruction:\nName three colours.\n\n### Response:\nRed, green and blue.",
-    "The quick brown fox jumps over the lazy dog 1234567890 times.",
-    "Unicode: café, naïve, 你好, 🙂 and ünïcödé.",
-] * 50
-
-
 @pytest.fixture(scope="module")
 def llama_like_tokenizer_dir(tmp_path_factory) -> Path:
-    """A sentencepiece BPE model trained here with LLaMA's settings (identity normalisation, byte fallback,
-    split digits, dummy prefix, <unk>=0 <s>=1 </s>=2)."""
+    """A sentencepiece BPE model trained here with LLaMA's settings (see tests/engine_fixtures.py)."""
     directory = tmp_path_factory.mktemp("spm")
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(CORPUS),
-        model_prefix=str(directory / "tokenizer"),
-        vocab_size=400,
-        model_type="bpe",
-        character_coverage=1.0,
-        byte_fallback=True,
-        split_digits=True,
-        normalization_rule_name="identity",
-        remove_extra_whitespaces=False,
-        add_dummy_prefix=True,
-        unk_id=0,
-        bos_id=1,
-        eos_id=2,
-        pad_id=-1,
-        minloglevel=2,
-    )
+    train_llama_like_spm(directory)
     return directory
 
 
