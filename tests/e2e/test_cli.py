@@ -81,3 +81,36 @@ def test_server_mode(tmp_path, start_materializer):
         "materialize", "--base", "../x", "--delta", "delta", "--target", "o2", "--server", server, check=False
     )
     assert refused.returncode == 1 and "INVALID_ARGUMENT" in refused.stderr
+
+
+def test_rrhf_score_train_and_jobs(tmp_path):
+    import shutil
+    from importlib import resources
+
+    from tests.engine_fixtures import save_servable_tiny_model
+    from wombat_core.cli.demo import ServiceProcess
+
+    models, data = tmp_path / "models", tmp_path / "data"
+    data.mkdir()
+    save_servable_tiny_model(models / "policy")
+    shutil.copyfile(resources.files("wombat_core.rrhf") / "data" / "preferences.jsonl", data / "prefs.jsonl")
+    service = ServiceProcess(["rrhf", "--model-root", str(models), "--data-root", str(data), "--port", "0",
+                              "--metrics-port", "-1", "--policy-model", "policy"], tmp_path / "rrhf.log")  # fmt: skip
+    try:
+        server = f"127.0.0.1:{service.port}"
+        scored = json_lines(wombat("score", "--server", server, "--query", "Name a colour.", "--response", "Red.",
+                                   "--response", "Blue is a colour.", "--json").stdout)[-1]  # fmt: skip
+        assert len(scored["scores"]) == 2 and sorted(scored["ranking"]) == [0, 1]
+        trained = json_lines(wombat("train", "--server", server, "--model", "policy", "--data", "prefs.jsonl",
+                                    "--output", "trained", "--max-steps", "2", "--learning-rate", "1e-3",
+                                    "--json").stdout)  # fmt: skip
+        assert [e["step"]["step"] for e in trained if e["step"]["step"]] == [1, 2]
+        assert trained[-1]["job"]["state"] == 3  # JOB_STATE_SUCCEEDED
+        listed = json_lines(wombat("jobs", "list", "--server", server, "--json").stdout)
+        assert [j["job_id"] for j in listed] == [trained[-1]["job"]["job_id"]]
+        refused = wombat("train", "--server", server, "--model", "policy", "--data", "missing.jsonl", "--output", "x",
+                         check=False)  # fmt: skip
+        assert refused.returncode == 1 and "NOT_FOUND" in refused.stderr
+    finally:
+        service.stop()
+    assert (models / "trained" / "model.safetensors").exists()
