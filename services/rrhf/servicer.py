@@ -180,6 +180,7 @@ class RrhfServicer(rrhf_pb2_grpc.RrhfServiceServicer):
             loop.call_soon_threadsafe(queue.put_nowait, (job, event))
 
         job = self.store.subscribe(request.job_id, listener)
+        event: dict | None = {"kind": "state"}  # the snapshot below already shows a finished job's state
         try:
             yield pb.WatchJobResponse(job_id=job.job_id, job=convert.job(job))
             while not job.finished:

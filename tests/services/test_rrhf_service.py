@@ -240,6 +240,9 @@ def test_cancel_stops_a_running_job(stub, roots):
     assert final.state == pb.JOB_STATE_CANCELLED and "cancelled" in final.error
     assert not (roots[0] / "cancelled-run").exists()
     assert stub.CancelJob(pb.CancelJobRequest(job_id=job_id), timeout=10).job.state == pb.JOB_STATE_CANCELLED
+    # Watching a job that has already ended gives its final state at once, then ends.
+    (again,) = list(stub.WatchJob(pb.WatchJobRequest(job_id=job_id), timeout=10))
+    assert again.job.state == pb.JOB_STATE_CANCELLED
 
 
 @pytest.mark.slow
