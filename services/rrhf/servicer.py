@@ -16,7 +16,7 @@ from wombat.rrhf.v1 import rrhf_pb2_grpc
 from wombat_core.checkpoint.layout import Checkpoint
 from wombat_core.errors import AlreadyExists, FailedPrecondition, InvalidArgument, ResourceExhausted
 from wombat_core.paths import ConfinedRoot
-from wombat_core.rrhf.data import MAX_RESPONSES, MAX_TEXT_CHARS, load_jsonl, validate_records
+from wombat_core.rrhf.data import load_jsonl, validate_records
 from wombat_core.rrhf.scoring import ScoreItem
 
 MAX_CANDIDATE_QUERIES = 10_000
@@ -48,26 +48,11 @@ class RrhfServicer(rrhf_pb2_grpc.RrhfServiceServicer):
         )
 
     async def _score(self, query: str, responses, options: pb.ScoringOptions) -> list[float]:
-        if not query.strip():
-            raise InvalidArgument("query is empty")
-        if not responses:
-            raise InvalidArgument("responses is empty; send at least one candidate")
-        if len(responses) > MAX_RESPONSES:
-            raise InvalidArgument(
-                f"responses may hold at most {MAX_RESPONSES} candidates, got {len(responses)}"
-            )
-        if any(not r.strip() for r in responses):
-            raise InvalidArgument("every response must be non-empty")
-        if len(query) + sum(len(r) for r in responses) > MAX_TEXT_CHARS * 4:
-            raise InvalidArgument(
-                f"query and responses may hold at most {MAX_TEXT_CHARS * 4} characters in all"
-            )
         length_penalty = options.length_penalty if options.HasField("length_penalty") else 1.0
-        if not 0 <= length_penalty <= 10:
-            raise InvalidArgument(f"length_penalty must be in [0, 10], got {length_penalty}")
+        item = ScoreItem(query, tuple(responses), length_penalty, options.alpaca_prompt)  # validates
         pool = self._pool(convert.scoring_method(options.method), options.model_path)
         await pool.wait_ready()
-        return await pool.score(ScoreItem(query, tuple(responses), length_penalty, options.alpaca_prompt))
+        return await pool.score(item)
 
     def _pool(self, method: str, model_path: str) -> ScorerPool:
         if model_path:

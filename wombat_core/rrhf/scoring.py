@@ -11,14 +11,16 @@ Reward models (REFERENCE.md §3) come in two layouts:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from wombat_core.errors import FailedPrecondition
+from wombat_core.errors import FailedPrecondition, InvalidArgument
 from wombat_core.rrhf.collate import IGNORE_INDEX, CollationConfig, collate_group
+from wombat_core.rrhf.data import MAX_RESPONSES, MAX_TEXT_CHARS
 from wombat_core.rrhf.loss import response_scores
 
 VALUE_HEAD_FILE = "value_head.safetensors"
@@ -27,10 +29,32 @@ REWARD_MAX_TOKENS = 1024
 
 @dataclass(frozen=True)
 class ScoreItem:
+    """One query with its candidate responses, validated once here (the RPC layer does not re-check)."""
+
     query: str
     responses: tuple[str, ...]
     length_penalty: float = 1.0
     alpaca_prompt: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.query.strip():
+            raise InvalidArgument("query is empty", metadata={"field": "query"})
+        if not self.responses:
+            raise InvalidArgument(
+                "responses is empty; send at least one candidate", metadata={"field": "responses"}
+            )
+        if len(self.responses) > MAX_RESPONSES:
+            raise InvalidArgument(
+                f"responses may hold at most {MAX_RESPONSES} candidates, got {len(self.responses)}"
+            )
+        if any(not r.strip() for r in self.responses):
+            raise InvalidArgument("every response must be non-empty", metadata={"field": "responses"})
+        if len(self.query) + sum(len(r) for r in self.responses) > MAX_TEXT_CHARS * 4:
+            raise InvalidArgument(
+                f"query and responses may hold at most {MAX_TEXT_CHARS * 4} characters in all"
+            )
+        if not (math.isfinite(self.length_penalty) and 0 <= self.length_penalty <= 10):
+            raise InvalidArgument(f"length_penalty must be in [0, 10], got {self.length_penalty}")
 
 
 @torch.inference_mode()
