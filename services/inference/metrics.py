@@ -34,4 +34,4 @@ class InferenceMetrics:
 
     def watch(self, engine: Engine) -> None:
         self.queue_depth.set_function(lambda: engine.stats().waiting)
-        self.running.set_function(lambda: engine.stats().running + engine.stats().prefilling)
+        self.running.set_function(lambda: (stats := engine.stats()).running + stats.prefilling)

@@ -277,7 +277,8 @@ class Engine:
                 self._finish(sequence, reason, text=text, token_ids=(token,), logprobs=logprobs)
                 finished_rows.append(offset + index)
         if finished_rows:
-            self._keep_running([i for i in range(len(self._running)) if i not in set(finished_rows)])
+            finished = set(finished_rows)
+            self._keep_running([i for i in range(len(self._running)) if i not in finished])
 
     def _advance(self, sequence: _Sequence, token: int) -> tuple[FinishReason | None, str]:
         params = sequence.request.params

@@ -83,16 +83,11 @@ def policy_scores(
         positions = labelled[row].nonzero()[:, 0]
         row_logp = torch.log_softmax(logits[row, positions].float(), -1)
         logp[row, positions] = row_logp.gather(-1, labels[row, positions][:, None])[:, 0]
-    flat = response_scores(logp, labels, 1.0).tolist()
-    lengths = (labels != IGNORE_INDEX).sum(-1).clamp(min=1).tolist()
     results, row = [], 0
-    for item in items:
-        count = len(item.responses)
-        # p_i with this item's own length penalty: sum logp = p(lp=1) * len
-        results.append(
-            [flat[row + i] * lengths[row + i] / lengths[row + i] ** item.length_penalty for i in range(count)]
-        )
-        row += count
+    for item in items:  # each caller's own length penalty on its own rows
+        rows = slice(row, row + len(item.responses))
+        results.append(response_scores(logp[rows], labels[rows], item.length_penalty).tolist())
+        row = rows.stop
     return results
 
 
