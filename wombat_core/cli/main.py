@@ -266,16 +266,10 @@ def serve_materializer(
 ) -> None:
     """Serve the materialiser (weight deltas, conversion, verification)."""
     from services.materializer.server import serve
-    from wombat_core.server.logs import configure_logging
 
-    configure_logging(log_level)
-    config = _server_config(
-        host, port, metrics_port, drain_seconds, tls_cert, tls_key, tls_client_ca, auth_token_file
-    )
-    try:
-        asyncio.run(serve(config, model_root, max_jobs=max_jobs))
-    except WombatError as exc:
-        _fail(exc.message)
+    _run_service(lambda config: serve(config, model_root, max_jobs=max_jobs),
+                 log_level, host, port, metrics_port, drain_seconds,
+                 tls_cert, tls_key, tls_client_ca, auth_token_file)  # fmt: skip
 
 
 @serve_app.command("inference")
@@ -304,27 +298,22 @@ def serve_inference(
     """Serve token-streaming generation with continuous batching."""
     from services.inference.server import InferenceSettings, serve
     from wombat_core.engine.prompting import PromptFormat
-    from wombat_core.server.logs import configure_logging
 
-    configure_logging(log_level)
-    config = _server_config(
-        host, port, metrics_port, drain_seconds, tls_cert, tls_key, tls_client_ca, auth_token_file
-    )
-    try:
-        settings = InferenceSettings(
-            model_dir=model,
-            dtype=dtype,
-            device=device,
-            default_format=PromptFormat(default_format),
-            max_batch_size=max_batch_size,
-            max_queue=max_queue,
-            max_prefill_tokens=max_prefill_tokens,
-        )
-        asyncio.run(serve(config, settings))
-    except ValueError:
+    formats = {f.value: f for f in PromptFormat}
+    if default_format not in formats:
         _fail(f"--default-format must be raw, alpaca or chat, got {default_format}")
-    except WombatError as exc:
-        _fail(exc.message)
+    settings = InferenceSettings(
+        model_dir=model,
+        dtype=dtype,
+        device=device,
+        default_format=formats[default_format],
+        max_batch_size=max_batch_size,
+        max_queue=max_queue,
+        max_prefill_tokens=max_prefill_tokens,
+    )
+    _run_service(lambda config: serve(config, settings),
+                 log_level, host, port, metrics_port, drain_seconds,
+                 tls_cert, tls_key, tls_client_ca, auth_token_file)  # fmt: skip
 
 
 @serve_app.command("rrhf")
@@ -356,12 +345,7 @@ def serve_rrhf(
 ) -> None:
     """Serve RRHF scoring/ranking, candidate generation and training jobs on Ray."""
     from services.rrhf.server import RrhfSettings, serve
-    from wombat_core.server.logs import configure_logging
 
-    configure_logging(log_level)
-    config = _server_config(
-        host, port, metrics_port, drain_seconds, tls_cert, tls_key, tls_client_ca, auth_token_file
-    )
     settings = RrhfSettings(
         model_root=model_root,
         data_root=data_root,
@@ -371,10 +355,9 @@ def serve_rrhf(
         policy_model=policy_model,
         reward_model=reward_model,
     )
-    try:
-        asyncio.run(serve(config, settings))
-    except WombatError as exc:
-        _fail(exc.message)
+    _run_service(lambda config: serve(config, settings),
+                 log_level, host, port, metrics_port, drain_seconds,
+                 tls_cert, tls_key, tls_client_ca, auth_token_file)  # fmt: skip
 
 
 def _rrhf_client(server: str):
@@ -599,6 +582,18 @@ def generate(
             f"first token {final.timings.time_to_first_token_seconds * 1000:.0f} ms, "
             f"total {final.timings.total_seconds:.1f} s[/dim]"
         )
+
+
+def _run_service(serve, log_level, *server_options) -> None:
+    """Configures logging and the scaffold from the shared options, then runs `serve(config)` to the end."""
+    from wombat_core.server.logs import configure_logging
+
+    configure_logging(log_level)
+    config = _server_config(*server_options)
+    try:
+        asyncio.run(serve(config))
+    except WombatError as exc:
+        _fail(exc.message)
 
 
 def _server_config(
