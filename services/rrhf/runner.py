@@ -22,10 +22,11 @@ log = logging.getLogger(__name__)
 
 
 def init_ray(address: str | None, num_cpus: int | None = None) -> None:
-    """Joins `address` (a KubeRay head, say) or starts a local cluster. Logical CPUs on a local cluster are
+    """Joins `address` (a KubeRay head, say; else $RAY_ADDRESS) or starts a local cluster. Logical CPUs on a local cluster are
     at least 4 so that a 2-worker training job and the scorer actors fit on a small machine."""
     if ray.is_initialized():
         return
+    address = address or os.environ.get("RAY_ADDRESS")  # set for a RayJob's driver: join that cluster
     if address:
         ray.init(address=address, namespace="wombat-rrhf", log_to_driver=False)
     else:
@@ -60,14 +61,14 @@ class JobRunner:
         return job.job_id
 
     def _run_training(self, job_id: str, settings: dict, config: TrainingConfig, total_steps: int) -> None:
-        import torch
         from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
         from ray.train.torch import TorchConfig, TorchTrainer
 
         from services.rrhf.train_worker import train_loop_per_worker
 
         channel = self._channels[job_id]
-        use_gpu = torch.cuda.is_available()
+        # The cluster's GPUs, not this process's: on KubeRay the service is a GPU-less driver pod.
+        use_gpu = ray.cluster_resources().get("GPU", 0) >= 1
         trainer = TorchTrainer(
             train_loop_per_worker,
             train_loop_config=settings,

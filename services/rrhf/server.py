@@ -32,6 +32,7 @@ class RrhfSettings:
     state_dir: Path | None = None  # default: <data root>/.wombat-jobs
     ray_address: str | None = None
     scorer_replicas: int = 1
+    scorer_gpus: float = 0.0  # GPUs per scorer actor (fractions share one); 0 scores on CPU
     policy_model: str | None = None  # default model for policy_logprob, relative to the model root
     reward_model: str | None = None  # default reward model, relative to the model root
     max_failures: int = 2
@@ -43,6 +44,8 @@ def build_server(config: ServerConfig, settings: RrhfSettings) -> tuple[WombatSe
             raise InvalidArgument(f"--{name.replace('_', '-')} {getattr(settings, name)} is not a directory")
     if settings.scorer_replicas < 1:
         raise InvalidArgument(f"--scorer-replicas must be >= 1, got {settings.scorer_replicas}")
+    if settings.scorer_gpus < 0:
+        raise InvalidArgument(f"--scorer-gpus must be >= 0, got {settings.scorer_gpus}")
     init_ray(settings.ray_address)
     state_dir = settings.state_dir or Path(settings.data_root) / ".wombat-jobs"
     store = JobStore(state_dir)
@@ -52,7 +55,8 @@ def build_server(config: ServerConfig, settings: RrhfSettings) -> tuple[WombatSe
         "policy_logprob": root / settings.policy_model if settings.policy_model else None,
         "reward_model": root / settings.reward_model if settings.reward_model else None,
     }
-    servicer = RrhfServicer(root, Path(settings.data_root), store, runner, defaults, settings.scorer_replicas)
+    servicer = RrhfServicer(root, Path(settings.data_root), store, runner, defaults, settings.scorer_replicas,
+                            settings.scorer_gpus)  # fmt: skip
     registration = ServiceRegistration(
         SERVICE_NAME, lambda server: rrhf_pb2_grpc.add_RrhfServiceServicer_to_server(servicer, server)
     )

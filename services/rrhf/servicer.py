@@ -25,12 +25,13 @@ MAX_MODEL_POOLS = 4
 
 class RrhfServicer(rrhf_pb2_grpc.RrhfServiceServicer):
     def __init__(self, model_root: Path, data_root: Path, store: JobStore, runner: JobRunner,
-                 default_models: dict[str, Path | None], scorer_replicas: int):  # fmt: skip
+                 default_models: dict[str, Path | None], scorer_replicas: int,
+                 scorer_gpus: float = 0.0):  # fmt: skip
         self.models = ConfinedRoot(model_root)
         self.data = ConfinedRoot(data_root)
         self.store, self.runner = store, runner
         self.default_models = default_models  # method -> directory
-        self.scorer_replicas = scorer_replicas
+        self.scorer_replicas, self.scorer_gpus = scorer_replicas, scorer_gpus
         self._pools: dict[tuple[str, Path], ScorerPool] = {}
 
     # --- scoring --------------------------------------------------------------------------------------
@@ -69,7 +70,9 @@ class RrhfServicer(rrhf_pb2_grpc.RrhfServiceServicer):
         if key not in self._pools:
             if len(self._pools) >= MAX_MODEL_POOLS:
                 raise ResourceExhausted(f"at most {MAX_MODEL_POOLS} scoring models are loaded at once")
-            self._pools[key] = ScorerPool(directory, method, self.scorer_replicas)
+            self._pools[key] = ScorerPool(
+                directory, method, self.scorer_replicas, gpus_per_replica=self.scorer_gpus
+            )
         return self._pools[key]
 
     async def close(self) -> None:

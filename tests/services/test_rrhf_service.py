@@ -345,3 +345,24 @@ def test_reward_model_scoring_through_the_service(stub, roots):
         ["Name a colour. Red.", "Name a colour. Blue."]
     )
     assert list(response.scores) == pytest.approx(expected, abs=1e-4)
+
+
+@pytest.mark.slow
+def test_train_without_a_server_runs_the_same_job_in_process(roots, server):
+    """`wombat train --model-root --data-root` (a KubeRay RayJob's entrypoint) runs the service's job in
+    its own process: same validation, same atomic, manifest-verified output."""
+    from typer.testing import CliRunner
+
+    from wombat_core.cli.main import app
+    from wombat_core.manifest import verify_directory
+
+    models, data = roots
+    args = ["train", "--model", "policy", "--data", "preferences.jsonl", "--output", "trained-locally",
+            "--model-root", str(models), "--data-root", str(data), "--max-steps", "2", "--json"]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    events = [json.loads(line) for line in result.output.splitlines() if line.startswith("{")]
+    assert events[-1]["job"]["state"] == pb.JOB_STATE_SUCCEEDED
+    assert verify_directory(models / "trained-locally").ok
+    bad = CliRunner().invoke(app, ["train", "--model", "policy", "--data", "x.jsonl", "--output", "y"])
+    assert bad.exit_code == 1 and "--model-root and --data-root" in bad.output

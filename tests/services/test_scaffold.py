@@ -199,3 +199,40 @@ def test_unexpected_errors_become_internal_without_a_traceback(materializer):
         error = rpc_error(lambda: stub.ListModels(pb.ListModelsRequest(), timeout=5))
     assert error.code() == grpc.StatusCode.INTERNAL
     assert "secret" not in error.details() and "request id" in error.details()
+
+
+def test_probe_port_serves_plaintext_health_only_beside_a_tls_port(model_root, tmp_path):
+    """Kubernetes' native gRPC probes cannot speak TLS: --health-port gives them a plaintext listener
+    that answers grpc.health.v1 and nothing else."""
+    from wombat_core.server import TlsConfig
+
+    certs = _certificates(tmp_path)
+    tls = TlsConfig(certs["server_cert"], certs["server_key"], certs["ca"])
+    server = ServerThread(_build(model_root, tls=tls, host="localhost", health_port=0), serving=False)
+    probe_address = f"localhost:{server.server.health_port}"
+    name = "wombat.materializer.v1.MaterializerService"
+    try:
+        with grpc.insecure_channel(probe_address) as channel:
+            assert _health(channel, name) == health_pb2.HealthCheckResponse.NOT_SERVING
+            assert _health(channel, "wombat.liveness") == health_pb2.HealthCheckResponse.SERVING
+            server.call(server.server.set_serving(True))
+            assert _health(channel, name) == health_pb2.HealthCheckResponse.SERVING
+            stub = materializer_pb2_grpc.MaterializerServiceStub(channel)
+            error = rpc_error(lambda: stub.ListModels(pb.ListModelsRequest(), timeout=5))
+            assert error.code() == grpc.StatusCode.UNIMPLEMENTED
+    finally:
+        server.stop()
+
+
+def test_liveness_stays_serving_while_draining(model_root):
+    """A drain is not a hang: readiness goes NOT_SERVING, liveness must not, or the kubelet would kill
+    the pod before its in-flight streams finish."""
+    server = ServerThread(_build(model_root))
+    try:
+        with grpc.insecure_channel(server.address) as channel:
+            server.server._drain.draining = True  # noqa: SLF001 - the state stop() enters first
+            server.call(server.server.set_serving(False))
+            assert _health(channel) == health_pb2.HealthCheckResponse.NOT_SERVING
+            assert _health(channel, "wombat.liveness") == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        server.stop()

@@ -8,6 +8,7 @@ the server's --model-root. `--json` prints one JSON object per event for scripts
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -19,7 +20,10 @@ from wombat_core.cli import render
 from wombat_core.errors import WombatError
 
 # Locals are never shown in tracebacks: they could hold auth tokens.
+# Every option can also come from the environment as WOMBAT_<COMMAND>_<OPTION>, e.g.
+# WOMBAT_SERVE_INFERENCE_MAX_BATCH_SIZE: Kubernetes ConfigMaps and `wombat up` configure services this way.
 app = typer.Typer(
+    context_settings={"auto_envvar_prefix": "WOMBAT"},
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_show_locals=False,
@@ -45,6 +49,9 @@ TokenEnv = "WOMBAT_AUTH_TOKEN"
 # Options every `wombat serve <service>` shares (the server scaffold's settings).
 HostOpt = Annotated[str, typer.Option(help="address to bind")]
 MetricsPortOpt = Annotated[int, typer.Option(help="Prometheus port (0 picks one, -1 disables)")]
+HealthPortOpt = Annotated[
+    int | None, typer.Option(help="plaintext health-only port for Kubernetes gRPC probes (TLS-less)")
+]
 DrainOpt = Annotated[float, typer.Option(help="SIGTERM: seconds in-flight calls get to finish")]
 TlsCertOpt = Annotated[Path | None, typer.Option(help="PEM certificate; enables TLS")]
 TlsKeyOpt = Annotated[Path | None, typer.Option(help="PEM private key")]
@@ -254,6 +261,7 @@ def serve_materializer(
     port: Annotated[int, typer.Option(help="gRPC port (0 picks a free one)")] = 50051,
     host: HostOpt = "0.0.0.0",
     metrics_port: MetricsPortOpt = 9090,
+    health_port: HealthPortOpt = None,
     max_jobs: Annotated[
         int, typer.Option(help="concurrent materialise jobs; more get RESOURCE_EXHAUSTED")
     ] = 2,
@@ -268,7 +276,7 @@ def serve_materializer(
     from services.materializer.server import serve
 
     _run_service(lambda config: serve(config, model_root, max_jobs=max_jobs),
-                 log_level, host, port, metrics_port, drain_seconds,
+                 log_level, host, port, metrics_port, health_port, drain_seconds,
                  tls_cert, tls_key, tls_client_ca, auth_token_file)  # fmt: skip
 
 
@@ -278,6 +286,7 @@ def serve_inference(
     port: Annotated[int, typer.Option(help="gRPC port (0 picks a free one)")] = 50052,
     host: HostOpt = "0.0.0.0",
     metrics_port: MetricsPortOpt = 9090,
+    health_port: HealthPortOpt = None,
     max_batch_size: Annotated[int, typer.Option(help="sequences decoded together")] = 8,
     max_queue: Annotated[int, typer.Option(help="waiting requests; more get RESOURCE_EXHAUSTED")] = 64,
     max_prefill_tokens: Annotated[int, typer.Option(help="prompt tokens per prefill chunk")] = 512,
@@ -312,7 +321,7 @@ def serve_inference(
         max_prefill_tokens=max_prefill_tokens,
     )
     _run_service(lambda config: serve(config, settings),
-                 log_level, host, port, metrics_port, drain_seconds,
+                 log_level, host, port, metrics_port, health_port, drain_seconds,
                  tls_cert, tls_key, tls_client_ca, auth_token_file)  # fmt: skip
 
 
@@ -323,10 +332,12 @@ def serve_rrhf(
     port: Annotated[int, typer.Option(help="gRPC port (0 picks a free one)")] = 50053,
     host: HostOpt = "0.0.0.0",
     metrics_port: MetricsPortOpt = 9090,
+    health_port: HealthPortOpt = None,
     ray_address: Annotated[
         str | None, typer.Option(help="join this Ray cluster (KubeRay head); default: start one")
     ] = None,
     scorer_replicas: Annotated[int, typer.Option(help="Ray actors per scoring model")] = 1,
+    scorer_gpus: Annotated[float, typer.Option(help="GPUs per scorer actor (0: CPU; 0.5 shares one)")] = 0.0,
     policy_model: Annotated[
         str | None, typer.Option(help="default policy model for Score, under the model root")
     ] = None,
@@ -352,11 +363,12 @@ def serve_rrhf(
         state_dir=state_dir,
         ray_address=ray_address,
         scorer_replicas=scorer_replicas,
+        scorer_gpus=scorer_gpus,
         policy_model=policy_model,
         reward_model=reward_model,
     )
     _run_service(lambda config: serve(config, settings),
-                 log_level, host, port, metrics_port, drain_seconds,
+                 log_level, host, port, metrics_port, health_port, drain_seconds,
                  tls_cert, tls_key, tls_client_ca, auth_token_file)  # fmt: skip
 
 
@@ -365,6 +377,26 @@ def _rrhf_client(server: str):
     from clients.rrhf import RrhfClient
 
     return RrhfClient(ChannelSettings(server, token=os.environ.get(TokenEnv)))
+
+
+@contextlib.contextmanager
+def _rrhf_server(server: str | None, model_root: Path | None, data_root: Path | None):
+    """The rrhf service to use: the one at --server, or one in this process on the given roots."""
+    if server:
+        if model_root or data_root:
+            _fail("--model-root and --data-root are for running without --server; the server has its own")
+        yield server
+        return
+    if model_root is None or data_root is None:
+        _fail("give --server HOST:PORT, or --model-root and --data-root to run the job in this process")
+    from services.rrhf.local import local_service
+    from services.rrhf.server import RrhfSettings
+
+    try:
+        with local_service(RrhfSettings(model_root=model_root, data_root=data_root)) as address:
+            yield address
+    except WombatError as exc:
+        _fail(exc.message)
 
 
 def _rpc(call):
@@ -452,10 +484,14 @@ def _print_job(job) -> None:
 
 @app.command()
 def train(
-    server: Annotated[str, typer.Option(help="HOST:PORT of the rrhf service")],
-    model: Annotated[str, typer.Option(help="model directory under the server's model root")],
-    data: Annotated[str, typer.Option(help="JSONL under the server's data root")],
+    model: Annotated[str, typer.Option(help="model directory under the model root")],
+    data: Annotated[str, typer.Option(help="JSONL under the data root")],
     output: Annotated[str, typer.Option(help="directory to create under the model root")],
+    server: Annotated[str | None, typer.Option(help="HOST:PORT of the rrhf service")] = None,
+    model_root: Annotated[
+        Path | None, typer.Option(help="without --server: run the job in this process, models here")
+    ] = None,
+    data_root: Annotated[Path | None, typer.Option(help="without --server: training data here")] = None,
     workers: Annotated[int, typer.Option(help="Ray Train workers")] = 1,
     epochs: Annotated[int, typer.Option(help="passes over the data")] = 3,
     max_steps: Annotated[int | None, typer.Option(help="stop after this many steps")] = None,
@@ -468,14 +504,18 @@ def train(
     detach: Annotated[bool, typer.Option(help="print the job id and return at once")] = False,
     json_output: JsonOpt = False,
 ) -> None:
-    """Start an RRHF training job and follow it with a progress bar."""
+    """Start an RRHF training job and follow it with a progress bar.
+
+    With --server the rrhf service runs it. Without, give --model-root and --data-root: the same service
+    runs in this process for the one job, on $RAY_ADDRESS's cluster (a KubeRay RayJob) or a local one.
+    """
     hyper = dict(num_workers=workers, epochs=epochs, learning_rate=learning_rate, batch_size=batch_size,
                  rrhf_weight=rrhf_weight, length_penalty=length_penalty, model_max_length=model_max_length)  # fmt: skip
     if max_steps is not None:
         hyper["max_steps"] = max_steps
     if checkpoint_every is not None:
         hyper["checkpoint_every_steps"] = checkpoint_every
-    with _rrhf_client(server) as client:
+    with _rrhf_server(server, model_root, data_root) as address, _rrhf_client(address) as client:
         job_id = _rpc(lambda: client.start_training(model, output, data_path=data, **hyper))
         if detach:
             print(job_id)
@@ -597,7 +637,7 @@ def _run_service(serve, log_level, *server_options) -> None:
 
 
 def _server_config(
-    host, port, metrics_port, drain_seconds, tls_cert, tls_key, tls_client_ca, auth_token_file
+    host, port, metrics_port, health_port, drain_seconds, tls_cert, tls_key, tls_client_ca, auth_token_file
 ):
     from wombat_core.server import ServerConfig, TlsConfig
 
@@ -609,6 +649,7 @@ def _server_config(
             host=host,
             port=port,
             metrics_port=None if metrics_port < 0 else metrics_port,
+            health_port=health_port,
             drain_grace_seconds=drain_seconds,
             tls=TlsConfig(tls_cert, tls_key, tls_client_ca) if tls_cert and tls_key else None,
             auth_token=token,

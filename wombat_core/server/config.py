@@ -25,6 +25,9 @@ class ServerConfig:
     port: int = 0  # 0 picks a free port; create_server returns the one bound
     metrics_port: int | None = 0  # None disables the Prometheus endpoint; 0 picks a free port
     metrics_host: str = "0.0.0.0"
+    # Plaintext grpc.health.v1-only port for Kubernetes' native gRPC probes (they cannot use TLS).
+    # None: health is served on the main port only; 0 picks a free port.
+    health_port: int | None = None
     tls: TlsConfig | None = None
     auth_token: str | None = None  # bearer token required on every RPC except health and reflection
     drain_grace_seconds: float = 30.0  # SIGTERM: in-flight RPCs get this long to finish
@@ -36,6 +39,8 @@ class ServerConfig:
             raise InvalidArgument(f"port must be in [0, 65535], got {self.port}")
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
             raise InvalidArgument(f"metrics_port must be in [0, 65535], got {self.metrics_port}")
+        if self.health_port is not None and not 0 <= self.health_port <= 65535:
+            raise InvalidArgument(f"health_port must be in [0, 65535], got {self.health_port}")
         if self.drain_grace_seconds < 0:
             raise InvalidArgument(f"drain_grace_seconds must be >= 0, got {self.drain_grace_seconds}")
         if self.max_message_bytes < 1024:

@@ -1,7 +1,9 @@
 """`create_server(config, services) -> (server, port)`: the gRPC server every Wombat service runs on.
 
 It adds, for every service: standard health checking (NOT_SERVING until the service calls
-`set_serving()`), server reflection, Prometheus metrics on their own HTTP port, optional TLS / mTLS and
+`set_serving()`; `wombat.liveness` SERVING for as long as the event loop answers, drains included),
+an optional plaintext health-only port for Kubernetes' native gRPC probes (which cannot speak TLS),
+server reflection, Prometheus metrics on their own HTTP port, optional TLS / mTLS and
 bearer-token auth, request ids in the logs, and a graceful drain on SIGTERM.
 """
 
@@ -23,6 +25,10 @@ from wombat_core.server.interceptors import DrainState, RpcMetrics, WombatInterc
 
 log = logging.getLogger(__name__)
 
+# Health name for liveness probes. It stays SERVING while draining: a drain is not a hang, and a
+# liveness failure then would kill the pod before its in-flight streams finish.
+LIVENESS_SERVICE = "wombat.liveness"
+
 
 @dataclass(frozen=True)
 class ServiceRegistration:
@@ -38,6 +44,8 @@ class WombatServer:
     def __init__(self, server: grpc.aio.Server, health_servicer, service_names: list[str], config: ServerConfig,
                  registry: CollectorRegistry, drain: DrainState):  # fmt: skip
         self.grpc_server = server
+        self.probe_server: grpc.aio.Server | None = None  # the plaintext health-only listener, if any
+        self.health_port: int | None = None
         self.health = health_servicer
         self.service_names = service_names
         self.config = config
@@ -49,7 +57,10 @@ class WombatServer:
     async def start(self) -> None:
         # Health answers NOT_SERVING for every service until the service calls set_serving().
         await self.set_serving(False)
+        await self.health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
         await self.grpc_server.start()
+        if self.probe_server is not None:
+            await self.probe_server.start()
         if self.config.metrics_port is not None:
             self._metrics_http, _ = start_http_server(
                 self.config.metrics_port, addr=self.config.metrics_host, registry=self.registry
@@ -78,6 +89,8 @@ class WombatServer:
         while self._drain.in_flight > 0 and asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(0.02)
         await self.grpc_server.stop(max(0.0, deadline - asyncio.get_running_loop().time()))
+        if self.probe_server is not None:  # last, so probes see the drain to its end
+            await self.probe_server.stop(None)
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
             self._metrics_http.server_close()
@@ -119,7 +132,22 @@ def create_server(config: ServerConfig, services: Sequence[ServiceRegistration])
         port = server.add_insecure_port(address)
     if port == 0:
         raise OSError(f"could not bind {address}")
-    return WombatServer(server, health_servicer, names, config, registry, drain), port
+    wombat_server = WombatServer(server, health_servicer, names, config, registry, drain)
+    if config.health_port is not None:
+        wombat_server.probe_server, wombat_server.health_port = _probe_server(config, health_servicer)
+    return wombat_server, port
+
+
+def _probe_server(config: ServerConfig, health_servicer) -> tuple[grpc.aio.Server, int]:
+    """A plaintext listener that serves grpc.health.v1 only (no service RPCs, so no token or TLS needed):
+    the kubelet's gRPC probes connect without TLS, so with TLS on the main port they need this one."""
+    probe_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, probe_server)
+    address = f"{config.host}:{config.health_port}"
+    port = probe_server.add_insecure_port(address)
+    if port == 0:
+        raise OSError(f"could not bind the health port {address}")
+    return probe_server, port
 
 
 async def run_until_signalled(server: WombatServer) -> None:

@@ -1,0 +1,334 @@
+"""deploy/k8s, validated offline: every kustomization renders (kubectl's built-in kustomize), every core
+object passes kubernetes-validate in strict mode for the Kubernetes version we support, the KubeRay
+resources carry their required fields, and the manifests cannot drift from the code (ports, health
+service names, CLI options, drain times)."""
+
+from __future__ import annotations
+
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tomllib
+from functools import cache
+from pathlib import Path
+
+import pytest
+import typer
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+K8S = ROOT / "deploy" / "k8s"
+KUBERNETES_VERSION = "1.33.0"  # the oldest version we support; deploy/README.md says so
+OVERLAYS = ["overlays/gpu", "overlays/cpu-dev", "overlays/gpu-kuberay"]
+KUSTOMIZATIONS = ["base", *OVERLAYS, "kuberay", "jobs/recover-wombat-7b"]
+PLAIN_FILES = ["kuberay/rayjob-train.yaml"]  # applied with `kubectl create -f`
+SERVICES = ("materializer", "inference", "rrhf")
+PRESTOP_AND_MARGIN_SECONDS = 10 + 5
+
+
+def _tool(name: str) -> str:
+    path = shutil.which(name, path=str(Path(sys.executable).parent)) or shutil.which(name)
+    if path is None:
+        pytest.fail(f"{name} is not installed; it comes with the dev extra")
+    return path
+
+
+@cache
+def render(kustomization: str) -> tuple[dict, ...]:
+    result = subprocess.run([_tool("kubectl"), "kustomize", str(K8S / kustomization)],
+                            capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    return tuple(d for d in yaml.safe_load_all(result.stdout) if d)
+
+
+def _objects(source: str) -> tuple[dict, ...]:
+    if source.endswith(".yaml"):
+        return tuple(d for d in yaml.safe_load_all((K8S / source).read_text()) if d)
+    return render(source)
+
+
+def _by_kind(objects, kind: str) -> dict[str, dict]:
+    return {o["metadata"]["name"]: o for o in objects if o["kind"] == kind}
+
+
+def _cli():
+    from wombat_core.cli.main import app
+
+    return typer.main.get_command(app)
+
+
+def _serve_command(service: str):
+    return _cli().commands["serve"].commands[service]
+
+
+def _validate(obj: dict) -> None:
+    import kubernetes_validate
+
+    try:
+        kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
+    except kubernetes_validate.ValidationError as exc:
+        pytest.fail(f"{obj['kind']}/{obj['metadata'].get('name')}: {exc.message} at {list(exc.path)}")
+
+
+# --- schema validation -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("source", KUSTOMIZATIONS + PLAIN_FILES)
+def test_core_objects_pass_strict_schema_validation(source):
+    objects = _objects(source)
+    assert objects
+    for obj in objects:
+        if obj["apiVersion"].startswith("ray.io/"):
+            continue  # custom resources: checked against their required fields below
+        _validate(obj)
+
+
+def test_strict_validation_catches_a_misspelt_field():
+    import kubernetes_validate
+
+    deployment = dict(_by_kind(render("overlays/gpu"), "Deployment")["wombat-inference"])
+    spec = {**deployment["spec"], "replica": 2}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate({**deployment, "spec": spec}, KUBERNETES_VERSION, strict=True)
+
+
+def _ray_cluster_specs() -> list[tuple[str, dict]]:
+    specs = [(f"RayCluster/{n}", o["spec"]) for n, o in _by_kind(render("kuberay"), "RayCluster").items()]
+    for name, job in _by_kind(_objects("kuberay/rayjob-train.yaml"), "RayJob").items():
+        specs.append((f"RayJob/{name}", job["spec"]["rayClusterSpec"]))
+    return specs
+
+
+def _require(obj: dict, fields: list[str], where: str) -> None:
+    missing = [f for f in fields if f not in obj]
+    assert not missing, f"{where} lacks required field(s) {missing}"
+
+
+def test_kuberay_resources_carry_the_required_fields_and_valid_pod_templates():
+    """The KubeRay v1 CRDs (ray.io/v1) require these fields; the pod templates inside are core
+    PodTemplateSpecs, so they are validated as such."""
+    specs = _ray_cluster_specs()
+    assert len(specs) == 2
+    for where, spec in specs:
+        _require(spec, ["headGroupSpec"], where)
+        groups = [("head", spec["headGroupSpec"])]
+        _require(spec["headGroupSpec"], ["rayStartParams", "template"], f"{where} headGroupSpec")
+        for group in spec.get("workerGroupSpecs", []):
+            fields = ["groupName", "rayStartParams", "template", "minReplicas", "maxReplicas"]
+            _require(group, fields, f"{where} workerGroupSpecs")
+            assert group["minReplicas"] <= group.get("replicas", 0) <= group["maxReplicas"], where
+            groups.append((group["groupName"], group))
+        for name, group in groups:
+            assert all(isinstance(v, str) for v in group["rayStartParams"].values()), (where, name)
+            _validate({"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": name},
+                       "template": group["template"]})  # fmt: skip
+    for name, job in _by_kind(_objects("kuberay/rayjob-train.yaml"), "RayJob").items():
+        _require(job["spec"], ["entrypoint", "rayClusterSpec"], f"RayJob/{name}")
+        assert job["spec"]["submissionMode"] in {"K8sJobMode", "HTTPMode", "InteractiveMode", "SidecarMode"}
+
+
+def test_kuberay_ray_version_is_the_one_the_images_install():
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    pinned = next(re.search(r"==([\d.]+)", d).group(1) for d in extras["cluster"] if d.startswith("ray["))
+    import ray
+
+    assert ray.__version__ == pinned, "the dev environment runs a different Ray than the images"
+    for where, spec in _ray_cluster_specs():
+        assert spec["rayVersion"] == pinned, where
+
+
+# --- no drift between manifests and code ----------------------------------------------------------------
+
+
+def _config(objects, service: str) -> dict[str, str]:
+    maps = [
+        o
+        for o in objects
+        if o["kind"] == "ConfigMap" and o["metadata"]["name"].startswith(f"wombat-{service}")
+    ]
+    assert len(maps) == 1, service
+    return maps[0]["data"]
+
+
+def _option_names(command) -> dict[str, object]:
+    return {p.name: p for p in command.params}
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_configmap_keys_are_real_serve_options_and_parse(overlay, monkeypatch):
+    """Each key is WOMBAT_SERVE_<SERVICE>_<OPTION>; click reads it as that option. Parsing the whole
+    ConfigMap with the real CLI proves the values are accepted too."""
+    objects = render(overlay)
+    for service in SERVICES:
+        command = _serve_command(service)
+        prefix = f"WOMBAT_SERVE_{service.upper()}_"
+        data = _config(objects, service)
+        options = _option_names(command)
+        for key in data:
+            assert key.startswith(prefix), key
+            assert key.removeprefix(prefix).lower() in options, f"{key}: no such option of serve {service}"
+        for key, value in data.items():
+            monkeypatch.setenv(key, value)
+        context = command.make_context(service, [], auto_envvar_prefix=prefix.rstrip("_"))
+        assert context.params["port"] == int(data[f"{prefix}PORT"])
+        monkeypatch.delenv(f"{prefix}PORT")
+
+
+def _deployment(objects, service: str) -> dict:
+    return _by_kind(objects, "Deployment")[f"wombat-{service}"]
+
+
+def _health_names() -> dict[str, str]:
+    from services.inference.server import SERVICE_NAME as INFERENCE
+    from services.materializer.server import SERVICE_NAME as MATERIALIZER
+    from services.rrhf.server import SERVICE_NAME as RRHF
+
+    return {"materializer": MATERIALIZER, "inference": INFERENCE, "rrhf": RRHF}
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_ports_probes_and_drain_match_the_servers(overlay):
+    from wombat_core.server.scaffold import LIVENESS_SERVICE
+
+    objects = render(overlay)
+    for service in SERVICES:
+        data = _config(objects, service)
+        prefix = f"WOMBAT_SERVE_{service.upper()}_"
+        pod = _deployment(objects, service)["spec"]["template"]["spec"]
+        container = pod["containers"][0]
+        ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+        assert ports == {
+            "grpc": int(data[f"{prefix}PORT"]),
+            "metrics": int(data[f"{prefix}METRICS_PORT"]),
+            "health": int(data[f"{prefix}HEALTH_PORT"]),
+        }, service
+        for probe in ("startupProbe", "readinessProbe"):
+            assert container[probe]["grpc"] == {"port": ports["health"], "service": _health_names()[service]}
+        assert container["livenessProbe"]["grpc"] == {"port": ports["health"], "service": LIVENESS_SERVICE}
+        # The kubelet must not kill a pod that is still draining.
+        drain = float(data[f"{prefix}DRAIN_SECONDS"])
+        pre_stop = container["lifecycle"]["preStop"]["sleep"]["seconds"]
+        assert pod["terminationGracePeriodSeconds"] >= pre_stop + drain + PRESTOP_AND_MARGIN_SECONDS - 10
+        service_ports = {
+            p["name"]: p for p in _by_kind(objects, "Service")[f"wombat-{service}"]["spec"]["ports"]
+        }
+        assert (
+            service_ports["grpc"]["port"] == ports["grpc"] and service_ports["grpc"]["targetPort"] == "grpc"
+        )
+        assert service_ports["metrics"]["targetPort"] == "metrics"
+        assert container["image"].split("/")[-1].split(":")[0] in {f"wombat-{service}", service}
+
+
+def _mounted_dirs(pod: dict, container: dict) -> dict[str, dict]:
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    return {m["mountPath"]: volumes[m["name"]] for m in container.get("volumeMounts", [])}
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_secrets_and_files_named_in_the_config_are_mounted(overlay):
+    objects = render(overlay)
+    for service in SERVICES:
+        data = _config(objects, service)
+        pod = _deployment(objects, service)["spec"]["template"]["spec"]
+        mounts = _mounted_dirs(pod, pod["containers"][0])
+        for key, value in data.items():
+            if key.endswith(("_FILE", "_TLS_CERT", "_TLS_KEY", "_TLS_CLIENT_CA")):
+                volume = mounts[str(Path(value).parent)]
+                assert "secret" in volume, f"{key} must come from a Secret"
+        for option in ("MODEL_ROOT", "DATA_ROOT", "MODEL"):
+            path = data.get(f"WOMBAT_SERVE_{service.upper()}_{option}")
+            if path:
+                store = next(m for m in mounts if path == m or path.startswith(m + "/"))
+                assert "persistentVolumeClaim" in mounts[store], (service, option)
+
+
+def test_inference_mounts_the_store_read_only_and_verifies_the_model_first():
+    for overlay in OVERLAYS:
+        objects = render(overlay)
+        pod = _deployment(objects, "inference")["spec"]["template"]["spec"]
+        for container in [*pod["initContainers"], *pod["containers"]]:
+            model_mount = next(m for m in container["volumeMounts"] if m["mountPath"] == "/models")
+            assert model_mount.get("readOnly") is True
+        verify = pod["initContainers"][0]
+        args = _expand(verify["args"], _config(objects, "inference"))
+        assert verify["command"] == ["wombat", "verify"]
+        assert args == [_config(objects, "inference")["WOMBAT_SERVE_INFERENCE_MODEL"]]
+
+
+def _expand(args: list[str], env: dict[str, str]) -> list[str]:
+    return [re.sub(r"\$\((\w+)\)", lambda m: env[m.group(1)], a) for a in args]
+
+
+def _parse_wombat(argv: list[str]) -> None:
+    """Parses a `wombat ...` command line with the real CLI, without running it."""
+    assert argv[0] == "wombat", argv
+    command, rest = _cli(), argv[1:]
+    while hasattr(command, "commands"):
+        command, rest = command.commands[rest[0]], rest[1:]
+    command.make_context(argv[-1], list(rest))
+
+
+def test_every_wombat_command_in_the_manifests_parses():
+    commands = []
+    for source in [*KUSTOMIZATIONS, *PLAIN_FILES]:
+        for obj in _objects(source):
+            if obj["kind"] == "RayJob":
+                commands.append(shlex.split(obj["spec"]["entrypoint"]))
+            pod = (obj.get("spec") or {}).get("template", {}).get("spec", {})
+            for container in [*pod.get("initContainers", []), *pod.get("containers", [])]:
+                if container.get("command", [""])[0] == "wombat":
+                    env = _config(_objects(source), "inference") if "args" in container else {}
+                    commands.append(container["command"] + _expand(container.get("args", []), env))
+    assert len(commands) >= 6
+    for argv in commands:
+        _parse_wombat(argv)
+
+
+def test_rrhf_joins_the_ray_cluster_the_kuberay_overlay_creates():
+    objects = render("overlays/gpu-kuberay")
+    address = _config(objects, "rrhf")["WOMBAT_SERVE_RRHF_RAY_ADDRESS"]
+    match = re.fullmatch(r"ray://([\w-]+)-head-svc:(\d+)", address)
+    assert match, address
+    cluster = _by_kind(objects, "RayCluster")[match.group(1)]
+    head = cluster["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    assert {"name": "client", "containerPort": int(match.group(2))} in head["ports"]
+    rrhf = _deployment(objects, "rrhf")["spec"]["template"]["spec"]["containers"][0]
+    assert "nvidia.com/gpu" not in rrhf["resources"].get("limits", {})
+
+
+def test_gpu_overlay_gives_inference_and_rrhf_a_gpu_and_hardens_every_pod():
+    objects = render("overlays/gpu")
+    for service in SERVICES:
+        pod = _deployment(objects, service)["spec"]["template"]["spec"]
+        gpus = pod["containers"][0]["resources"]["limits"].get("nvidia.com/gpu")
+        assert gpus == (None if service == "materializer" else 1), service
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        assert pod["automountServiceAccountToken"] is False
+        for container in [*pod.get("initContainers", []), *pod["containers"]]:
+            context = container["securityContext"]
+            assert context["readOnlyRootFilesystem"] is True
+            assert context["allowPrivilegeEscalation"] is False
+            assert context["capabilities"]["drop"] == ["ALL"]
+    for kind in ("ServiceAccount", "NetworkPolicy", "PodDisruptionBudget", "Service"):
+        assert set(_by_kind(objects, kind)) >= {f"wombat-{s}" for s in SERVICES}, kind
+    hpa = _by_kind(objects, "HorizontalPodAutoscaler")["wombat-inference"]
+    names = [
+        m.get("pods", m.get("resource", {})).get("metric", {}).get("name") for m in hpa["spec"]["metrics"]
+    ]
+    assert "wombat_inference_queue_depth" in names
+    assert any(m["type"] == "Resource" for m in hpa["spec"]["metrics"])  # the CPU fallback
+
+
+def test_hpa_scales_on_a_metric_the_inference_server_exports():
+    from prometheus_client import CollectorRegistry
+
+    from services.inference.metrics import InferenceMetrics
+
+    registry = CollectorRegistry()
+    InferenceMetrics(registry)
+    exported = {m.name for m in registry.collect()}
+    hpa = _by_kind(render("base"), "HorizontalPodAutoscaler")["wombat-inference"]
+    pods_metric = next(m for m in hpa["spec"]["metrics"] if m["type"] == "Pods")
+    assert pods_metric["pods"]["metric"]["name"] in exported
