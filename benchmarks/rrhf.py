@@ -147,7 +147,7 @@ def main() -> None:
 
     bare = bare_baselines(args.model, records, args.steps)
 
-    from wombat_core.cli.demo import ServiceProcess
+    from wombat_core.cli.stack import ServiceProcess
 
     with tempfile.TemporaryDirectory(dir=ROOT / "benchmarks") as tmp:
         base = Path(tmp)

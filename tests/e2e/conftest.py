@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tests.models import save_tiny_llama
-from wombat_core.cli.demo import ServiceProcess
+from wombat_core.cli.stack import ServiceProcess
 
 # ~200 MB fp32 per checkpoint in 4 shards: big enough that a job is still running when we interrupt it.
 MEDIUM = dict(

@@ -88,7 +88,7 @@ def test_rrhf_score_train_and_jobs(tmp_path):
     from importlib import resources
 
     from tests.engine_fixtures import save_servable_tiny_model
-    from wombat_core.cli.demo import ServiceProcess
+    from wombat_core.cli.stack import ServiceProcess
 
     models, data = tmp_path / "models", tmp_path / "data"
     data.mkdir()

@@ -66,7 +66,7 @@ def test_inference_sigterm_finishes_streams_and_refuses_new_calls(tmp_path):
     from clients.inference import InferenceClient, prompt, sampling
     from tests.engine_fixtures import save_servable_tiny_model
     from wombat.inference.v1 import inference_pb2
-    from wombat_core.cli.demo import ServiceProcess
+    from wombat_core.cli.stack import ServiceProcess
 
     model = save_servable_tiny_model(tmp_path / "tiny", context=8192)
     service = ServiceProcess(["inference", "--model", str(model), "--port", "0", "--metrics-port", "-1",

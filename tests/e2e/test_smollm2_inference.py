@@ -6,7 +6,7 @@ import pytest
 
 from clients.inference import InferenceClient, prompt, sampling
 from wombat.inference.v1 import inference_pb2 as pb
-from wombat_core.cli.demo import ServiceProcess
+from wombat_core.cli.stack import ServiceProcess
 
 pytestmark = pytest.mark.slow
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -656,6 +657,109 @@ def _server_config(
         )
     except WombatError as exc:
         _fail(exc.message)
+
+
+StackConfigOpt = Annotated[Path, typer.Option("--config", help="stack TOML: a table per service")]
+
+
+@app.command()
+def up(
+    config: StackConfigOpt = Path("wombat.toml"),
+    run_dir: Annotated[
+        Path | None, typer.Option(help="state and logs (default: .wombat beside the config)")
+    ] = None,
+    detach: Annotated[bool, typer.Option(help="start in the background and return when ready")] = False,
+) -> None:
+    """Run the services of a stack config as separate local processes, like pods. Ctrl-C or `wombat down`
+    drains and stops them."""
+    from wombat_core.cli import stack
+
+    try:
+        specs = stack.load_stack_config(config)
+    except WombatError as exc:
+        _fail(exc.message)
+    run_dir = run_dir or config.resolve().parent / ".wombat"
+    if (state := stack.read_state(run_dir)) and stack.supervisor_alive(state):
+        _fail(f"a stack is already running from {run_dir}; `wombat down --config {config}` stops it")
+    if detach:
+        sys.exit(_up_detached(config, run_dir))
+    _up_foreground(specs, run_dir)
+
+
+def _up_foreground(specs, run_dir: Path) -> None:
+    from rich.table import Table
+
+    from wombat_core.cli import stack
+
+    def terminate(signum, frame):
+        raise KeyboardInterrupt  # SIGTERM (wombat down) stops the stack like Ctrl-C
+
+    signal.signal(signal.SIGTERM, terminate)
+    failed = None
+    try:
+        with stack.LocalStack(specs, run_dir) as services:
+            services.start(
+                on_ready=lambda p: render.console.print(f"[green]ready[/green] {p.name} on {p.address}")
+            )
+            table = Table(title="wombat up")
+            for column in ("service", "gRPC", "metrics", "log"):
+                table.add_column(column)
+            for name, process in services.processes.items():
+                table.add_row(
+                    name, process.address, f"127.0.0.1:{process.metrics_port}", str(process.log_path)
+                )
+            render.console.print(table)
+            render.console.print("Ctrl-C or `wombat down` stops the stack")
+            failed = services.wait_for_exit()
+            render.console.print(
+                f"[red]{failed.name} exited ({failed.process.returncode}):[/red]\n{failed.log_tail()}"
+            )
+    except KeyboardInterrupt:
+        render.console.print("stopping: every service drains its in-flight calls")
+    except WombatError as exc:
+        _fail(exc.message)
+    raise typer.Exit(1 if failed else 0)
+
+
+def _up_detached(config: Path, run_dir: Path) -> int:
+    import subprocess
+    import time
+
+    from wombat_core.cli import stack
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / "up.log", "w") as log:
+        supervisor = subprocess.Popen(
+            [sys.executable, "-m", "wombat_core.cli.main", "up", "--config", str(config), "--run-dir", str(run_dir)],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+        )  # fmt: skip
+    while supervisor.poll() is None:
+        state = stack.read_state(run_dir)
+        if state and state["ready"] and state["supervisor_pid"] == supervisor.pid:
+            for name, service in state["services"].items():
+                render.console.print(
+                    f"[green]ready[/green] {name} on {service['address']} (log {service['log']})"
+                )
+            return 0
+        time.sleep(0.2)
+    render.console.print(f"[red]the stack failed to start:[/red]\n{(run_dir / 'up.log').read_text()[-3000:]}")
+    return 1
+
+
+@app.command()
+def down(
+    config: StackConfigOpt = Path("wombat.toml"),
+    run_dir: Annotated[Path | None, typer.Option(help="as given to `wombat up`")] = None,
+) -> None:
+    """Stop the stack `wombat up` started from this config (each service drains first)."""
+    from wombat_core.cli import stack
+
+    run_dir = run_dir or config.resolve().parent / ".wombat"
+    try:
+        stopped = stack.stop_stack(run_dir)
+    except WombatError as exc:
+        _fail(exc.message)
+    render.console.print(f"stopped: {', '.join(stopped)}")
 
 
 @app.command()
