@@ -220,7 +220,8 @@ def _write_combined(
         if len(shards) > 1:
             _write_index(output.path, weight_map, total_bytes)
         for name in aux_source.auxiliary_files():
-            shutil.copyfile(aux_source.file(name), output.path / name)
+            with aux_source.open_file(name) as source, open(output.path / name, "xb") as copy:
+                shutil.copyfileobj(source, copy)
         control.check_cancelled()
         return output.commit(Manifest(kind=kind, inputs=inputs, options=options, files=()))
 

@@ -6,7 +6,9 @@ Messages are written for the person who has to fix the input: they say what was 
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Mapping
+from pathlib import PurePath
 
 
 class WombatError(Exception):
@@ -111,3 +113,29 @@ class PathOutsideRoot(PermissionDenied):
     """A path resolves (through a symlink) to somewhere outside the configured root."""
 
     reason = "PATH_OUTSIDE_ROOT"
+
+
+# Operating-system failures a caller can act on, by errno: the class to report and what to say. Only the
+# file's base name is ever shown (a full server path is none of the caller's business).
+_OS_ERRORS: dict[int, tuple[type[WombatError], str]] = {
+    errno.ENOSPC: (
+        ResourceExhausted,
+        "no space left on the server's disk while writing {name}; free space and retry",
+    ),
+    errno.EDQUOT: (ResourceExhausted, "the disk quota ran out while writing {name}; free space and retry"),
+    errno.EFBIG: (ResourceExhausted, "{name} grew past the server's file size limit"),
+    errno.EACCES: (PermissionDenied, "the server may not access {name}: check the model root's permissions"),
+    errno.EPERM: (PermissionDenied, "the server may not access {name}: check the model root's permissions"),
+    errno.EROFS: (FailedPrecondition, "{name} is on a read-only filesystem; write somewhere writable"),
+    errno.ENAMETOOLONG: (InvalidArgument, "a path component is too long (at most 255 bytes each)"),
+}
+
+
+def from_os_error(exc: OSError) -> WombatError | None:
+    """The suite's error for an OSError a caller can act on (disk full, permissions), else None."""
+    known = _OS_ERRORS.get(exc.errno or 0)
+    if known is None:
+        return None
+    cls, template = known
+    name = PurePath(str(exc.filename)).name if exc.filename else "a file"
+    return cls(template.format(name=name), reason=f"OS_{errno.errorcode[exc.errno]}")

@@ -95,7 +95,9 @@ class RrhfServicer(rrhf_pb2_grpc.RrhfServiceServicer):
     def _records(self, request: pb.StartTrainingRequest):
         which = request.WhichOneof("data")
         if which == "data_path":
-            return load_jsonl(self.data.resolve(request.data_path, field="data_path", must_exist=True))
+            return load_jsonl(
+                self.data.resolve(request.data_path, field="data_path", must_exist=True), root=self.data.root
+            )
         if which == "records":
             raws = [
                 {"query": r.query, "responses": list(r.responses), "scores": list(r.scores)}

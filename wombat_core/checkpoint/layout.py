@@ -15,12 +15,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 
 from wombat_core.checkpoint.legacy_bin import load_bin_state_dict
 from wombat_core.checkpoint.safetensors_io import SafetensorsFile
 from wombat_core.errors import CheckpointFormatError, FailedPrecondition, NotFound, PathOutsideRoot
+from wombat_core.paths import open_confined
 
 SAFETENSORS_SINGLE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -112,6 +114,15 @@ class Checkpoint:
         return confined_file(self.path, name, self._root)
 
     @property
+    def root(self) -> Path | None:
+        """The directory every file read must stay inside, if confined."""
+        return self._root
+
+    def open_file(self, name: str) -> BinaryIO:
+        """Opens one of the checkpoint's files for reading, confined like every weight read."""
+        return open_confined(self.file(name), self._root)
+
+    @property
     def tensors(self) -> dict[str, TensorMeta]:
         """Name -> metadata for every tensor, in shard order then file order."""
         if self._tensors is None:
@@ -128,10 +139,10 @@ class Checkpoint:
 
     def _shard_metas(self, shard: str) -> list[TensorMeta]:
         if self.format is WeightFormat.SAFETENSORS:
-            with SafetensorsFile(self.file(shard)) as f:
+            with SafetensorsFile(self.file(shard), root=self._root) as f:
                 infos = sorted(f.tensors.values(), key=lambda i: i.offset)
                 return [TensorMeta(i.name, i.dtype, i.shape, shard) for i in infos]
-        state = load_bin_state_dict(self.file(shard))
+        state = load_bin_state_dict(self.file(shard), root=self._root)
         return [TensorMeta(name, t.dtype, tuple(t.shape), shard) for name, t in state.items()]
 
     def weight_bytes(self) -> int:
@@ -182,9 +193,11 @@ class TensorReader:
         if self._open_shard != meta.shard:
             self.close()
             if self._checkpoint.format is WeightFormat.SAFETENSORS:
-                self._handle = SafetensorsFile(self._checkpoint.file(meta.shard))
+                self._handle = SafetensorsFile(self._checkpoint.file(meta.shard), root=self._checkpoint.root)
             else:
-                self._handle = load_bin_state_dict(self._checkpoint.file(meta.shard))
+                self._handle = load_bin_state_dict(
+                    self._checkpoint.file(meta.shard), root=self._checkpoint.root
+                )
             self._open_shard = meta.shard
         if isinstance(self._handle, SafetensorsFile):
             return self._handle.read(name)

@@ -26,6 +26,7 @@ from typing import BinaryIO
 import torch
 
 from wombat_core.errors import CheckpointFormatError, InvalidArgument
+from wombat_core.paths import open_confined
 
 # The official library refuses headers above 100 MB; a larger value means a corrupt or hostile file.
 MAX_HEADER_BYTES = 100 * 1024 * 1024
@@ -77,9 +78,10 @@ class SafetensorsFile:
     corrupt or truncated file fails with a CheckpointFormatError naming the file, never with a crash.
     """
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, root: Path | None = None):
+        """With `root`, the file is opened with `open_confined` (no link out of the root, even a late one)."""
         self.path = Path(path)
-        self._file: BinaryIO = open(self.path, "rb")  # noqa: SIM115 - closed in close()
+        self._file: BinaryIO = open_confined(self.path, root)
         try:
             self.tensors, self.metadata = self._parse_header()
         except BaseException:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from wombat_core.errors import InvalidArgument
+from wombat_core.paths import open_confined
 
 MAX_RESPONSES = 64
 MAX_TEXT_CHARS = 100_000
@@ -60,11 +61,13 @@ def validate_records(raws: Iterable[object], label: str = "record") -> list[Pref
     return records
 
 
-def load_jsonl(path: Path) -> list[PreferenceRecord]:
-    """Parses and validates every line; blank lines are skipped."""
+def load_jsonl(path: Path, root: Path | None = None) -> list[PreferenceRecord]:
+    """Parses and validates every line; blank lines are skipped. With `root`, the file is opened with
+    `open_confined` (no link out of the root, even one swapped in after the path was checked)."""
     records = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
+    with open_confined(Path(path), root) as f:
+        for number, raw_line in enumerate(f, start=1):
+            line = _decode(raw_line, f"{Path(path).name} line {number}")
             if not line.strip():
                 continue
             try:
@@ -78,6 +81,13 @@ def load_jsonl(path: Path) -> list[PreferenceRecord]:
     if not records:
         raise InvalidArgument(f"{Path(path).name} holds no records")
     return records
+
+
+def _decode(raw: bytes, where: str) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidArgument(f"{where}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
 
 
 def dump_jsonl(records: Iterable[PreferenceRecord]) -> str:

@@ -13,16 +13,18 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from wombat_core.errors import WombatError
+from wombat_core.errors import InvalidArgument, WombatError, from_os_error
 from wombat_core.server.errors import rich_status, status_code_for
 from wombat_core.server.logs import request_id_var
 
 log = logging.getLogger(__name__)
 
+MAX_STATUS_CHARS = 512  # the status travels in headers (8 KiB by default), twice: text and details
 OPEN_METHOD_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 REQUEST_ID_KEY = "x-request-id"
 
@@ -72,12 +74,14 @@ class _CallState:
         await context.send_initial_metadata(((REQUEST_ID_KEY, self.request_id),))
 
     async def fail(self, context: grpc.aio.ServicerContext, exc: BaseException) -> None:
+        if isinstance(exc, OSError):
+            exc = from_os_error(exc) or exc  # disk full, permissions: the caller can act on these
         if isinstance(exc, WombatError):
             self.code = status_code_for(exc)
-            log.info("%s failed: %s %s", self.method, self.code.name, exc.message)
-            await context.abort(
-                self.code, exc.message, rich_status(self.code, exc.message, exc.reason, exc.metadata)
-            )
+            message = _bounded(exc.message)
+            log.info("%s failed: %s %s", self.method, self.code.name, message)
+            metadata = {key: _bounded(value, 128) for key, value in exc.metadata.items()}
+            await context.abort(self.code, message, rich_status(self.code, message, exc.reason, metadata))
         self.code = grpc.StatusCode.INTERNAL
         log.exception("%s: unexpected error", self.method)
         message = f"internal error (request id {self.request_id}); the server log has the details"
@@ -93,11 +97,45 @@ class _CallState:
         self.metrics.latency.labels(self.method).observe(time.monotonic() - self.started)
 
 
+@dataclass(frozen=True)
+class _Undecodable:
+    """Stands in for a request whose bytes do not parse (bad UTF-8 in a string field, a corrupt wire
+    format). An exception in the deserializer would reach the client as UNKNOWN; the call itself answers
+    INVALID_ARGUMENT instead."""
+
+    error: str
+
+
+def _lenient(deserializer: Callable[[bytes], object] | None) -> Callable[[bytes], object] | None:
+    if deserializer is None:
+        return None
+
+    def deserialize(data: bytes):
+        try:
+            return deserializer(data)
+        except Exception as exc:  # noqa: BLE001 - DecodeError and whatever else bad bytes raise
+            return _Undecodable(str(exc))
+
+    return deserialize
+
+
+def _check_decoded(request) -> None:
+    if isinstance(request, _Undecodable):
+        raise InvalidArgument(f"the request message does not parse: {request.error}")
+
+
+def _bounded(text: str, limit: int = MAX_STATUS_CHARS) -> str:
+    """Messages may quote the caller's input; a huge value must not make the status itself too big for
+    gRPC's header limit (the caller would see RESOURCE_EXHAUSTED instead of the real error)."""
+    return text if len(text) <= limit else text[:limit] + f"… ({len(text) - limit} more characters)"
+
+
 def _wrap_unary(behavior: Callable[..., Awaitable], make_state: Callable[[], _CallState]) -> Callable:
     async def wrapper(request, context):
         state = make_state()
         try:
             await state.begin(context)
+            _check_decoded(request)
             return await behavior(request, context)
         except grpc.aio.AbortError:
             raise
@@ -114,6 +152,7 @@ def _wrap_stream(behavior: Callable[..., AsyncIterator], make_state: Callable[[]
         state = make_state()
         try:
             await state.begin(context)
+            _check_decoded(request)
             async for response in behavior(request, context):
                 yield response
         except grpc.aio.AbortError:
@@ -159,12 +198,12 @@ class WombatInterceptor(grpc.aio.ServerInterceptor):
         if handler.response_streaming:
             return grpc.unary_stream_rpc_method_handler(
                 _wrap_stream(handler.unary_stream, make_state),
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=_lenient(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
         return grpc.unary_unary_rpc_method_handler(
             _wrap_unary(handler.unary_unary, make_state),
-            request_deserializer=handler.request_deserializer,
+            request_deserializer=_lenient(handler.request_deserializer),
             response_serializer=handler.response_serializer,
         )
 
@@ -181,8 +220,8 @@ def _unauthenticated_handler(handler):
 
     if handler.response_streaming:
         return grpc.unary_stream_rpc_method_handler(
-            deny_stream, handler.request_deserializer, handler.response_serializer
+            deny_stream, _lenient(handler.request_deserializer), handler.response_serializer
         )
     return grpc.unary_unary_rpc_method_handler(
-        deny_unary, handler.request_deserializer, handler.response_serializer
+        deny_unary, _lenient(handler.request_deserializer), handler.response_serializer
     )
