@@ -24,35 +24,46 @@ class Running:
     root: Path  # what the service's paths are relative to
 
 
-def _materializer(root: Path) -> ServerThread:
+def _config(**overrides):
+    from wombat_core.server import ServerConfig
+
+    return ServerConfig(**{"host": "127.0.0.1", "port": 0, "metrics_port": 0, **overrides})
+
+
+def start_materializer(root: Path, **config) -> ServerThread:
     from services.materializer.server import build_server
-    from wombat_core.server import ServerConfig
 
-    return ServerThread(lambda: build_server(ServerConfig(host="127.0.0.1", port=0, metrics_port=0), root))
+    return ServerThread(lambda: build_server(_config(**config), root))
 
 
-def _inference(model: Path) -> ServerThread:
+def start_inference(model: Path, **config) -> ServerThread:
+    """The inference service with its engine loaded; stop with stop_inference."""
     from services.inference.server import InferenceSettings, build_server, load_engine
-    from wombat_core.server import ServerConfig
 
     settings = InferenceSettings(model_dir=model, max_batch_size=4, max_queue=16)
-    thread = ServerThread(
-        lambda: build_server(ServerConfig(host="127.0.0.1", port=0, metrics_port=0), settings), serving=False
-    )
+    thread = ServerThread(lambda: build_server(_config(**config), settings), serving=False)
     loaded, engine = load_engine(settings)
     thread.servicer.attach(loaded, engine)
     thread.call(thread.server.set_serving(True))
     return thread
 
 
-def _rrhf(models: Path, data: Path) -> ServerThread:
+def stop_inference(thread: ServerThread) -> None:
+    thread.stop()
+    thread.servicer.engine.stop()
+
+
+def start_rrhf(models: Path, data: Path, **config) -> ServerThread:
+    """The rrhf service on this process's Ray cluster (started if needed); stop with stop_rrhf."""
     from services.rrhf.server import RrhfSettings, build_server
-    from wombat_core.server import ServerConfig
 
     settings = RrhfSettings(model_root=models, data_root=data, policy_model="policy")
-    return ServerThread(
-        lambda: build_server(ServerConfig(host="127.0.0.1", port=0, metrics_port=0), settings)
-    )
+    return ServerThread(lambda: build_server(_config(**config), settings))
+
+
+def stop_rrhf(thread: ServerThread) -> None:
+    thread.call(thread.servicer.close())
+    thread.stop()
 
 
 @pytest.fixture(scope="package")
@@ -65,9 +76,9 @@ def services(tmp_path_factory) -> dict[str, Running]:
     data.mkdir()
     shutil.copyfile(resources.files("wombat_core.rrhf") / "data" / "preferences.jsonl", data / "prefs.jsonl")
     threads = {
-        "materializer": (_materializer(models), models),
-        "inference": (_inference(models / "policy"), models),
-        "rrhf": (_rrhf(models, data), models),
+        "materializer": (start_materializer(models), models),
+        "inference": (start_inference(models / "policy"), models),
+        "rrhf": (start_rrhf(models, data), models),
     }
     running = {
         name: Running(name, thread, grpc.insecure_channel(thread.address), root)
@@ -76,10 +87,9 @@ def services(tmp_path_factory) -> dict[str, Running]:
     yield running
     for item in running.values():
         item.channel.close()
-    running["rrhf"].thread.call(running["rrhf"].thread.servicer.close())
-    for item in running.values():
-        item.thread.stop()
-    running["inference"].thread.servicer.engine.stop()
+    stop_rrhf(running["rrhf"].thread)
+    stop_inference(running["inference"].thread)
+    running["materializer"].thread.stop()
     import ray
 
     ray.shutdown()

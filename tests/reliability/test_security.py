@@ -1,0 +1,158 @@
+"""Security on every service: TLS and mutual TLS, the bearer token (health and reflection stay open,
+tokens never logged), message-size limits both ways, and pickles that must never run."""
+
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from tests.certs import certificates
+from tests.reliability.conftest import (
+    start_inference,
+    start_materializer,
+    start_rrhf,
+    stop_inference,
+    stop_rrhf,
+)
+from tests.reliability.rpc import SERVICES, invoke
+from wombat.inference.v1 import inference_pb2 as ipb
+from wombat.materializer.v1 import materializer_pb2 as mpb
+from wombat.rrhf.v1 import rrhf_pb2 as rpb
+
+TOKEN = "reliability-token-0123456789abcdef"
+
+# A cheap call per service that only an authenticated caller may make.
+PROBES = {
+    "materializer": ("ListModels", mpb.ListModelsRequest()),
+    "inference": ("ModelInfo", ipb.ModelInfoRequest()),
+    "rrhf": ("ListJobs", rpb.ListJobsRequest()),
+}
+
+
+def _start(name: str, services, **config):
+    root = services["materializer"].root
+    if name == "materializer":
+        return start_materializer(root, **config), lambda t: t.stop()
+    if name == "inference":
+        return start_inference(root / "policy", **config), stop_inference
+    data = Path(services["rrhf"].thread.servicer.data.root)
+    return start_rrhf(root, data, **config), stop_rrhf
+
+
+def _call(channel, service: str, token: str | None):
+    method_name, request = PROBES[service]
+    method = SERVICES[service].methods_by_name[method_name]
+    path = f"/{method.containing_service.full_name}/{method.name}"
+    metadata = [("authorization", f"Bearer {token}")] if token else []
+    stub = channel.unary_unary(
+        path, request_serializer=lambda m: m.SerializeToString(), response_deserializer=None
+    )
+    try:
+        stub(request, metadata=metadata, timeout=30)
+        return grpc.StatusCode.OK
+    except grpc.RpcError as exc:
+        return exc.code()
+
+
+def _tls_channel(address: str, certs: dict, client_cert: bool) -> grpc.Channel:
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=certs["ca"].read_bytes(),
+        private_key=certs["client_key"].read_bytes() if client_cert else None,
+        certificate_chain=certs["client_cert"].read_bytes() if client_cert else None,
+    )
+    return grpc.secure_channel(address, credentials)
+
+
+@pytest.mark.parametrize("service", ["materializer", "inference", "rrhf"])
+def test_mutual_tls_and_bearer_token(services, tmp_path, caplog, service):
+    from wombat_core.server import TlsConfig
+
+    certs = certificates(tmp_path)
+    tls = TlsConfig(certs["server_cert"], certs["server_key"], certs["ca"])
+    thread, stop = _start(service, services, tls=tls, auth_token=TOKEN, host="localhost")
+    address = f"localhost:{thread.port}"
+    try:
+        with _tls_channel(address, certs, client_cert=True) as channel:
+            assert _call(channel, service, TOKEN) == grpc.StatusCode.OK
+            assert _call(channel, service, None) == grpc.StatusCode.UNAUTHENTICATED
+            assert _call(channel, service, "wrong-token-0123456789") == grpc.StatusCode.UNAUTHENTICATED
+            health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+            assert health.status == health_pb2.HealthCheckResponse.SERVING  # open without a token
+        with _tls_channel(address, certs, client_cert=False) as no_certificate:
+            assert _call(no_certificate, service, TOKEN) == grpc.StatusCode.UNAVAILABLE
+        with grpc.insecure_channel(address) as plaintext:
+            assert _call(plaintext, service, TOKEN) == grpc.StatusCode.UNAVAILABLE
+    finally:
+        stop(thread)
+    assert TOKEN not in caplog.text
+
+
+def test_responses_over_the_send_limit_are_resource_exhausted(services):
+    thread, stop = _start("inference", services, max_message_bytes=64 * 1024)
+    try:
+        with grpc.insecure_channel(thread.address) as channel:
+            tokenize = SERVICES["inference"].methods_by_name["Tokenize"]
+            small = ipb.TokenizeRequest(
+                prompt=ipb.PromptInput(format=ipb.PROMPT_FORMAT_RAW, text="word " * 10)
+            )
+            assert invoke(channel, tokenize, small)[0] == grpc.StatusCode.OK
+            # 40 KB of text in; its tokens, ids and rendered text come back as more than 64 KiB.
+            large = ipb.TokenizeRequest(
+                prompt=ipb.PromptInput(format=ipb.PROMPT_FORMAT_RAW, text="ab " * 13_000)
+            )
+            code, details = invoke(channel, tokenize, large)
+            assert code == grpc.StatusCode.RESOURCE_EXHAUSTED, details
+            too_big = ipb.TokenizeRequest(
+                prompt=ipb.PromptInput(format=ipb.PROMPT_FORMAT_RAW, text="x" * 70_000)
+            )
+            assert invoke(channel, tokenize, too_big)[0] == grpc.StatusCode.RESOURCE_EXHAUSTED  # receive side
+    finally:
+        stop(thread)
+
+
+class _CreatesFileWhenUnpickled:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+def test_a_malicious_bin_offered_as_weights_never_runs(services, tmp_path):
+    """A pickle that would create a file if anything fully unpickled it, offered to every RPC that reads
+    weights: each refuses it, and the file never appears."""
+    root = services["materializer"].root
+    marker = tmp_path / "pwned"
+    evil = root / "evil"
+    evil.mkdir()
+    (evil / "config.json").write_text((root / "base" / "config.json").read_text())
+    with open(evil / "pytorch_model.bin", "wb") as f:
+        pickle.dump({"model.embed_tokens.weight": _CreatesFileWhenUnpickled(marker)}, f)
+    materializer = SERVICES["materializer"].methods_by_name
+    calls = [
+        (materializer["Convert"], mpb.ConvertRequest(source_path="evil", output_path="evil-converted")),
+        (
+            materializer["Materialize"],
+            mpb.MaterializeRequest(base_path="base", delta_path="evil", target_path="x"),
+        ),
+        (
+            materializer["MakeDelta"],
+            mpb.MakeDeltaRequest(base_path="evil", target_path="target", delta_path="y"),
+        ),
+    ]
+    for method, request in calls:
+        code, details = invoke(services["materializer"].channel, method, request)
+        assert code == grpc.StatusCode.INVALID_ARGUMENT, (method.name, details)
+        assert "weights_only=True" in details
+    describe = invoke(
+        services["materializer"].channel, materializer["Describe"], mpb.DescribeRequest(path="evil")
+    )
+    assert describe[0] == grpc.StatusCode.OK  # sizes and config only: Describe never loads the pickle
+    assert not marker.exists()
+    assert not any((root / name).exists() for name in ("evil-converted", "x", "y"))
