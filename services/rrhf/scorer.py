@@ -15,7 +15,7 @@ from pathlib import Path
 
 import ray
 
-from wombat_core.errors import InvalidArgument
+from wombat_core.errors import InvalidArgument, ResourceExhausted
 from wombat_core.rrhf.scoring import ScoreItem
 
 log = logging.getLogger(__name__)
@@ -83,7 +83,7 @@ class _Pending:
 
 class ScorerPool:
     def __init__(self, model_dir: Path, method: str, replicas: int, max_batch_responses: int = 64,
-                 max_wait_ms: float = 5.0, gpus_per_replica: float = 0.0):  # fmt: skip
+                 max_wait_ms: float = 5.0, gpus_per_replica: float = 0.0, max_pending: int = 64):  # fmt: skip
         self.model_dir, self.method = model_dir, method
         options = {"num_gpus": gpus_per_replica} if gpus_per_replica else {}
         self.actors = [ScorerActor.options(**options).remote(str(model_dir), method) for _ in range(replicas)]
@@ -92,17 +92,29 @@ class ScorerPool:
         self._task: asyncio.Task | None = None
         self.max_batch_responses, self.max_wait = max_batch_responses, max_wait_ms / 1000
         self._round_robin = itertools.count()
+        # Admission control: requests queued or being scored. Beyond it a caller is refused at once
+        # (RESOURCE_EXHAUSTED) instead of waiting in an unbounded queue.
+        self.max_pending, self._pending = max_pending, 0
 
     async def wait_ready(self) -> None:
         await asyncio.gather(*(actor.ready.remote() for actor in self.actors))
 
     async def score(self, item: ScoreItem) -> list[float]:
+        if self._pending >= self.max_pending:
+            raise ResourceExhausted(
+                f"the scorer for this model has {self._pending} requests in progress (the limit); "
+                "retry with backoff, or run the service with more --scorer-replicas"
+            )
         if self._queue is None:
             self._queue = asyncio.Queue()
             self._task = asyncio.create_task(self._batcher())
         future = asyncio.get_running_loop().create_future()
-        await self._queue.put(_Pending(item, future))
-        return await future
+        self._pending += 1
+        try:
+            await self._queue.put(_Pending(item, future))
+            return await future
+        finally:
+            self._pending -= 1
 
     async def _batcher(self) -> None:
         assert self._queue is not None

@@ -33,6 +33,7 @@ class RrhfSettings:
     ray_address: str | None = None
     scorer_replicas: int = 1
     scorer_gpus: float = 0.0  # GPUs per scorer actor (fractions share one); 0 scores on CPU
+    max_pending_scores: int = 64  # Score/Rank requests in progress per model; more get RESOURCE_EXHAUSTED
     policy_model: str | None = None  # default model for policy_logprob, relative to the model root
     reward_model: str | None = None  # default reward model, relative to the model root
     max_failures: int = 2
@@ -44,6 +45,8 @@ def build_server(config: ServerConfig, settings: RrhfSettings) -> tuple[WombatSe
             raise InvalidArgument(f"--{name.replace('_', '-')} {getattr(settings, name)} is not a directory")
     if settings.scorer_replicas < 1:
         raise InvalidArgument(f"--scorer-replicas must be >= 1, got {settings.scorer_replicas}")
+    if settings.max_pending_scores < 1:
+        raise InvalidArgument(f"--max-pending-scores must be >= 1, got {settings.max_pending_scores}")
     if settings.scorer_gpus < 0:
         raise InvalidArgument(f"--scorer-gpus must be >= 0, got {settings.scorer_gpus}")
     init_ray(settings.ray_address)
@@ -56,7 +59,7 @@ def build_server(config: ServerConfig, settings: RrhfSettings) -> tuple[WombatSe
         "reward_model": root / settings.reward_model if settings.reward_model else None,
     }
     servicer = RrhfServicer(root, Path(settings.data_root), store, runner, defaults, settings.scorer_replicas,
-                            settings.scorer_gpus)  # fmt: skip
+                            settings.scorer_gpus, settings.max_pending_scores)  # fmt: skip
     registration = ServiceRegistration(
         SERVICE_NAME, lambda server: rrhf_pb2_grpc.add_RrhfServiceServicer_to_server(servicer, server)
     )

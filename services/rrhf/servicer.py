@@ -26,12 +26,13 @@ MAX_MODEL_POOLS = 4
 class RrhfServicer(rrhf_pb2_grpc.RrhfServiceServicer):
     def __init__(self, model_root: Path, data_root: Path, store: JobStore, runner: JobRunner,
                  default_models: dict[str, Path | None], scorer_replicas: int,
-                 scorer_gpus: float = 0.0):  # fmt: skip
+                 scorer_gpus: float = 0.0, max_pending_scores: int = 64):  # fmt: skip
         self.models = ConfinedRoot(model_root)
         self.data = ConfinedRoot(data_root)
         self.store, self.runner = store, runner
         self.default_models = default_models  # method -> directory
         self.scorer_replicas, self.scorer_gpus = scorer_replicas, scorer_gpus
+        self.max_pending_scores = max_pending_scores
         self._pools: dict[tuple[str, Path], ScorerPool] = {}
 
     # --- scoring --------------------------------------------------------------------------------------
@@ -71,7 +72,11 @@ class RrhfServicer(rrhf_pb2_grpc.RrhfServiceServicer):
             if len(self._pools) >= MAX_MODEL_POOLS:
                 raise ResourceExhausted(f"at most {MAX_MODEL_POOLS} scoring models are loaded at once")
             self._pools[key] = ScorerPool(
-                directory, method, self.scorer_replicas, gpus_per_replica=self.scorer_gpus
+                directory,
+                method,
+                self.scorer_replicas,
+                gpus_per_replica=self.scorer_gpus,
+                max_pending=self.max_pending_scores,
             )
         return self._pools[key]
 

@@ -339,6 +339,9 @@ def serve_rrhf(
     ] = None,
     scorer_replicas: Annotated[int, typer.Option(help="Ray actors per scoring model")] = 1,
     scorer_gpus: Annotated[float, typer.Option(help="GPUs per scorer actor (0: CPU; 0.5 shares one)")] = 0.0,
+    max_pending_scores: Annotated[
+        int, typer.Option(help="Score/Rank requests in progress per model; more get RESOURCE_EXHAUSTED")
+    ] = 64,
     policy_model: Annotated[
         str | None, typer.Option(help="default policy model for Score, under the model root")
     ] = None,
@@ -365,6 +368,7 @@ def serve_rrhf(
         ray_address=ray_address,
         scorer_replicas=scorer_replicas,
         scorer_gpus=scorer_gpus,
+        max_pending_scores=max_pending_scores,
         policy_model=policy_model,
         reward_model=reward_model,
     )
