@@ -9,7 +9,6 @@ or the complete one.
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import logging
 import os
@@ -18,7 +17,7 @@ import uuid
 from pathlib import Path
 from types import TracebackType
 
-from wombat_core.errors import Aborted, AlreadyExists, FailedPrecondition, PermissionDenied, ResourceExhausted
+from wombat_core.errors import Aborted, AlreadyExists, FailedPrecondition, from_os_error
 from wombat_core.manifest import MANIFEST_NAME, FileDigest, Manifest, list_payload_files, sha256_file
 
 log = logging.getLogger(__name__)
@@ -42,11 +41,7 @@ def fsync_path(path: Path) -> None:
 
 def os_error_to_wombat(exc: OSError, what: str) -> Exception:
     """Disk-full and permission problems are the caller's to fix, so they get their own status."""
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return ResourceExhausted(f"no space left while writing {what}; free disk space and retry")
-    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return PermissionDenied(f"cannot write {what}: {exc.strerror}")
-    return exc
+    return from_os_error(exc, name=what) or exc
 
 
 class AtomicOutputDir:

@@ -124,18 +124,26 @@ _OS_ERRORS: dict[int, tuple[type[WombatError], str]] = {
     ),
     errno.EDQUOT: (ResourceExhausted, "the disk quota ran out while writing {name}; free space and retry"),
     errno.EFBIG: (ResourceExhausted, "{name} grew past the server's file size limit"),
-    errno.EACCES: (PermissionDenied, "the server may not access {name}: check the model root's permissions"),
-    errno.EPERM: (PermissionDenied, "the server may not access {name}: check the model root's permissions"),
+    errno.EACCES: (
+        PermissionDenied,
+        "the server may not write or read {name}: check the directory's permissions",
+    ),
+    errno.EPERM: (
+        PermissionDenied,
+        "the server may not write or read {name}: check the directory's permissions",
+    ),
     errno.EROFS: (FailedPrecondition, "{name} is on a read-only filesystem; write somewhere writable"),
     errno.ENAMETOOLONG: (InvalidArgument, "a path component is too long (at most 255 bytes each)"),
 }
 
 
-def from_os_error(exc: OSError) -> WombatError | None:
-    """The suite's error for an OSError a caller can act on (disk full, permissions), else None."""
+def from_os_error(exc: OSError, name: str | None = None) -> WombatError | None:
+    """The suite's error for an OSError a caller can act on (disk full, permissions), else None. `name`
+    says what was being written; by default the base name of the file in the error."""
     known = _OS_ERRORS.get(exc.errno or 0)
     if known is None:
         return None
     cls, template = known
-    name = PurePath(str(exc.filename)).name if exc.filename else "a file"
+    if name is None:
+        name = PurePath(str(exc.filename)).name if exc.filename else "a file"
     return cls(template.format(name=name), reason=f"OS_{errno.errorcode[exc.errno]}")

@@ -20,7 +20,7 @@ from wombat.inference.v1 import inference_pb2_grpc
 from wombat_core.engine import Engine, GenerationRequest
 from wombat_core.engine.loading import LoadedModel
 from wombat_core.engine.prompting import PromptFormat, encode
-from wombat_core.engine.types import StreamEvent
+from wombat_core.engine.types import FinishReason, StreamEvent
 from wombat_core.errors import Unavailable
 from wombat_core.server.logs import request_id_var
 
@@ -104,8 +104,10 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                 finished = events[-1].finished
                 yield events
         finally:
-            if not finished:
+            if not finished:  # the caller went away (disconnect, deadline): free its slot now
                 engine.cancel(request_id)
+                if self.metrics is not None:
+                    self.metrics.finished.labels(FinishReason.CANCELLED.value).inc()
 
     def _observe(self, events: list[StreamEvent], started: float, previous: float | None) -> float | None:
         if self.metrics is None:

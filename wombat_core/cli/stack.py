@@ -126,12 +126,14 @@ class ServiceProcess:
     WOMBAT_READY line); stopped with SIGTERM (a graceful drain), killed if it overstays the drain."""
 
     def __init__(self, args: list[str], log_path: Path, *, drain_seconds: float = 30.0,
-                 ready_timeout: float = 300.0, env: dict[str, str] | None = None):  # fmt: skip
+                 ready_timeout: float = 300.0, env: dict[str, str] | None = None,
+                 launcher: list[str] | None = None):  # fmt: skip
+        """`launcher` replaces `python -m wombat_core.cli.main` (tests run the server under OS limits)."""
         self.name, self.log_path, self.drain_seconds = args[0], Path(log_path), drain_seconds
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "w") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", PROCESS_MARKER, "serve", *args],
+                [*(launcher or [sys.executable, "-m", PROCESS_MARKER]), "serve", *args],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,

@@ -79,6 +79,7 @@ class EngineStats:
     waiting: int
     prefilling: int
     running: int
+    decode_steps: int = 0  # since start: a clock for "freed within one step"
 
 
 class Engine:
@@ -90,6 +91,7 @@ class Engine:
         self._lock = threading.Condition()
         self._waiting: collections.deque[_Sequence] = collections.deque()
         self._cancelled: set[str] = set()
+        self._decode_steps = 0
         self._group: PrefillGroup | None = None
         self._group_sequences: list[_Sequence] = []
         self._batch: KVBatch | None = None
@@ -151,7 +153,9 @@ class Engine:
             self._lock.notify_all()
 
     def stats(self) -> EngineStats:
-        return EngineStats(len(self._waiting), len(self._group_sequences), len(self._running))
+        return EngineStats(
+            len(self._waiting), len(self._group_sequences), len(self._running), self._decode_steps
+        )
 
     @property
     def vocab_size(self) -> int:
@@ -251,6 +255,7 @@ class Engine:
         logits = self.runner.decode(self._batch)
         tokens = [self._sample(sequence, logits[row]) for row, sequence in enumerate(self._running)]
         self._batch.last_tokens = torch.tensor(tokens, device=logits.device)
+        self._decode_steps += 1
         if self.on_step:
             self.on_step("decode", len(tokens), time.monotonic() - started)
         self._emit_and_retire(list(self._running), tokens, offset=0)

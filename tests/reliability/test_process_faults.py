@@ -88,3 +88,28 @@ def test_inference_sigterm_finishes_streams_and_refuses_new_calls(tmp_path):
         assert service.process.wait(60) == 0
     finally:
         service.stop()
+
+
+def test_sigterm_exits_within_the_grace_period_even_if_a_stream_would_run_longer(tmp_path):
+    import time
+
+    from clients.inference import InferenceClient, prompt, sampling
+    from tests.engine_fixtures import save_servable_tiny_model
+    from wombat_core.cli.stack import ServiceProcess
+
+    model = save_servable_tiny_model(tmp_path / "tiny", context=8192)
+    grace = 1.0
+    service = ServiceProcess(["inference", "--model", str(model), "--port", "0", "--metrics-port", "-1",
+                              "--drain-seconds", str(grace)], tmp_path / "inference.log")  # fmt: skip
+    try:
+        with InferenceClient(service.address, timeout=120) as client:
+            stream = client.generate(prompt("x"), sampling(max_new_tokens=4000, ignore_eos=True))
+            next(stream)
+            stopped = time.monotonic()
+            service.process.send_signal(signal.SIGTERM)
+            with pytest.raises(grpc.RpcError):
+                list(stream)  # cut off when the grace period ends
+            assert service.process.wait(30) == 0
+            assert time.monotonic() - stopped < grace + 5.0
+    finally:
+        service.stop()
