@@ -245,37 +245,6 @@ def test_cancel_stops_a_running_job(stub, roots):
     assert again.job.state == pb.JOB_STATE_CANCELLED
 
 
-@pytest.mark.slow
-def test_killed_worker_resumes_from_the_checkpoint(stub, server):
-    import os
-    import signal
-
-    job_id = _start(
-        stub,
-        "resumed",
-        num_workers=2,
-        max_steps=8,
-        batch_size=1,
-        learning_rate=1e-3,
-        checkpoint_every_steps=1,
-    )
-    events = stub.WatchJob(pb.WatchJobRequest(job_id=job_id), timeout=600)
-    for event in events:
-        if event.HasField("step") and event.step.step >= 3:
-            break
-    job = server.servicer.store.get(job_id)
-    victim = next(e["pid"] for e in job.events if e.get("kind") == "worker" and e.get("rank") == 1)
-    os.kill(victim, signal.SIGKILL)
-    final = [e for e in events if e.HasField("job")][-1].job
-    assert final.state == pb.JOB_STATE_SUCCEEDED, final.error
-    job = server.servicer.store.get(job_id)
-    resumed = [e for e in job.events if e.get("kind") == "resumed"]
-    # Resumed from a saved checkpoint (not from scratch), at most the step reached before the kill.
-    assert resumed and 1 <= resumed[0]["step"] <= 4
-    steps = [e["step"] for e in job.events if e.get("kind") == "step"]
-    assert steps[-1] == 8 and set(steps) == set(range(1, 9))
-
-
 def test_restarted_service_reports_its_jobs(tmp_path):
     from services.rrhf.jobs import JobStore
 

@@ -1,0 +1,92 @@
+"""Training under faults: a Ray worker killed mid-run, and the rrhf service itself killed while a job
+runs. A job is never silently lost: it finishes, resumes, or is marked failed with its reason."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+from importlib import resources
+
+import grpc
+import pytest
+
+from clients.rrhf import RrhfClient
+from tests.engine_fixtures import save_servable_tiny_model
+from wombat.rrhf.v1 import rrhf_pb2 as pb
+from wombat_core.cli.stack import ServiceProcess
+
+pytestmark = pytest.mark.slow
+HYPER = dict(num_workers=2, max_steps=8, batch_size=1, learning_rate=1e-3, checkpoint_every_steps=1)
+
+
+def _train(stub, output: str) -> tuple[str, grpc.Call]:
+    request = pb.StartTrainingRequest(model_path="policy", data_path="prefs.jsonl", output_path=output,
+                                      hyperparameters=pb.TrainingHyperparameters(**HYPER))  # fmt: skip
+    job_id = stub.StartTraining(request, timeout=120).job_id
+    return job_id, stub.WatchJob(pb.WatchJobRequest(job_id=job_id), timeout=900)
+
+
+def _final(events) -> pb.Job:
+    return [e for e in events if e.HasField("job")][-1].job
+
+
+def test_killed_worker_resumes_from_its_checkpoint_and_ends_near_an_uninterrupted_run(services):
+    from wombat.rrhf.v1 import rrhf_pb2_grpc
+
+    stub = rrhf_pb2_grpc.RrhfServiceStub(services["rrhf"].channel)
+    store = services["rrhf"].thread.servicer.store
+    _, events = _train(stub, "uninterrupted")
+    baseline = _final(events)
+    assert baseline.state == pb.JOB_STATE_SUCCEEDED, baseline.error
+
+    job_id, events = _train(stub, "resumed")
+    for event in events:
+        if event.HasField("step") and event.step.step >= 3:
+            break
+    victim = next(
+        e["pid"] for e in store.get(job_id).events if e.get("kind") == "worker" and e.get("rank") == 1
+    )
+    os.kill(victim, signal.SIGKILL)
+    final = _final(events)
+    assert final.state == pb.JOB_STATE_SUCCEEDED, final.error
+    job = store.get(job_id)
+    resumed = [e for e in job.events if e.get("kind") == "resumed"]
+    assert resumed and 1 <= resumed[0]["step"] <= 4  # from a saved checkpoint, not from scratch
+    steps = [e["step"] for e in job.events if e.get("kind") == "step"]
+    assert steps[-1] == 8 and set(steps) == set(range(1, 9))
+    # Same seed, same data order, optimizer state restored: the loss ends where the baseline's did.
+    assert final.latest.loss == pytest.approx(baseline.latest.loss, rel=0.05, abs=0.05)
+
+
+def test_a_killed_rrhf_service_reports_the_running_job_as_failed_after_restart(tmp_path):
+    models, data = tmp_path / "models", tmp_path / "data"
+    save_servable_tiny_model(models / "policy")
+    data.mkdir()
+    shutil.copyfile(resources.files("wombat_core.rrhf") / "data" / "preferences.jsonl", data / "prefs.jsonl")
+    args = ["rrhf", "--model-root", str(models), "--data-root", str(data), "--port", "0", "--metrics-port", "-1",
+            "--state-dir", str(tmp_path / "jobs")]  # fmt: skip
+    service = ServiceProcess(args, tmp_path / "first.log")
+    try:
+        with RrhfClient(service.address, timeout=300) as client:
+            job_id = client.start_training("policy", "never-finished", data_path="prefs.jsonl", num_workers=1,
+                                           max_steps=500, checkpoint_every_steps=1)  # fmt: skip
+            for event in client.watch(job_id):
+                if event.HasField("checkpoint"):
+                    break
+            service.process.send_signal(signal.SIGKILL)  # a crash: no drain, no goodbye
+            service.process.wait(30)
+    finally:
+        service.stop()
+    restarted = ServiceProcess(args, tmp_path / "second.log")
+    try:
+        with RrhfClient(restarted.address, timeout=60) as client:
+            job = client.get_job(job_id)
+            assert job.state == pb.JOB_STATE_FAILED
+            assert (
+                "restarted while the job was running" in job.error and "last checkpoint at step" in job.error
+            )
+            assert job_id in [j.job_id for j in client.list_jobs()]
+    finally:
+        restarted.stop()
+    assert not (models / "never-finished").exists()
