@@ -41,6 +41,7 @@ bench: venv
 	$(PY) benchmarks/materialize.py
 	$(PY) benchmarks/inference.py
 	$(PY) benchmarks/rrhf.py
+	$(PY) benchmarks/reliability.py
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache

@@ -4,6 +4,8 @@ proper status (never INTERNAL or UNKNOWN) and every server must still serve afte
 
 from __future__ import annotations
 
+import os
+
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -12,7 +14,8 @@ from hypothesis import HealthCheck, given, settings
 from tests.reliability.rpc import ALL_RPCS, PROPER_CODES, invoke, message_strategy
 from wombat.rrhf.v1 import rrhf_pb2
 
-FUZZ_SETTINGS = settings(max_examples=25, deadline=None, derandomize=True, database=None,
+EXAMPLES = int(os.environ.get("WOMBAT_FUZZ_EXAMPLES", "25"))  # per RPC; benchmarks/reliability.py sets more
+FUZZ_SETTINGS = settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                                                 HealthCheck.function_scoped_fixture])  # fmt: skip
 

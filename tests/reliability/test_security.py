@@ -10,6 +10,7 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from tests.certs import certificates
 from tests.reliability.conftest import (
@@ -83,6 +84,11 @@ def test_mutual_tls_and_bearer_token(services, tmp_path, caplog, service):
             assert _call(channel, service, "wrong-token-0123456789") == grpc.StatusCode.UNAUTHENTICATED
             health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
             assert health.status == health_pb2.HealthCheckResponse.SERVING  # open without a token
+            listing = reflection_pb2.ServerReflectionRequest(list_services="")
+            reply = next(
+                reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(iter([listing]))
+            )
+            assert SERVICES[service].full_name in {s.name for s in reply.list_services_response.service}
         with _tls_channel(address, certs, client_cert=False) as no_certificate:
             assert _call(no_certificate, service, TOKEN) == grpc.StatusCode.UNAVAILABLE
         with grpc.insecure_channel(address) as plaintext:
