@@ -1,8 +1,8 @@
 """Reliability report, in one run: load held, bad inputs tried, faults survived, nothing lost.
 
 1. Load: 64 concurrent Generate streams against an inference process with batch 4 + queue 16, and 64
-   concurrent Score calls against an rrhf process admitting 16, three rounds each: outcomes by status,
-   the server's RSS after each round, and a normal request afterwards.
+   concurrent Score calls (32 responses each) against an rrhf process admitting 4 in progress; three
+   rounds each: outcomes by status, the server's RSS after each round, and a normal request afterwards.
 2. Bad input: hypothesis-generated requests for every RPC of the three services (random field values,
    huge strings and repeated fields) plus undecodable bytes: how many were tried, the statuses they got,
    and how many were INTERNAL or UNKNOWN (must be 0).
@@ -62,7 +62,7 @@ def load_report(rounds: int) -> None:
         _print_rounds("Generate: 64 streams vs batch 4 + queue 16", results, after)
         rrhf = ServiceProcess(["rrhf", "--model-root", str(base / "models"), "--data-root", str(base / "data"),
                                "--port", "0", "--metrics-port", "-1", "--policy-model", "policy",
-                               "--max-pending-scores", "16"], base / "rrhf.log")  # fmt: skip
+                               "--max-pending-scores", "4"], base / "rrhf.log")  # fmt: skip
         try:
             with RrhfClient(rrhf.address, timeout=120) as client:
                 client.score("warm up", ["a", "b"])
@@ -71,7 +71,7 @@ def load_report(rounds: int) -> None:
                 after = len(client.score("after", ["a", "b"]).scores) == 2
         finally:
             rrhf.stop()
-        _print_rounds("Score: 64 callers vs 16 admitted", results, after)
+        _print_rounds("Score: 64 callers (32 responses each) vs 4 in progress", results, after)
 
 
 def _print_rounds(title: str, results, served_after: bool) -> None:

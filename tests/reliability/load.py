@@ -66,13 +66,17 @@ def generate_round(address: str, pid: int, streams: int = 64, max_new_tokens: in
     return result
 
 
-def score_round(address: str, pid: int, callers: int = 64, timeout: float = 120) -> Round:
-    """`callers` Score calls at the same instant."""
+def score_round(
+    address: str, pid: int, callers: int = 64, responses: int = 16, timeout: float = 120
+) -> Round:
+    """`callers` Score calls at the same instant, each ranking `responses` candidates (enough work per
+    call that the calls overlap, so the admission limit is really exercised)."""
     result = Round()
+    candidates = [f"Candidate {n}: " + "a colour such as red, green or blue " * 3 for n in range(responses)]
     with RrhfClient(address, timeout=timeout) as client:
 
         def call(i: int) -> None:
-            client.score(f"Question {i}: name a colour.", ["Red.", f"Blue, number {i}."])
+            client.score(f"Question {i}: name a colour.", candidates)
 
         started = time.monotonic()
         result.codes = _run_concurrently(callers, call)

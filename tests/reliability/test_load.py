@@ -47,13 +47,13 @@ def test_64_generate_streams_against_a_queue_of_16(tmp_path):
         service.stop()
 
 
-def test_64_score_calls_against_a_limit_of_16(tmp_path):
+def test_64_score_calls_against_a_limit_of_4(tmp_path):
     models, data = tmp_path / "models", tmp_path / "data"
     save_servable_tiny_model(models / "policy")
     data.mkdir()
     shutil.copyfile(resources.files("wombat_core.rrhf") / "data" / "preferences.jsonl", data / "prefs.jsonl")
     service = ServiceProcess(["rrhf", "--model-root", str(models), "--data-root", str(data), "--port", "0",
-                              "--metrics-port", "-1", "--policy-model", "policy", "--max-pending-scores", "16"],
+                              "--metrics-port", "-1", "--policy-model", "policy", "--max-pending-scores", "4"],
                              tmp_path / "rrhf.log")  # fmt: skip
     try:
         with RrhfClient(service.address, timeout=120) as client:
