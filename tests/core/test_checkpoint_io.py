@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import pickle
 import struct
 from pathlib import Path
@@ -12,6 +11,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from tests.malicious import CreatesFileWhenUnpickled
 from tests.models import load_state, save_tiny_llama
 from wombat_core.checkpoint.layout import Checkpoint, WeightFormat
 from wombat_core.checkpoint.safetensors_io import SafetensorsFile, StreamingSafetensorsWriter, TensorSpec
@@ -105,23 +105,13 @@ def test_pickle_named_safetensors_is_refused_with_advice(tmp_path):
     assert "wombat convert" in info.value.message
 
 
-class _CreatesFileWhenUnpickled:
-    """A pickle payload that would create a marker file if anything fully unpickled it."""
-
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
-
-
 @pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 def test_malicious_bin_is_refused_and_never_executes(tmp_path):
     marker = tmp_path / "pwned"
     source = tmp_path / "evil"
     source.mkdir()
     with open(source / "pytorch_model.bin", "wb") as f:
-        pickle.dump({"model.weight": _CreatesFileWhenUnpickled(marker)}, f)
+        pickle.dump({"model.weight": CreatesFileWhenUnpickled(marker)}, f)
     with pytest.raises(UnsafeCheckpoint, match="weights_only=True"):
         convert_checkpoint(source, tmp_path / "out")
     assert not marker.exists()

@@ -3,7 +3,6 @@ tokens never logged), message-size limits both ways, and pickles that must never
 
 from __future__ import annotations
 
-import os
 import pickle
 from pathlib import Path
 
@@ -13,6 +12,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from tests.certs import certificates
+from tests.malicious import CreatesFileWhenUnpickled
 from tests.reliability.conftest import (
     start_inference,
     start_materializer,
@@ -121,14 +121,6 @@ def test_responses_over_the_send_limit_are_resource_exhausted(services):
         stop(thread)
 
 
-class _CreatesFileWhenUnpickled:
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
-
-
 @pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 def test_a_malicious_bin_offered_as_weights_never_runs(services, tmp_path):
     """A pickle that would create a file if anything fully unpickled it, offered to every RPC that reads
@@ -139,7 +131,7 @@ def test_a_malicious_bin_offered_as_weights_never_runs(services, tmp_path):
     evil.mkdir()
     (evil / "config.json").write_text((root / "base" / "config.json").read_text())
     with open(evil / "pytorch_model.bin", "wb") as f:
-        pickle.dump({"model.embed_tokens.weight": _CreatesFileWhenUnpickled(marker)}, f)
+        pickle.dump({"model.embed_tokens.weight": CreatesFileWhenUnpickled(marker)}, f)
     materializer = SERVICES["materializer"].methods_by_name
     calls = [
         (materializer["Convert"], mpb.ConvertRequest(source_path="evil", output_path="evil-converted")),
