@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import urllib.request
 
 import grpc
@@ -63,16 +64,19 @@ def test_reflection_lists_the_services(materializer):
 def test_metrics_count_calls_by_method_and_code(materializer, materializer_client):
     materializer_client.list_models()
     rpc_error(lambda: materializer_client.verify("../x"))
-    body = (
-        urllib.request.urlopen(f"http://127.0.0.1:{materializer.server.metrics_port}/metrics", timeout=5)
-        .read()
-        .decode()
-    )
-    assert (
-        'wombat_rpc_requests_total{code="OK",method="/wombat.materializer.v1.MaterializerService/ListModels"} 1.0'
-        in body
-    )
-    assert 'code="INVALID_ARGUMENT",method="/wombat.materializer.v1.MaterializerService/Verify"' in body
+    ok = 'wombat_rpc_requests_total{code="OK",method="/wombat.materializer.v1.MaterializerService/ListModels"} 1.0'
+    invalid = 'code="INVALID_ARGUMENT",method="/wombat.materializer.v1.MaterializerService/Verify"'
+    # A failed call's status reaches the client as the handler aborts, a moment before the server's own
+    # bookkeeping for that call runs: poll briefly.
+    deadline = time.monotonic() + 5
+    while True:
+        url = f"http://127.0.0.1:{materializer.server.metrics_port}/metrics"
+        body = urllib.request.urlopen(url, timeout=5).read().decode()
+        if (ok in body and invalid in body) or time.monotonic() > deadline:
+            break
+        time.sleep(0.02)
+    assert ok in body
+    assert invalid in body
     assert "wombat_rpc_duration_seconds_bucket" in body
 
 
