@@ -21,17 +21,27 @@ from wombat_core.rrhf.training import TrainingConfig, plan
 log = logging.getLogger(__name__)
 
 
-def init_ray(address: str | None, num_cpus: int | None = None) -> None:
-    """Joins `address` (a KubeRay head, say; else $RAY_ADDRESS) or starts a local cluster. Logical CPUs on a local cluster are
-    at least 4 so that a 2-worker training job and the scorer actors fit on a small machine."""
+def init_ray(address: str | None, num_cpus: int | None = None, attempts: int = 2) -> None:
+    """Joins `address` (a KubeRay head, say; else $RAY_ADDRESS) or starts a local cluster. Logical CPUs
+    on a local cluster are at least 4 so that a 2-worker training job and the scorer actors fit on a
+    small machine. A local start is retried once: on a loaded host Ray's node can miss its start-up
+    deadline ("the current node timed out during startup") and then comes up fine the second time."""
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")  # set for a RayJob's driver: join that cluster
     if address:
         ray.init(address=address, namespace="wombat-rrhf", log_to_driver=False)
-    else:
-        ray.init(num_cpus=num_cpus or max(4, os.cpu_count() or 1), include_dashboard=False,
-                 namespace="wombat-rrhf", log_to_driver=False, logging_level="WARNING")  # fmt: skip
+        return
+    for attempt in range(1, attempts + 1):
+        try:
+            ray.init(num_cpus=num_cpus or max(4, os.cpu_count() or 1), include_dashboard=False,
+                     namespace="wombat-rrhf", log_to_driver=False, logging_level="WARNING")  # fmt: skip
+            return
+        except Exception:
+            ray.shutdown()
+            if attempt == attempts:
+                raise
+            log.warning("the local Ray cluster did not start (attempt %d of %d); retrying", attempt, attempts)
 
 
 class JobRunner:

@@ -154,3 +154,29 @@ def test_a_malicious_bin_offered_as_weights_never_runs(services, tmp_path):
     assert describe[0] == grpc.StatusCode.OK  # sizes and config only: Describe never loads the pickle
     assert not marker.exists()
     assert not any((root / name).exists() for name in ("evil-converted", "x", "y"))
+
+
+def test_cli_client_commands_speak_mutual_tls_with_the_token(services, tmp_path):
+    from typer.testing import CliRunner
+
+    from wombat_core.cli.main import app
+    from wombat_core.server import TlsConfig
+
+    certs = certificates(tmp_path)
+    tls = TlsConfig(certs["server_cert"], certs["server_key"], certs["ca"])
+    thread, stop = _start("materializer", services, tls=tls, auth_token=TOKEN, host="localhost")
+    server = f"localhost:{thread.port}"
+    env = {"WOMBAT_AUTH_TOKEN": TOKEN, "WOMBAT_TLS_CA_FILE": str(certs["ca"]),
+           "WOMBAT_TLS_CERT_FILE": str(certs["client_cert"]), "WOMBAT_TLS_KEY_FILE": str(certs["client_key"])}  # fmt: skip
+    try:
+        reached = CliRunner().invoke(app, ["verify", "--server", server, "no-such-model"], env=env)
+        assert reached.exit_code == 1 and "NOT_FOUND" in reached.output  # the server answered the question
+        no_tls = CliRunner().invoke(app, ["verify", "--server", server, "no-such-model"],
+                                    env={"WOMBAT_AUTH_TOKEN": TOKEN})  # fmt: skip
+        assert "UNAVAILABLE" in no_tls.output
+        half = CliRunner().invoke(
+            app, ["verify", "--server", server, "x"], env={**env, "WOMBAT_TLS_KEY_FILE": ""}
+        )
+        assert half.exit_code == 1 and "go together" in half.output
+    finally:
+        stop(thread)

@@ -3,6 +3,10 @@
 Local commands (`materialize`, `make-delta`, `convert` without --server, `verify`) run the core in-process
 on local paths; with `--server HOST:PORT` they call the materialiser service, and paths are relative to
 the server's --model-root. `--json` prints one JSON object per event for scripts.
+
+Client commands (`--server`) take the bearer token from $WOMBAT_AUTH_TOKEN, and TLS from
+$WOMBAT_TLS_CA_FILE (the CA that signed the server's certificate), plus $WOMBAT_TLS_CERT_FILE and
+$WOMBAT_TLS_KEY_FILE for mutual TLS.
 """
 
 from __future__ import annotations
@@ -46,6 +50,8 @@ PadOpt = Annotated[
     bool, typer.Option("--pad-vocab/--no-pad-vocab", help="zero [PAD] rows for the base vocab")
 ]
 TokenEnv = "WOMBAT_AUTH_TOKEN"
+# Client commands (--server) read TLS material from these, like the token from WOMBAT_AUTH_TOKEN.
+TLS_CA_ENV, TLS_CERT_ENV, TLS_KEY_ENV = "WOMBAT_TLS_CA_FILE", "WOMBAT_TLS_CERT_FILE", "WOMBAT_TLS_KEY_FILE"
 
 # Options every `wombat serve <service>` shares (the server scaffold's settings).
 HostOpt = Annotated[str, typer.Option(help="address to bind")]
@@ -66,11 +72,28 @@ def _fail(message: str, code: int = 1) -> None:
     raise typer.Exit(code)
 
 
-def _client(server: str):
+def _channel(server: str):
+    """How client commands reach a server: the bearer token and TLS files come from the environment."""
     from clients.channel import ChannelSettings
+
+    def path(name: str) -> Path | None:
+        value = os.environ.get(name)
+        return Path(value) if value else None
+
+    if bool(path(TLS_CERT_ENV)) != bool(path(TLS_KEY_ENV)):
+        _fail(f"${TLS_CERT_ENV} and ${TLS_KEY_ENV} go together (a client certificate and its key)")
+    if path(TLS_CERT_ENV) and not path(TLS_CA_ENV):
+        _fail(
+            f"a client certificate needs TLS: set ${TLS_CA_ENV} to the CA that signed the server's certificate"
+        )
+    return ChannelSettings(server, token=os.environ.get(TokenEnv), ca_file=path(TLS_CA_ENV),
+                           client_cert_file=path(TLS_CERT_ENV), client_key_file=path(TLS_KEY_ENV))  # fmt: skip
+
+
+def _client(server: str):
     from clients.materializer import MaterializerClient
 
-    return MaterializerClient(ChannelSettings(server, token=os.environ.get(TokenEnv)))
+    return MaterializerClient(_channel(server))
 
 
 def _run_remote(stream_factory, description: str, as_json: bool) -> None:
@@ -378,10 +401,9 @@ def serve_rrhf(
 
 
 def _rrhf_client(server: str):
-    from clients.channel import ChannelSettings
     from clients.rrhf import RrhfClient
 
-    return RrhfClient(ChannelSettings(server, token=os.environ.get(TokenEnv)))
+    return RrhfClient(_channel(server))
 
 
 @contextlib.contextmanager
@@ -594,7 +616,6 @@ def generate(
     """Stream a completion from an inference server, token by token."""
     import grpc
 
-    from clients.channel import ChannelSettings
     from clients.inference import InferenceClient, prompt, sampling
 
     if template == "chat":
@@ -605,7 +626,7 @@ def generate(
                       repetition_penalty=repetition_penalty, stop=stop or [])  # fmt: skip
     if seed is not None:
         params.seed = seed
-    settings = ChannelSettings(server, token=os.environ.get(TokenEnv))
+    settings = _channel(server)
     try:
         with InferenceClient(settings, timeout=timeout) as client:
             for response in client.generate(prompt_input, params):
