@@ -105,7 +105,7 @@ def test_rrhf_score_train_and_jobs(tmp_path):
                                     "--output", "trained", "--max-steps", "2", "--learning-rate", "1e-3",
                                     "--json").stdout)  # fmt: skip
         assert [e["step"]["step"] for e in trained if e["step"]["step"]] == [1, 2]
-        assert trained[-1]["job"]["state"] == 3  # JOB_STATE_SUCCEEDED
+        assert trained[-1]["job"]["state"] == "JOB_STATE_SUCCEEDED"
         listed = json_lines(wombat("jobs", "list", "--server", server, "--json").stdout)
         assert [j["job_id"] for j in listed] == [trained[-1]["job"]["job_id"]]
         refused = wombat("train", "--server", server, "--model", "policy", "--data", "missing.jsonl", "--output", "x",

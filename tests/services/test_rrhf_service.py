@@ -331,7 +331,7 @@ def test_train_without_a_server_runs_the_same_job_in_process(roots, server):
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     events = [json.loads(line) for line in result.output.splitlines() if line.startswith("{")]
-    assert events[-1]["job"]["state"] == pb.JOB_STATE_SUCCEEDED
+    assert events[-1]["job"]["state"] == "JOB_STATE_SUCCEEDED"
     assert verify_directory(models / "trained-locally").ok
     bad = CliRunner().invoke(app, ["train", "--model", "policy", "--data", "x.jsonl", "--output", "y"])
     assert bad.exit_code == 1 and "--model-root and --data-root" in bad.output

@@ -24,6 +24,18 @@ from rich.progress import (
 console = Console(stderr=True)
 
 
+def _field_jsonable(field, value: Any) -> Any:
+    """Enum values by name ("JOB_STATE_SUCCEEDED"): stable and readable for scripts; unknown numbers stay."""
+    if field.enum_type is None:
+        return to_jsonable(value)
+
+    def name(number: int) -> str | int:
+        known = field.enum_type.values_by_number.get(number)
+        return known.name if known else number
+
+    return [name(v) for v in value] if field.is_repeated else name(value)
+
+
 def to_jsonable(value: Any) -> Any:
     if isinstance(value, PurePath):
         return str(value)
@@ -33,10 +45,8 @@ def to_jsonable(value: Any) -> Any:
         return {k: to_jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [to_jsonable(v) for v in value]
-    if isinstance(
-        value, Message
-    ):  # plain field values, int64 kept as numbers (json_format makes them strings)
-        return {f.name: to_jsonable(getattr(value, f.name)) for f in value.DESCRIPTOR.fields}
+    if isinstance(value, Message):  # int64 kept as numbers (json_format makes them strings)
+        return {f.name: _field_jsonable(f, getattr(value, f.name)) for f in value.DESCRIPTOR.fields}
     if isinstance(value, Mapping):  # includes protobuf map fields
         return {k: to_jsonable(v) for k, v in value.items()}
     if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):  # includes repeated fields
