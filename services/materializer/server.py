@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from prometheus_client import Gauge
+
 from services.materializer.servicer import MaterializerServicer
 from wombat.materializer.v1 import materializer_pb2, materializer_pb2_grpc
 from wombat_core.errors import InvalidArgument
@@ -32,6 +34,9 @@ def build_server(
         lambda server: materializer_pb2_grpc.add_MaterializerServiceServicer_to_server(servicer, server),
     )
     server, port = create_server(config, [registration])
+    running = Gauge("wombat_materializer_jobs_running", "Materialise, make-delta and convert jobs running now",
+                    registry=server.registry)  # fmt: skip
+    running.set_function(lambda: servicer.jobs_running)
     return server, port, servicer
 
 

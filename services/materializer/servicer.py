@@ -102,6 +102,10 @@ class MaterializerServicer(materializer_pb2_grpc.MaterializerServiceServicer):
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, lambda: fn(*args, **kwargs))
 
+    @property
+    def jobs_running(self) -> int:
+        return self._running
+
     async def _run_job(
         self,
         run: Callable[[JobControl], delta.JobOutcome],

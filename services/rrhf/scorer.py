@@ -96,6 +96,10 @@ class ScorerPool:
         # (RESOURCE_EXHAUSTED) instead of waiting in an unbounded queue.
         self.max_pending, self._pending = max_pending, 0
 
+    @property
+    def in_progress(self) -> int:
+        return self._pending
+
     async def wait_ready(self) -> None:
         await asyncio.gather(*(actor.ready.remote() for actor in self.actors))
 

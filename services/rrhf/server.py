@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from services.rrhf.jobs import JobStore
+from services.rrhf.metrics import register_metrics
 from services.rrhf.runner import JobRunner, init_ray
 from services.rrhf.servicer import RrhfServicer
 from wombat.rrhf.v1 import rrhf_pb2, rrhf_pb2_grpc
@@ -64,6 +65,7 @@ def build_server(config: ServerConfig, settings: RrhfSettings) -> tuple[WombatSe
         SERVICE_NAME, lambda server: rrhf_pb2_grpc.add_RrhfServiceServicer_to_server(servicer, server)
     )
     server, port = create_server(config, [registration])
+    register_metrics(server.registry, servicer)
     return server, port, servicer
 
 

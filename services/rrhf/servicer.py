@@ -80,6 +80,9 @@ class RrhfServicer(rrhf_pb2_grpc.RrhfServiceServicer):
             )
         return self._pools[key]
 
+    def scores_in_progress(self) -> int:
+        return sum(pool.in_progress for pool in list(self._pools.values()))
+
     async def close(self) -> None:
         for pool in self._pools.values():
             await pool.close()

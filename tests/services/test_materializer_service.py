@@ -190,14 +190,18 @@ def big_models(model_root):
 def test_client_cancellation_stops_the_job_and_leaves_no_output(
     big_models, materializer, materializer_client
 ):
+    def running() -> float:
+        return materializer.server.registry.get_sample_value("wombat_materializer_jobs_running")
+
     stream = materializer_client.make_delta("base", "target", "delta", pb.DeltaOptions(dtype=3))
     first = next(stream)
     assert first.HasField("progress") and first.progress.tensors_done < first.progress.tensors_total
+    assert running() == 1
     stream.cancel()
     deadline = time.monotonic() + 30
-    while materializer.servicer._running and time.monotonic() < deadline:  # noqa: SLF001
+    while running() and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert materializer.servicer._running == 0  # noqa: SLF001
+    assert running() == 0
     assert not (big_models / "delta").exists()
     assert not [p for p in big_models.iterdir() if PARTIAL_MARK in p.name]
     # The slot is free again and a rerun completes.

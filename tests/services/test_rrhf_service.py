@@ -335,3 +335,16 @@ def test_train_without_a_server_runs_the_same_job_in_process(roots, server):
     assert verify_directory(models / "trained-locally").ok
     bad = CliRunner().invoke(app, ["train", "--model", "policy", "--data", "x.jsonl", "--output", "y"])
     assert bad.exit_code == 1 and "--model-root and --data-root" in bad.output
+
+
+def test_metrics_show_jobs_by_state_and_scores_in_progress(server, stub):
+    from collections import Counter
+
+    stub.Score(pb.ScoreRequest(query="q", responses=["a", "b"]), timeout=60)
+    registry = server.server.registry
+    assert registry.get_sample_value("wombat_rrhf_score_requests_in_progress") == 0
+    counts = Counter((job.kind, job.state) for job in server.servicer.store.list())
+    for kind in ("training", "candidates"):
+        for state in ("pending", "running", "succeeded", "failed", "cancelled"):
+            value = registry.get_sample_value("wombat_rrhf_jobs", {"kind": kind, "state": state})
+            assert value == counts.get((kind, state), 0), (kind, state)
