@@ -70,7 +70,8 @@ def _scalar(field: d.FieldDescriptor, depth: int) -> st.SearchStrategy:
     if kind == d.FieldDescriptor.TYPE_MESSAGE:
         return message_strategy(field.message_type, depth + 1)
     low, high = _INTEGER_RANGES[kind]
-    return st.integers(low, high) | st.sampled_from([0, 1, -1, high, low])
+    edges = [v for v in (0, 1, -1, high, low) if low <= v <= high]  # -1 only for signed fields
+    return st.integers(low, high) | st.sampled_from(edges)
 
 
 def _fixed_value(field: d.FieldDescriptor):
