@@ -39,11 +39,6 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-def os_error_to_wombat(exc: OSError, what: str) -> Exception:
-    """Disk-full and permission problems are the caller's to fix, so they get their own status."""
-    return from_os_error(exc, name=what) or exc
-
-
 class AtomicOutputDir:
     """Context manager for one job's output. Write into `.path`, then call `commit(...)`."""
 
@@ -70,13 +65,13 @@ class AtomicOutputDir:
             ) from None
         except OSError as exc:
             self._release_lock()
-            raise os_error_to_wombat(exc, self.target.name) from exc
+            raise (from_os_error(exc, name=self.target.name) or exc) from exc
         self._remove_stale_partials()
         try:
             self.path.mkdir()
         except OSError as exc:
             self._release_lock()
-            raise os_error_to_wombat(exc, self.target.name) from exc
+            raise (from_os_error(exc, name=self.target.name) or exc) from exc
         return self
 
     def _remove_stale_partials(self) -> None:
@@ -128,7 +123,7 @@ class AtomicOutputDir:
         finally:
             self._release_lock()
         if isinstance(exc, OSError):
-            mapped = os_error_to_wombat(exc, self.target.name)
-            if mapped is not exc:
+            mapped = from_os_error(exc, name=self.target.name)  # disk full, permissions: the caller's to fix
+            if mapped is not None:
                 raise mapped from exc
         return False

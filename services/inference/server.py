@@ -91,12 +91,12 @@ def warm_up(engine: Engine, tokenizer) -> None:
 async def serve(config: ServerConfig, settings: InferenceSettings) -> None:
     server, port, servicer = build_server(config, settings)
     await server.start()  # health answers NOT_SERVING while the model loads
-    print(f"WOMBAT_LISTENING port={port} metrics_port={server.metrics_port}", flush=True)
+    server.announce(port, "LISTENING")
     loaded, engine = await asyncio.to_thread(load_engine, settings)
     servicer.attach(loaded, engine)
     await server.set_serving(True)
     log.info("inference ready on port %d: %s (%s on %s)", port, loaded.name, loaded.dtype, loaded.device)
-    print(f"WOMBAT_READY port={port} metrics_port={server.metrics_port}", flush=True)
+    server.announce(port)
     try:
         await run_until_signalled(server)
     finally:

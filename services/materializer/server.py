@@ -46,7 +46,7 @@ async def serve(config: ServerConfig, model_root: Path, max_jobs: int = 2) -> No
     # The materialiser loads nothing up front, so it is ready as soon as it listens.
     await server.set_serving(True)
     log.info("materialiser listening on port %d, model root %s", port, servicer.root.root)
-    print(f"WOMBAT_READY port={port} metrics_port={server.metrics_port}", flush=True)
+    server.announce(port)
     try:
         await run_until_signalled(server)
     finally:

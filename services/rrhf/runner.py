@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import ray
@@ -98,20 +99,22 @@ class JobRunner:
                 checkpoint_config=CheckpointConfig(num_to_keep=2),
             ),
         )
+        self._supervise(job_id, channel, total_steps, lambda: trainer.fit().error)
+
+    def _supervise(self, job_id: str, channel, total: int, work: Callable[[], BaseException | None]) -> None:
+        """Marks the job running, runs `work` (which returns or raises the job's error) while relaying
+        the job's events to the store, then records how it ended."""
         self.store.update(job_id, {"kind": "state", "state": "running"}, state="running")
-        stop_polling = threading.Event()
-        poller = threading.Thread(
-            target=self._poll, args=(job_id, channel, total_steps, stop_polling), daemon=True
-        )
+        stop = threading.Event()
+        poller = threading.Thread(target=self._poll, args=(job_id, channel, total, stop), daemon=True)
         poller.start()
         try:
-            result = trainer.fit()
-            error = result.error
+            error = work()
         except Exception as exc:  # noqa: BLE001 - any failure ends the job with its reason
             error = exc
-        stop_polling.set()
+        stop.set()
         poller.join()
-        self._drain(job_id, channel, total_steps)
+        self._drain(job_id, channel, total)
         self._finish(job_id, channel, error)
 
     def _poll(self, job_id: str, channel, total_steps: int, stop: threading.Event) -> None:
@@ -143,20 +146,10 @@ class JobRunner:
         return job.job_id
 
     def _run_candidates(self, job_id: str, settings: dict, channel) -> None:
-        self.store.update(job_id, {"kind": "state", "state": "running"}, state="running")
-        total = len(settings["queries"])
-        stop = threading.Event()
-        poller = threading.Thread(target=self._poll, args=(job_id, channel, total, stop), daemon=True)
-        poller.start()
-        try:
+        def work() -> None:
             ray.get(candidates_task.remote(settings))
-            error = None
-        except Exception as exc:  # noqa: BLE001 - any failure ends the job with its reason
-            error = exc
-        stop.set()
-        poller.join()
-        self._drain(job_id, channel, total)
-        self._finish(job_id, channel, error)
+
+        self._supervise(job_id, channel, len(settings["queries"]), work)
 
     def _finish(self, job_id: str, channel, error: BaseException | None) -> None:
         job = self.store.get(job_id)

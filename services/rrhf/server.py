@@ -75,7 +75,7 @@ async def serve(config: ServerConfig, settings: RrhfSettings) -> None:
     await server.start()
     await server.set_serving(True)
     log.info("rrhf service on port %d", port)
-    print(f"WOMBAT_READY port={port} metrics_port={server.metrics_port}", flush=True)
+    server.announce(port)
     try:
         await run_until_signalled(server)
     finally:

@@ -21,15 +21,16 @@ def load_bin_state_dict(path: Path, root: Path | None = None) -> dict[str, torch
     """Loads a `.bin` state dict safely. Zip-format files are memory-mapped, so tensors load lazily.
     With `root`, the file is opened with `open_confined` and loaded through its descriptor."""
     path = Path(path)
+    if root is None:
+        return _load(path, path.name)
     with open_confined(path, root) as handle:
-        # torch.load memory-maps only by file name: /proc/self/fd/N names the file already opened.
+        # torch.load memory-maps only by file name: /proc/self/fd/N names the file already opened
+        # (without /proc, the checked path is used).
         opened = Path(f"/proc/self/fd/{handle.fileno()}")
-        source = opened if root is not None and opened.exists() else path
-        return _load(source, path.name)
+        return _load(opened if opened.exists() else path, path.name)
 
 
-def _load(source: Path, name: str) -> dict[str, torch.Tensor]:
-    path = source
+def _load(path: Path, name: str) -> dict[str, torch.Tensor]:
     try:
         # mmap only works for the zip format that torch.save has written since 1.6.
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))

@@ -18,7 +18,6 @@ from __future__ import annotations
 import ctypes
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -32,11 +31,11 @@ import psutil
 import typer
 
 from wombat_core.errors import FailedPrecondition, InvalidArgument, NotFound
+from wombat_core.server.scaffold import READY_PATTERN
 
 SERVICES = ("materializer", "rrhf", "inference")  # start order; stopped in reverse
 PATH_OPTIONS = {"model", "model_root", "data_root", "state_dir", "tls_cert", "tls_key", "tls_client_ca",
                 "auth_token_file"}  # fmt: skip
-READY_PATTERN = re.compile(r"WOMBAT_READY port=(\d+) metrics_port=(\S+)")
 STATE_FILE = "stack.json"
 PROCESS_MARKER = "wombat_core.cli.main"  # in every service's command line; guards against pid reuse
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import signal
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -28,6 +29,10 @@ log = logging.getLogger(__name__)
 # Health name for liveness probes. It stays SERVING while draining: a drain is not a hang, and a
 # liveness failure then would kill the pod before its in-flight streams finish.
 LIVENESS_SERVICE = "wombat.liveness"
+
+# The line each service process prints on stdout when it listens and when it is ready; supervisors
+# (`wombat up`, the demo, tests) read the ports from it.
+READY_PATTERN = re.compile(r"WOMBAT_READY port=(\d+) metrics_port=(\S+)")
 
 
 @dataclass(frozen=True)
@@ -67,6 +72,10 @@ class WombatServer:
             )
             self.metrics_port = self._metrics_http.server_port
         log.info("serving %s (metrics port %s)", ", ".join(self.service_names), self.metrics_port)
+
+    def announce(self, port: int, state: str = "READY") -> None:
+        """Prints WOMBAT_<state> with the ports (READY matches READY_PATTERN)."""
+        print(f"WOMBAT_{state} port={port} metrics_port={self.metrics_port}", flush=True)
 
     async def set_serving(self, serving: bool = True) -> None:
         status = (
