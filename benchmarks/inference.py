@@ -179,7 +179,7 @@ def main() -> None:
 
         prepare_demo_model(args.model)
 
-    from wombat_core.cli.stack import ServiceProcess
+    from services.stack import ServiceProcess
 
     log = ROOT / ".demo" / "bench-inference.log"
     log.parent.mkdir(exist_ok=True)

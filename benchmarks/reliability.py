@@ -38,9 +38,9 @@ def load_report(rounds: int) -> None:
 
     from clients.inference import InferenceClient, prompt, sampling
     from clients.rrhf import RrhfClient
+    from services.stack import ServiceProcess
     from tests.engine_fixtures import save_servable_tiny_model
     from tests.reliability.load import generate_round, score_round
-    from wombat_core.cli.stack import ServiceProcess
 
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(tmp)

@@ -64,13 +64,10 @@ def bare_baselines(model_dir: Path, records, steps: int) -> dict:
 def bare_step_seconds(model_dir: Path, records, steps: int) -> float:
     """Median time of a bare compute_loss + backward + AdamW step, the first (warm-up) step excluded."""
     import torch
-    from transformers import AutoModelForCausalLM
 
-    from wombat_core.rrhf.training import TrainingConfig, plan, train_step
-    from wombat_core.tokenizer import load_tokenizer
+    from wombat_core.rrhf.training import TrainingConfig, load_for_training, plan, train_step
 
-    tokenizer = load_tokenizer(model_dir, padding_side="right")
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    model, tokenizer = load_for_training(model_dir)  # as the Ray Train worker starts
     config = TrainingConfig(batch_size=1, learning_rate=1e-5)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate)
     total = plan(config, len(records)).total_steps
@@ -147,7 +144,7 @@ def main() -> None:
 
     bare = bare_baselines(args.model, records, args.steps)
 
-    from wombat_core.cli.stack import ServiceProcess
+    from services.stack import ServiceProcess
 
     with tempfile.TemporaryDirectory(dir=ROOT / "benchmarks") as tmp:
         base = Path(tmp)

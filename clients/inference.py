@@ -7,30 +7,12 @@ Every call takes a deadline (`timeout`, seconds); the server stops generating wh
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator, Iterator, Sequence
 
-from clients.channel import ChannelSettings, call_metadata, open_aio_channel, open_channel
+from clients.base import AsyncServiceClient, ServiceClient
 from wombat.inference.v1 import inference_pb2 as pb
 from wombat.inference.v1 import inference_pb2_grpc
 
-_SERVICE = "wombat.inference.v1.InferenceService"
-RETRY_IDEMPOTENT = json.dumps(
-    {
-        "methodConfig": [
-            {
-                "name": [{"service": _SERVICE, "method": m} for m in ("Tokenize", "ModelInfo")],
-                "retryPolicy": {
-                    "maxAttempts": 5,
-                    "initialBackoff": "0.2s",
-                    "maxBackoff": "2s",
-                    "backoffMultiplier": 2,
-                    "retryableStatusCodes": ["UNAVAILABLE"],
-                },
-            }
-        ]
-    }
-)
 FORMATS = {"raw": pb.PROMPT_FORMAT_RAW, "alpaca": pb.PROMPT_FORMAT_ALPACA, "chat": pb.PROMPT_FORMAT_CHAT}
 
 
@@ -59,81 +41,48 @@ def sampling(**fields) -> pb.SamplingParams:
     return pb.SamplingParams(**fields)
 
 
-class InferenceClient:
-    def __init__(self, settings: ChannelSettings | str, *, timeout: float | None = 120.0):
-        self.settings = ChannelSettings(settings) if isinstance(settings, str) else settings
-        self._channel = open_channel(self.settings, RETRY_IDEMPOTENT)
-        self._stub = inference_pb2_grpc.InferenceServiceStub(self._channel)
-        self.timeout = timeout
+class InferenceClient(ServiceClient):
+    SERVICE = pb.DESCRIPTOR.services_by_name["InferenceService"].full_name
+    STUB = inference_pb2_grpc.InferenceServiceStub
+    RETRYABLE = ("Tokenize", "ModelInfo")
 
     def generate(
         self, prompt_input: pb.PromptInput, params: pb.SamplingParams | None = None
     ) -> Iterator[pb.GenerateResponse]:
         """Streams responses; call `.cancel()` on the returned iterator to stop generation early."""
-        request = pb.GenerateRequest(prompt=prompt_input, sampling=params)
-        return self._stub.Generate(request, timeout=self.timeout, metadata=call_metadata(self.settings))
+        return self.stub.Generate(pb.GenerateRequest(prompt=prompt_input, sampling=params), **self._call())
 
     def complete(
         self, prompt_input: pb.PromptInput, params: pb.SamplingParams | None = None
     ) -> pb.CompleteResponse:
-        request = pb.CompleteRequest(prompt=prompt_input, sampling=params)
-        return self._stub.Complete(request, timeout=self.timeout, metadata=call_metadata(self.settings))
+        return self.stub.Complete(pb.CompleteRequest(prompt=prompt_input, sampling=params), **self._call())
 
     def tokenize(self, prompt_input: pb.PromptInput) -> pb.TokenizeResponse:
-        request = pb.TokenizeRequest(prompt=prompt_input)
-        return self._stub.Tokenize(request, timeout=self.timeout, metadata=call_metadata(self.settings))
+        return self.stub.Tokenize(pb.TokenizeRequest(prompt=prompt_input), **self._call())
 
     def model_info(self) -> pb.ModelInfoResponse:
-        return self._stub.ModelInfo(
-            pb.ModelInfoRequest(), timeout=self.timeout, metadata=call_metadata(self.settings)
-        )
-
-    def close(self) -> None:
-        self._channel.close()
-
-    def __enter__(self) -> InferenceClient:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+        return self.stub.ModelInfo(pb.ModelInfoRequest(), **self._call())
 
 
-class AsyncInferenceClient:
+class AsyncInferenceClient(AsyncServiceClient):
     """The same API on grpc.aio, for asyncio backends."""
 
-    def __init__(self, settings: ChannelSettings | str, *, timeout: float | None = 120.0):
-        self.settings = ChannelSettings(settings) if isinstance(settings, str) else settings
-        self._channel = open_aio_channel(self.settings, RETRY_IDEMPOTENT)
-        self._stub = inference_pb2_grpc.InferenceServiceStub(self._channel)
-        self.timeout = timeout
+    SERVICE, STUB, RETRYABLE = InferenceClient.SERVICE, InferenceClient.STUB, InferenceClient.RETRYABLE
 
     def generate(
         self, prompt_input: pb.PromptInput, params: pb.SamplingParams | None = None
     ) -> AsyncIterator[pb.GenerateResponse]:
-        request = pb.GenerateRequest(prompt=prompt_input, sampling=params)
-        return self._stub.Generate(request, timeout=self.timeout, metadata=call_metadata(self.settings))
+        return self.stub.Generate(pb.GenerateRequest(prompt=prompt_input, sampling=params), **self._call())
 
     async def complete(
         self, prompt_input: pb.PromptInput, params: pb.SamplingParams | None = None
     ) -> pb.CompleteResponse:
-        request = pb.CompleteRequest(prompt=prompt_input, sampling=params)
-        return await self._stub.Complete(request, timeout=self.timeout, metadata=call_metadata(self.settings))
-
-    async def tokenize(self, prompt_input: pb.PromptInput) -> pb.TokenizeResponse:
-        request = pb.TokenizeRequest(prompt=prompt_input)
-        return await self._stub.Tokenize(request, timeout=self.timeout, metadata=call_metadata(self.settings))
-
-    async def model_info(self) -> pb.ModelInfoResponse:
-        request = pb.ModelInfoRequest()
-        return await self._stub.ModelInfo(
-            request, timeout=self.timeout, metadata=call_metadata(self.settings)
+        return await self.stub.Complete(
+            pb.CompleteRequest(prompt=prompt_input, sampling=params), **self._call()
         )
 
-    async def close(self) -> None:
-        await self._channel.close()
+    async def tokenize(self, prompt_input: pb.PromptInput) -> pb.TokenizeResponse:
+        return await self.stub.Tokenize(pb.TokenizeRequest(prompt=prompt_input), **self._call())
 
-    async def __aenter__(self) -> AsyncInferenceClient:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
+    async def model_info(self) -> pb.ModelInfoResponse:
+        return await self.stub.ModelInfo(pb.ModelInfoRequest(), **self._call())

@@ -8,88 +8,49 @@ Unary read-only calls (Verify, Describe, ListModels) are retried on UNAVAILABLE 
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 
-from clients.channel import ChannelSettings, call_metadata, open_channel
+from clients.base import ServiceClient
 from wombat.common.v1 import common_pb2
 from wombat.materializer.v1 import materializer_pb2 as pb
 from wombat.materializer.v1 import materializer_pb2_grpc
-
-_READ_ONLY_RETRY = json.dumps(
-    {
-        "methodConfig": [
-            {
-                "name": [
-                    {"service": "wombat.materializer.v1.MaterializerService", "method": m}
-                    for m in ("Verify", "Describe", "ListModels")
-                ],  # fmt: skip
-                "retryPolicy": {
-                    "maxAttempts": 4,
-                    "initialBackoff": "0.2s",
-                    "maxBackoff": "2s",
-                    "backoffMultiplier": 2,
-                    "retryableStatusCodes": ["UNAVAILABLE"],
-                },
-            }
-        ]
-    }
-)
+from wombat_core.errors import InvalidArgument
 
 
-class MaterializerClient:
-    def __init__(self, settings: ChannelSettings | str, *, timeout: float | None = None):
-        self.settings = ChannelSettings(settings) if isinstance(settings, str) else settings
-        self._channel = open_channel(self.settings, _READ_ONLY_RETRY)
-        self._stub = materializer_pb2_grpc.MaterializerServiceStub(self._channel)
-        self.timeout = timeout  # deadline per call, seconds; None waits as long as the job takes
-
-    def _md(self) -> list[tuple[str, str]]:
-        return call_metadata(self.settings)
+class MaterializerClient(ServiceClient):
+    SERVICE = pb.DESCRIPTOR.services_by_name["MaterializerService"].full_name
+    STUB = materializer_pb2_grpc.MaterializerServiceStub
+    RETRYABLE = ("Verify", "Describe", "ListModels")
+    DEFAULT_TIMEOUT = None  # a job takes as long as it takes; pass a timeout to bound it
 
     def materialize(
         self, base: str, delta: str, target: str, options: pb.DeltaOptions | None = None
     ) -> Iterator[pb.MaterializeResponse]:
         request = pb.MaterializeRequest(base_path=base, delta_path=delta, target_path=target, options=options)
-        return self._stub.Materialize(request, timeout=self.timeout, metadata=self._md())
+        return self.stub.Materialize(request, **self._call())
 
     def make_delta(
         self, base: str, target: str, delta: str, options: pb.DeltaOptions | None = None
     ) -> Iterator[pb.MakeDeltaResponse]:
         request = pb.MakeDeltaRequest(base_path=base, target_path=target, delta_path=delta, options=options)
-        return self._stub.MakeDelta(request, timeout=self.timeout, metadata=self._md())
+        return self.stub.MakeDelta(request, **self._call())
 
     def convert(self, source: str, output: str) -> Iterator[pb.ConvertResponse]:
-        request = pb.ConvertRequest(source_path=source, output_path=output)
-        return self._stub.Convert(request, timeout=self.timeout, metadata=self._md())
+        return self.stub.Convert(pb.ConvertRequest(source_path=source, output_path=output), **self._call())
 
     def verify(self, path: str) -> pb.VerifyResponse:
-        return self._stub.Verify(pb.VerifyRequest(path=path), timeout=self.timeout, metadata=self._md())
+        return self.stub.Verify(pb.VerifyRequest(path=path), **self._call())
 
     def describe(self, path: str) -> pb.ModelSummary:
-        return self._stub.Describe(
-            pb.DescribeRequest(path=path), timeout=self.timeout, metadata=self._md()
-        ).model
+        return self.stub.Describe(pb.DescribeRequest(path=path), **self._call()).model
 
     def list_models(self, prefix: str = "") -> list[pb.ModelSummary]:
-        response = self._stub.ListModels(
-            pb.ListModelsRequest(prefix=prefix), timeout=self.timeout, metadata=self._md()
-        )
-        return list(response.models)
-
-    def close(self) -> None:
-        self._channel.close()
-
-    def __enter__(self) -> MaterializerClient:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+        return list(self.stub.ListModels(pb.ListModelsRequest(prefix=prefix), **self._call()).models)
 
 
-def dtype_option(name: str) -> int:
-    return {
-        "float16": common_pb2.DTYPE_FLOAT16,
-        "bfloat16": common_pb2.DTYPE_BFLOAT16,
-        "float32": common_pb2.DTYPE_FLOAT32,
-    }[name]
+def delta_options(dtype: str = "float16", pad_vocab: bool = True) -> pb.DeltaOptions:
+    """DeltaOptions with the dtype by name ("float16", "bfloat16", "float32": the proto's Dtype values)."""
+    names = [n.removeprefix("DTYPE_").lower() for n in common_pb2.Dtype.keys() if n != "DTYPE_UNSPECIFIED"]
+    if dtype not in names:
+        raise InvalidArgument(f"dtype must be one of {', '.join(names)}, got {dtype!r}")
+    return pb.DeltaOptions(dtype=common_pb2.Dtype.Value("DTYPE_" + dtype.upper()), pad_vocab=pad_vocab)

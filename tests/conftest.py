@@ -11,32 +11,41 @@ import grpc
 import pytest
 import torch
 
+from services.stack import ServiceProcess
 from tests.models import derive_finetuned, save_tiny_llama
-from wombat_core.cli.stack import ServiceProcess
 
 
 class ServerThread:
-    """Runs a Wombat aio server on its own event loop in a background thread, for sync test code."""
+    """Runs a Wombat service through the scaffold's lifecycle (`start_service`) on its own event loop in a
+    background thread, for sync test code. With `load=False` it listens but is still NOT_SERVING."""
 
-    def __init__(self, build: Callable[[], tuple], serving: bool = True):
+    def __init__(self, service, config=None, *, load: bool = True):
+        from services.scaffold import ServerConfig, start_service
+
+        self.service = service
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
-        self.server, self.port, self.servicer = self.call(self._start(build, serving))
+        config = config or ServerConfig(host="127.0.0.1", port=0, metrics_port=0)
+        self.server, self.port = self.call(start_service(config, service, load=load))
         self.address = f"127.0.0.1:{self.port}"
 
-    async def _start(self, build, serving: bool):
-        server, port, servicer = build()
-        await server.start()
-        if serving:
-            await server.set_serving(True)
-        return server, port, servicer
+    @property
+    def servicer(self):
+        return self.service.servicer
 
-    def call(self, coroutine, timeout: float = 60):
+    def load(self) -> None:
+        """The rest of the lifecycle's start for a server built with `load=False`."""
+        self.call(self.service.load())
+        self.call(self.server.set_serving(True))
+
+    def call(self, coroutine, timeout: float = 120):
         return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
 
     def stop(self, grace: float = 0) -> None:
+        """Drains and stops the server, then closes the service (as the lifecycle does)."""
         self.call(self.server.stop(grace))
+        self.call(self.service.close())
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)
 
@@ -58,11 +67,9 @@ def tiny_models(model_root: Path) -> Path:
 
 @pytest.fixture
 def materializer(model_root: Path) -> Iterator[ServerThread]:
-    from services.materializer.server import build_server
-    from wombat_core.server import ServerConfig
+    from services.materializer.server import MaterializerService
 
-    config = ServerConfig(host="127.0.0.1", port=0, metrics_port=0)
-    server = ServerThread(lambda: build_server(config, model_root))
+    server = ServerThread(MaterializerService(model_root))
     yield server
     server.stop()
 

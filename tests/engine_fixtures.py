@@ -39,8 +39,11 @@ def train_llama_like_spm(directory: Path, vocab_size: int = 400) -> Path:
     return directory / "tokenizer.model"
 
 
-def save_servable_tiny_model(directory: Path, *, seed: int = 0, context: int = 256) -> Path:
-    """Random LLaMA (float32, context 256 by default) plus the sentencepiece tokenizer with a [PAD] token."""
+def save_servable_tiny_model(
+    directory: Path, *, seed: int = 0, context: int = 256, pad_token: bool = True
+) -> Path:
+    """Random LLaMA (float32, context 256 by default) plus the sentencepiece tokenizer, with a [PAD] token
+    unless `pad_token` is false."""
     from transformers import LlamaForCausalLM
 
     from wombat_core.tokenizer import PAD_TOKEN, load_tokenizer
@@ -48,7 +51,8 @@ def save_servable_tiny_model(directory: Path, *, seed: int = 0, context: int = 2
     directory.mkdir(parents=True, exist_ok=True)
     train_llama_like_spm(directory)
     tokenizer = load_tokenizer(directory)
-    tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
+    if pad_token:
+        tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
     torch.manual_seed(seed)
     config = tiny_config(
         vocab_size=len(tokenizer), max_position_embeddings=context, bos_token_id=1, eos_token_id=2
@@ -60,12 +64,13 @@ def save_servable_tiny_model(directory: Path, *, seed: int = 0, context: int = 2
     return directory
 
 
-def save_cycling_model(directory: Path, text: str) -> tuple[Path, list[int]]:
-    """A LLaMA wired by hand to repeat the tokens of `text` forever (greedy), for exact streaming tests.
+def save_wired_model(directory: Path, transitions: dict[int, dict[int, float]], *, hidden: int = 64) -> Path:
+    """A LLaMA wired by hand so that after token t the next-token logits are `transitions[t]` (token id ->
+    logit; every other logit 0), whatever came before: exact greedy streams for tests.
 
     Attention and MLP outputs are zeroed, so the last hidden state is the normalised embedding of the
-    current token; the LM head row of each token's successor in the cycle is that embedding, so greedy
-    decoding walks the cycle. Returns the directory and the cycle's token ids.
+    current token. Each wired token's embedding is its own one-hot direction, which the final RMSNorm
+    scales to sqrt(hidden); LM-head row j holds the wanted logits along those directions.
     """
     from transformers import LlamaForCausalLM
 
@@ -75,26 +80,46 @@ def save_cycling_model(directory: Path, text: str) -> tuple[Path, list[int]]:
     train_llama_like_spm(directory)
     tokenizer = load_tokenizer(directory)
     tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
-    cycle = tokenizer(text, add_special_tokens=False)["input_ids"]
-    cycle = cycle[1:] if tokenizer.convert_ids_to_tokens(cycle[0]) == "▁" else cycle
-    assert len(set(cycle)) == len(cycle), "the cycle's tokens must be distinct"
+    wired = sorted(set(transitions) | {j for row in transitions.values() for j in row})
+    assert len(wired) <= hidden, "each wired token needs its own direction"
     torch.manual_seed(0)
-    config = tiny_config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=64, max_position_embeddings=256,
+    config = tiny_config(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=64, max_position_embeddings=256,
                          bos_token_id=1, eos_token_id=2)  # fmt: skip
     model = LlamaForCausalLM(config)
+    direction = {token: slot for slot, token in enumerate(wired)}
     with torch.no_grad():
         for layer in model.model.layers:
             layer.self_attn.o_proj.weight.zero_()
             layer.mlp.down_proj.weight.zero_()
-        embeddings = model.model.embed_tokens.weight
+        for token, slot in direction.items():
+            model.model.embed_tokens.weight[token] = torch.nn.functional.one_hot(torch.tensor(slot), hidden)
         head = torch.zeros_like(model.lm_head.weight)
-        for i, token in enumerate(cycle):
-            successor = cycle[(i + 1) % len(cycle)]
-            head[successor] = embeddings[token] / embeddings[token].norm() * 10
+        for token, logits in transitions.items():
+            for successor, logit in logits.items():
+                head[successor, direction[token]] = logit / hidden**0.5
         model.lm_head.weight.copy_(head)
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
-    return directory, cycle
+    return directory
+
+
+def text_tokens(directory: Path, text: str) -> list[int]:
+    """The ids of `text` under the tokenizer `train_llama_like_spm` writes (without the lone "▁" piece)."""
+    from wombat_core.tokenizer import load_tokenizer
+
+    directory.mkdir(parents=True, exist_ok=True)
+    train_llama_like_spm(directory)
+    tokenizer = load_tokenizer(directory)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return ids[1:] if tokenizer.convert_ids_to_tokens(ids[0]) == "▁" else ids
+
+
+def save_cycling_model(directory: Path, text: str) -> tuple[Path, list[int]]:
+    """A model that repeats the tokens of `text` forever (greedy). Returns the directory and the cycle."""
+    cycle = text_tokens(directory, text)
+    assert len(set(cycle)) == len(cycle), "the cycle's tokens must be distinct"
+    transitions = {token: {cycle[(i + 1) % len(cycle)]: 10.0} for i, token in enumerate(cycle)}
+    return save_wired_model(directory, transitions), cycle
 
 
 def save_reward_models(directory: Path, policy_dir: Path) -> tuple[Path, Path]:

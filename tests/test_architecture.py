@@ -1,4 +1,5 @@
-"""Dependencies point one way: core domain modules never import transport or cluster libraries."""
+"""Dependencies point one way: protos → wombat_core (the domain) → clients → services (scaffold, the
+services, the CLI). Every import counts, including those inside functions; there are no exemptions."""
 
 from __future__ import annotations
 
@@ -6,8 +7,9 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-FORBIDDEN = ("grpc", "grpc_health", "grpc_reflection", "google.protobuf", "google.rpc", "ray", "wombat.")
-TRANSPORT_PACKAGES = ("server", "cli")  # the scaffold and the CLI are allowed to use grpc
+# Wiring beside the services under services/: not services themselves.
+WIRING = {"scaffold", "cli", "stack"}
+TRANSPORT = ("grpc", "grpc_health", "grpc_reflection", "grpc_status", "google.protobuf", "google.rpc", "ray")
 
 
 def imported_modules(path: Path) -> set[str]:
@@ -15,33 +17,61 @@ def imported_modules(path: Path) -> set[str]:
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
             names.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+        elif isinstance(node, ast.ImportFrom):
+            assert node.level == 0, f"{path}: relative import; use the absolute module name"
             names.add(node.module)
     return names
 
 
-def test_core_domain_modules_import_no_grpc_proto_or_ray():
-    domain_files = [
-        p for p in (ROOT / "wombat_core").rglob("*.py")
-        if p.relative_to(ROOT / "wombat_core").parts[0] not in TRANSPORT_PACKAGES
-    ]  # fmt: skip
-    assert len(domain_files) > 10
-    offenders = {
-        str(p.relative_to(ROOT)): sorted(
-            m
-            for m in imported_modules(p)
-            if m == "wombat" or m.startswith(FORBIDDEN) or m.split(".")[0] in {"grpc", "ray"}
+def _top(module: str, *prefixes: str) -> bool:
+    return any(module == p or module.startswith(p + ".") for p in prefixes)
+
+
+def offenders(package: str, forbidden) -> dict[str, list[str]]:
+    found = {}
+    for path in sorted((ROOT / package).rglob("*.py")):
+        bad = sorted(m for m in imported_modules(path) if forbidden(m))
+        if bad:
+            found[str(path.relative_to(ROOT))] = bad
+    return found
+
+
+def test_the_core_imports_nothing_above_it():
+    assert len(list((ROOT / "wombat_core").rglob("*.py"))) > 20
+
+    def forbidden(module: str) -> bool:
+        return (
+            _top(module, *TRANSPORT, "wombat", "services", "clients", "typer", "rich")
+            or module.endswith("_pb2")
+            or module.endswith("_pb2_grpc")
         )
-        for p in domain_files
-    }
-    assert {k: v for k, v in offenders.items() if v} == {}
+
+    assert offenders("wombat_core", forbidden) == {}
 
 
-def test_no_service_imports_another_service():
-    services = [p.name for p in (ROOT / "services").iterdir() if p.is_dir() and not p.name.startswith("_")]
-    for service in services:
-        for path in (ROOT / "services" / service).rglob("*.py"):
-            others = {
-                m for m in imported_modules(path) if m.startswith("services.") and m.split(".")[1] != service
-            }
-            assert not others, f"{path} imports {others}"
+def test_clients_import_no_service():
+    assert offenders("clients", lambda m: _top(m, "services")) == {}
+
+
+def services() -> list[str]:
+    return sorted(p.name for p in (ROOT / "services").iterdir() if p.is_dir() and p.name not in WIRING
+                  and not p.name.startswith("_"))  # fmt: skip
+
+
+def test_no_service_imports_another_service_or_the_cli():
+    assert set(services()) >= {"materializer", "inference", "rrhf"}
+    for service in services():
+        others = [s for s in services() if s != service]
+        found = offenders(
+            f"services/{service}",
+            lambda m, others=others: _top(m, *(f"services.{o}" for o in others), "services.cli"),
+        )
+        assert found == {}, f"{service} imports another service or the CLI: {found}"
+
+
+def test_the_scaffold_and_stack_know_no_particular_service():
+    for wiring in ("scaffold", "stack"):
+        found = offenders(
+            f"services/{wiring}", lambda m: _top(m, "services.cli", *(f"services.{s}" for s in services()))
+        )
+        assert found == {}, found

@@ -38,7 +38,7 @@ def _stages() -> dict[str, list[str]]:
 
 
 def test_service_targets_start_real_commands_on_their_default_ports():
-    from wombat_core.cli.main import app
+    from services.cli.app import app
 
     serve = typer.main.get_command(app).commands["serve"]
     stages = _stages()

@@ -54,7 +54,7 @@ def _by_kind(objects, kind: str) -> dict[str, dict]:
 
 
 def _cli():
-    from wombat_core.cli.main import app
+    from services.cli.app import app
 
     return typer.main.get_command(app)
 
@@ -190,7 +190,7 @@ def _health_names() -> dict[str, str]:
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_ports_probes_and_drain_match_the_servers(overlay):
-    from wombat_core.server.scaffold import LIVENESS_SERVICE
+    from services.scaffold.server import LIVENESS_SERVICE
 
     objects = render(overlay)
     for service in SERVICES:

@@ -70,3 +70,14 @@ def test_every_service_has_a_versioned_package_and_unique_request_response_pairs
             assert method.input_type.name == f"{method.name}Request"
             assert method.output_type.name == f"{method.name}Response"
         assert module.DESCRIPTOR.package.startswith("wombat.")
+
+
+def test_documented_values_match_the_code():
+    """Comments that list values the code defines name exactly those values."""
+    import re
+
+    from wombat_core.manifest import ManifestKind
+
+    common = (PROTOS / "wombat" / "common" / "v1" / "common.proto").read_text()
+    comment = re.search(r"((?:\s*//[^\n]*\n)+)\s*string kind = 2;", common).group(1)
+    assert set(re.findall(r'"([a-z-]+)"', comment)) == {kind.value for kind in ManifestKind}

@@ -1,7 +1,8 @@
-"""Wombat core library: weights, deltas, tokenizer and prompts, and the shared gRPC server scaffold.
+"""Wombat core library, the domain: checkpoints and deltas, manifests and atomic output, tokenizer and
+prompts, the generation engine, and the RRHF math, data and training step.
 
-Domain modules here import no grpc, protobuf or ray; only `wombat_core.server` (the scaffold) and
-`wombat_core.cli` touch transport.
+It imports nothing above it: no grpc, protobuf, ray, services or clients (tests/test_architecture.py).
+The gRPC scaffold and the CLI are wiring and live under services/.
 """
 
 __version__ = "0.1.0"

@@ -1,6 +1,9 @@
-"""Atomic output directories: a job's result appears complete, with its manifest, or not at all.
+"""Atomic output: a file or a job's directory appears complete (a directory with its manifest) or not at all.
 
-Protocol: take an exclusive lock on `.<name>.wombat-lock` beside the target (so two jobs never write the
+`write_file_atomically` is the one way the suite replaces a single file (job state, a stack's state,
+candidate JSONL): a temporary file beside it, fsynced, renamed over it, the directory fsynced.
+
+A directory (`AtomicOutputDir`): take an exclusive lock on `.<name>.wombat-lock` beside the target (so two jobs never write the
 same target, across processes too); remove any `.<name>.wombat-partial-*` left by a killed job (the lock
 proves no live job owns it); write into a fresh partial directory on the same filesystem; fsync every file
 and the directory; rename it to the target; fsync the parent. A crash at any point leaves either no target
@@ -37,6 +40,22 @@ def fsync_path(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def write_file_atomically(path: Path, data: str | bytes) -> None:
+    """Replaces `path` with `data`; a crash leaves the old file or the new one, never a torn one."""
+    path = Path(path)
+    temporary = path.parent / f".{path.name}{PARTIAL_MARK}{uuid.uuid4().hex[:12]}"
+    try:
+        with open(temporary, "wb") as handle:
+            handle.write(data.encode() if isinstance(data, str) else data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    fsync_path(path.parent)
 
 
 class AtomicOutputDir:

@@ -23,9 +23,10 @@ import torch
 from wombat_core.atomic import AtomicOutputDir
 from wombat_core.checkpoint.layout import Checkpoint, TensorMeta, WeightFormat
 from wombat_core.checkpoint.safetensors_io import StreamingSafetensorsWriter, TensorSpec
+from wombat_core.dtypes import dtype_name
 from wombat_core.errors import AlreadyExists, InvalidArgument, TensorMismatch, VocabMismatch
 from wombat_core.jobs import JobControl
-from wombat_core.manifest import InputFingerprint, Manifest, fingerprint_files, read_manifest
+from wombat_core.manifest import InputFingerprint, Manifest, ManifestKind, fingerprint_files, read_manifest
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +34,6 @@ VOCAB_TENSOR_SUFFIXES = ("embed_tokens.weight", "lm_head.weight")
 # Rotary inverse frequencies are derived from the config, not learned; old LLaMA `.bin` files carry them,
 # current transformers neither saves nor loads them, so they are left out of both sides.
 DERIVED_BUFFER_SUFFIXES = ("rotary_emb.inv_freq",)
-DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
 
 
 @dataclass(frozen=True)
@@ -44,11 +44,10 @@ class DeltaOptions:
     pad_vocab: bool = True
 
     def __post_init__(self) -> None:
-        if self.dtype not in DTYPE_NAMES:
-            raise InvalidArgument(f"dtype must be one of float16, bfloat16, float32, got {self.dtype}")
+        dtype_name(self.dtype)  # raises for a dtype outside the table
 
     def as_manifest_options(self) -> dict[str, str]:
-        return {"dtype": DTYPE_NAMES[self.dtype], "pad_vocab": str(self.pad_vocab).lower()}
+        return {"dtype": dtype_name(self.dtype), "pad_vocab": str(self.pad_vocab).lower()}
 
 
 @dataclass(frozen=True)
@@ -296,7 +295,7 @@ def apply_delta(
     """target = base (+ zero [PAD] rows) + delta, written atomically with the delta's config/tokenizer files."""
     displays = displays or {"base": str(base_dir), "delta": str(delta_dir), "output": str(target_dir)}
     return _run(
-        "materialize", Path(base_dir), Path(delta_dir), "delta", Path(target_dir), options,
+        ManifestKind.MATERIALIZE, Path(base_dir), Path(delta_dir), "delta", Path(target_dir), options,
         control or JobControl(), displays, confine_to, combine=lambda b, d: b + d, count_inexact=False,
     )  # fmt: skip
 
@@ -318,7 +317,7 @@ def make_delta(
     """
     displays = displays or {"base": str(base_dir), "target": str(target_dir), "output": str(delta_dir)}
     return _run(
-        "make-delta", Path(base_dir), Path(target_dir), "target", Path(delta_dir), options,
+        ManifestKind.MAKE_DELTA, Path(base_dir), Path(target_dir), "target", Path(delta_dir), options,
         control or JobControl(), displays, confine_to, combine=lambda b, t: t - b, count_inexact=True,
     )  # fmt: skip
 
@@ -338,7 +337,7 @@ def convert_checkpoint(
     if source.format is not WeightFormat.PYTORCH_BIN:
         raise InvalidArgument(f"{displays['source']!r} is already safetensors; there is nothing to convert")
     inputs = (_fingerprint("source", source, displays["source"]),)
-    existing = _existing_result(Path(output_dir), "convert", inputs, {}, displays["output"])
+    existing = _existing_result(Path(output_dir), ManifestKind.CONVERT, inputs, {}, displays["output"])
     if existing is not None:
         return JobOutcome(Path(output_dir), existing, True, control.elapsed)
     shards: dict[str, list[_PlannedTensor]] = {}
@@ -348,7 +347,7 @@ def convert_checkpoint(
         )
     with source.reader() as reader:
         manifest = _write_combined(
-            kind="convert",
+            kind=ManifestKind.CONVERT,
             out_dir=Path(output_dir),
             aux_source=source,
             inputs=inputs,

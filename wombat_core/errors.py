@@ -1,6 +1,6 @@
 """One error hierarchy for the whole suite.
 
-Core code raises these; `wombat_core.server.errors` maps each class to a gRPC status code in one place.
+Core code raises these; `services.scaffold.errors` maps each class to a gRPC status code in one place.
 Messages are written for the person who has to fix the input: they say what was wrong and what to do.
 """
 

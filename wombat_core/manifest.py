@@ -7,6 +7,7 @@ import hashlib
 import json
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
+from enum import StrEnum
 from pathlib import Path
 
 from wombat_core import __version__
@@ -16,6 +17,16 @@ MANIFEST_NAME = "wombat-manifest.json"
 MANIFEST_FORMAT = "wombat-manifest/1"
 _CHUNK = 8 * 1024 * 1024
 _EDGE = 1024 * 1024  # bytes from each end of a weight file that go into its fingerprint
+
+
+class ManifestKind(StrEnum):
+    """What wrote a directory (`Manifest.kind`; common.proto documents the same list)."""
+
+    MATERIALIZE = "materialize"  # base + delta
+    MAKE_DELTA = "make-delta"  # target - base
+    CONVERT = "convert"  # legacy .bin -> safetensors
+    RRHF_TRAIN = "rrhf-train"  # an RRHF training job's final model
+    PREPARE_DEMO_MODEL = "prepare-demo-model"  # SmolLM2 converted from its GGUF wheel
 
 
 @dataclass(frozen=True)
@@ -34,7 +45,7 @@ class InputFingerprint:
 
 @dataclass(frozen=True)
 class Manifest:
-    kind: str
+    kind: str  # a ManifestKind value (a plain str, so a manifest from a newer version still reads)
     inputs: tuple[InputFingerprint, ...]
     options: Mapping[str, str]
     files: tuple[FileDigest, ...]

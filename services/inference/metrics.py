@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from wombat_core.engine import Engine
+from wombat_core.engine import Engine, StreamEvent
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, float("inf"))
 
@@ -35,3 +35,7 @@ class InferenceMetrics:
     def watch(self, engine: Engine) -> None:
         self.queue_depth.set_function(lambda: engine.stats().waiting)
         self.running.set_function(lambda: (stats := engine.stats()).running + stats.prefilling)
+        engine.on_finish = self._finished
+
+    def _finished(self, event: StreamEvent) -> None:
+        self.finished.labels(event.finish_reason.value).inc()

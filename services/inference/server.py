@@ -1,29 +1,41 @@
-"""Entry point of `wombat serve inference`: listen at once (NOT_SERVING), load and warm up, then SERVING."""
+"""`wombat serve inference`: the inference service as a scaffold `Service`.
+
+It listens at once (NOT_SERVING), then loads the weights, starts the engine and warms it up, then serves.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from prometheus_client import CollectorRegistry
+
 from services.inference.metrics import InferenceMetrics
 from services.inference.servicer import InferenceServicer
+from services.scaffold import Service, ServiceRegistration
 from wombat.inference.v1 import inference_pb2, inference_pb2_grpc
 from wombat_core.engine import Engine, EngineConfig, GenerationRequest, SamplingParams
 from wombat_core.engine.loading import LoadedModel, load_for_serving
 from wombat_core.engine.prompting import PromptFormat
-from wombat_core.server import (
-    ServerConfig,
-    ServiceRegistration,
-    WombatServer,
-    create_server,
-    run_until_signalled,
-)
-
-log = logging.getLogger(__name__)
 
 SERVICE_NAME = inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name
+
+# Warm-up requests run every sampler path (greedy; seeded sampling with top-k/top-p/min-p, repetition
+# penalty and min-new-tokens), so a model or device that cannot sample fails before the pod says SERVING.
+WARM_UP = (
+    SamplingParams(temperature=0, max_new_tokens=2),
+    SamplingParams(
+        temperature=0.7,
+        top_k=20,
+        top_p=0.9,
+        min_p=0.01,
+        repetition_penalty=1.1,
+        min_new_tokens=2,
+        max_new_tokens=2,
+        seed=0,
+    ),  # fmt: skip
+)
 
 
 @dataclass(frozen=True)
@@ -38,21 +50,8 @@ class InferenceSettings:
     max_new_tokens_limit: int = 4096
 
 
-def build_server(
-    config: ServerConfig, settings: InferenceSettings
-) -> tuple[WombatServer, int, InferenceServicer]:
-    servicer = InferenceServicer(settings.default_format, settings.max_batch_size)
-    registration = ServiceRegistration(
-        SERVICE_NAME,
-        lambda server: inference_pb2_grpc.add_InferenceServiceServicer_to_server(servicer, server),
-    )
-    server, port = create_server(config, [registration])
-    servicer.metrics = InferenceMetrics(server.registry)
-    return server, port, servicer
-
-
 def load_engine(settings: InferenceSettings) -> tuple[LoadedModel, Engine]:
-    """Loads the weights, starts the engine and runs one warm-up generation through it."""
+    """Loads the weights, starts the engine and runs the warm-up generations through it."""
     loaded = load_for_serving(settings.model_dir, dtype=settings.dtype, device=settings.device)
     engine = Engine(
         loaded.model,
@@ -66,38 +65,41 @@ def load_engine(settings: InferenceSettings) -> tuple[LoadedModel, Engine]:
         ),
     )
     engine.start()
-    warm_up(engine, loaded.tokenizer)
+    try:
+        prompt = tuple(loaded.tokenizer("warm-up")["input_ids"]) or (0,)
+        for number, params in enumerate(WARM_UP):
+            for _ in engine.generate(GenerationRequest(f"warm-up-{number}", prompt, params)):
+                pass
+    except Exception:
+        engine.stop()
+        raise
     return loaded, engine
 
 
-def warm_up(engine: Engine, tokenizer) -> None:
-    import threading
+class InferenceService(Service):
+    name = "inference"
 
-    done = threading.Event()
-    failures: list[Exception] = []
+    def __init__(self, settings: InferenceSettings):
+        self.settings = settings
+        self.servicer = InferenceServicer(settings.default_format, settings.max_batch_size)
 
-    def sink(event) -> None:
-        if event.error is not None:
-            failures.append(event.error)
-        if event.finished:
-            done.set()
+    def registrations(self) -> list[ServiceRegistration]:
+        return [
+            ServiceRegistration(
+                SERVICE_NAME,
+                lambda server: inference_pb2_grpc.add_InferenceServiceServicer_to_server(
+                    self.servicer, server
+                ),
+            )
+        ]
 
-    prompt = tuple(tokenizer("warm-up")["input_ids"]) or (0,)
-    engine.submit(GenerationRequest("warm-up", prompt, SamplingParams(temperature=0, max_new_tokens=2)), sink)
-    if not done.wait(600) or failures:
-        raise RuntimeError(f"warm-up generation failed: {failures or 'timed out'}")
+    def register_metrics(self, registry: CollectorRegistry) -> None:
+        self.servicer.metrics = InferenceMetrics(registry)
 
+    async def load(self) -> None:
+        loaded, engine = await asyncio.to_thread(load_engine, self.settings)
+        self.servicer.attach(loaded, engine)
 
-async def serve(config: ServerConfig, settings: InferenceSettings) -> None:
-    server, port, servicer = build_server(config, settings)
-    await server.start()  # health answers NOT_SERVING while the model loads
-    server.announce(port, "LISTENING")
-    loaded, engine = await asyncio.to_thread(load_engine, settings)
-    servicer.attach(loaded, engine)
-    await server.set_serving(True)
-    log.info("inference ready on port %d: %s (%s on %s)", port, loaded.name, loaded.dtype, loaded.device)
-    server.announce(port)
-    try:
-        await run_until_signalled(server)
-    finally:
-        engine.stop()
+    async def close(self) -> None:
+        if self.servicer.engine is not None:
+            await asyncio.to_thread(self.servicer.engine.stop)

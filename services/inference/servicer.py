@@ -1,28 +1,28 @@
 """InferenceService: renders and tokenises prompts, submits them to the engine, streams tokens back.
 
-The engine runs on its own thread; its events reach this event loop through an asyncio queue. When the
-client cancels or its deadline passes, the handler is cancelled and the request is removed from the
+The engine runs on its own thread; its events reach this event loop through `Engine.generate_async`. When
+the client cancels or its deadline passes, the handler is cancelled and the request is removed from the
 batch before the next decode step. When a client reads slower than tokens arrive, pending events are
 coalesced into one message, so a slow reader never slows the batch.
 """
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 import itertools
 import time
 from collections.abc import AsyncIterator
 
 from services.inference import convert
 from services.inference.metrics import InferenceMetrics
+from services.scaffold.logs import request_id_var
 from wombat.inference.v1 import inference_pb2 as pb
 from wombat.inference.v1 import inference_pb2_grpc
 from wombat_core.engine import Engine, GenerationRequest
 from wombat_core.engine.loading import LoadedModel
 from wombat_core.engine.prompting import PromptFormat, encode
-from wombat_core.engine.types import FinishReason, StreamEvent
+from wombat_core.engine.types import StreamEvent
 from wombat_core.errors import Unavailable
-from wombat_core.server.logs import request_id_var
 
 
 class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
@@ -83,33 +83,18 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         loaded, engine = self._ready()
         encoded = encode(convert.prompt_spec(prompt), loaded.tokenizer, self.default_format)
         params = convert.sampling_params(sampling)
-        request_id = f"{request_id_var.get()}-{next(self._ids)}"
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[StreamEvent] = asyncio.Queue()
-        engine.submit(
-            GenerationRequest(request_id, encoded.token_ids, params, encoded.truncated_tokens),
-            lambda event: loop.call_soon_threadsafe(queue.put_nowait, event),
+        request = GenerationRequest(
+            f"{request_id_var.get()}-{next(self._ids)}", encoded.token_ids, params, encoded.truncated_tokens
         )
-        started, previous, finished = time.monotonic(), None, False
-        try:
-            while not finished:
-                events = [await queue.get()]
-                while not queue.empty():
-                    events.append(queue.get_nowait())
-                for event in events:
-                    if event.error is not None:
-                        finished = True  # the engine already dropped it
-                        raise event.error
+        started, previous = time.monotonic(), None
+        # aclosing: when this call is cancelled (disconnect, deadline) the engine drops the request at once.
+        async with contextlib.aclosing(engine.generate_async(request)) as stream:
+            async for events in stream:
                 previous = self._observe(events, started, previous)
-                finished = events[-1].finished
                 yield events
-        finally:
-            if not finished:  # the caller went away (disconnect, deadline): free its slot now
-                engine.cancel(request_id)
-                if self.metrics is not None:
-                    self.metrics.finished.labels(FinishReason.CANCELLED.value).inc()
 
     def _observe(self, events: list[StreamEvent], started: float, previous: float | None) -> float | None:
+        """Latency and token metrics as the caller sees them (finish reasons are counted by the engine)."""
         if self.metrics is None:
             return previous
         now = time.monotonic()
@@ -121,6 +106,4 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             else:
                 self.metrics.inter_token.observe((now - previous) / tokens)
             previous = now
-        if events[-1].finish_reason is not None:
-            self.metrics.finished.labels(events[-1].finish_reason.value).inc()
         return previous

@@ -2,23 +2,16 @@
 
 from __future__ import annotations
 
-import torch
-
 from wombat.common.v1 import common_pb2
 from wombat.materializer.v1 import materializer_pb2 as pb
 from wombat_core.catalog import ModelSummary
 from wombat_core.checkpoint.layout import WeightFormat
 from wombat_core.delta import DeltaOptions, JobOutcome
+from wombat_core.dtypes import dtype_from_name
 from wombat_core.errors import InvalidArgument
 from wombat_core.jobs import Progress
 from wombat_core.manifest import Manifest, VerifyReport
 
-_DTYPES = {
-    common_pb2.DTYPE_UNSPECIFIED: torch.float16,  # the reference computes deltas in float16
-    common_pb2.DTYPE_FLOAT16: torch.float16,
-    common_pb2.DTYPE_BFLOAT16: torch.bfloat16,
-    common_pb2.DTYPE_FLOAT32: torch.float32,
-}
 _FORMATS = {
     WeightFormat.SAFETENSORS: pb.WEIGHT_FORMAT_SAFETENSORS,
     WeightFormat.PYTORCH_BIN: pb.WEIGHT_FORMAT_PYTORCH_BIN,
@@ -32,10 +25,16 @@ _FILE_STATUS = {
 
 
 def delta_options(message: pb.DeltaOptions) -> DeltaOptions:
-    if message.dtype not in _DTYPES:
+    """Unset fields keep DeltaOptions' defaults (the reference's: float16, [PAD] rows padded)."""
+    if message.dtype not in common_pb2.Dtype.values():
         raise InvalidArgument(f"options.dtype {message.dtype} is not a known Dtype value")
-    pad_vocab = message.pad_vocab if message.HasField("pad_vocab") else True
-    return DeltaOptions(dtype=_DTYPES[message.dtype], pad_vocab=pad_vocab)
+    values = {}
+    if message.dtype != common_pb2.DTYPE_UNSPECIFIED:
+        name = common_pb2.Dtype.Name(message.dtype).removeprefix("DTYPE_").lower()
+        values["dtype"] = dtype_from_name(name, field="options.dtype")
+    if message.HasField("pad_vocab"):
+        values["pad_vocab"] = message.pad_vocab
+    return DeltaOptions(**values)
 
 
 def progress(p: Progress) -> common_pb2.Progress:

@@ -4,25 +4,43 @@ from __future__ import annotations
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from services.rrhf.jobs import Job
+from services.rrhf.jobs import Job, JobKind, JobState
 from wombat.rrhf.v1 import rrhf_pb2 as pb
 from wombat_core.errors import InvalidArgument
-from wombat_core.rrhf.training import TrainingConfig
+from wombat_core.rrhf.candidates import CandidateMethod, CandidatesConfig
+from wombat_core.rrhf.training import Precision, Strategy, TrainingConfig
 
 STATES = {
-    "pending": pb.JOB_STATE_PENDING,
-    "running": pb.JOB_STATE_RUNNING,
-    "succeeded": pb.JOB_STATE_SUCCEEDED,
-    "failed": pb.JOB_STATE_FAILED,
-    "cancelled": pb.JOB_STATE_CANCELLED,
+    JobState.PENDING: pb.JOB_STATE_PENDING,
+    JobState.RUNNING: pb.JOB_STATE_RUNNING,
+    JobState.SUCCEEDED: pb.JOB_STATE_SUCCEEDED,
+    JobState.FAILED: pb.JOB_STATE_FAILED,
+    JobState.CANCELLED: pb.JOB_STATE_CANCELLED,
 }
 STATE_NAMES = {v: k for k, v in STATES.items()}
-KINDS = {"training": pb.JOB_KIND_TRAINING, "candidates": pb.JOB_KIND_CANDIDATES}
+KINDS = {JobKind.TRAINING: pb.JOB_KIND_TRAINING, JobKind.CANDIDATES: pb.JOB_KIND_CANDIDATES}
 METHODS = {
     pb.SCORING_METHOD_UNSPECIFIED: "policy_logprob",
     pb.SCORING_METHOD_POLICY_LOGPROB: "policy_logprob",
     pb.SCORING_METHOD_REWARD_MODEL: "reward_model",
 }
+STRATEGIES = {pb.STRATEGY_UNSPECIFIED: None, pb.STRATEGY_DDP: Strategy.DDP, pb.STRATEGY_FSDP: Strategy.FSDP}
+PRECISIONS = {
+    pb.PRECISION_UNSPECIFIED: None,
+    pb.PRECISION_FP32: Precision.FP32,
+    pb.PRECISION_BF16: Precision.BF16,
+}
+CANDIDATE_METHODS = {
+    pb.CANDIDATE_METHOD_UNSPECIFIED: CandidateMethod.DIVERSE_BEAM_SEARCH,
+    pb.CANDIDATE_METHOD_DIVERSE_BEAM_SEARCH: CandidateMethod.DIVERSE_BEAM_SEARCH,
+    pb.CANDIDATE_METHOD_SAMPLING: CandidateMethod.SAMPLING,
+}
+
+
+def job_state(value: int) -> JobState:
+    if value not in STATE_NAMES:
+        raise InvalidArgument(f"state {value} is not a known JobState value")
+    return STATE_NAMES[value]
 
 
 def scoring_method(value: int) -> str:
@@ -35,13 +53,24 @@ def training_config(h: pb.TrainingHyperparameters) -> TrainingConfig:
     """Unset optional fields keep TrainingConfig's defaults; validation happens there, once."""
     optional = ("learning_rate", "epochs", "batch_size", "rrhf_weight", "length_penalty", "model_max_length",
                 "warmup_steps", "gradient_accumulation_steps", "num_workers", "seed", "max_steps",
-                "checkpoint_every_steps", "sft_padded_mean", "bos_per_segment")  # fmt: skip
+                "checkpoint_every_steps", "sft_padded_mean", "bos_per_segment", "alpaca_prompt")  # fmt: skip
     values = {name: getattr(h, name) for name in optional if h.HasField(name)}
-    values["strategy"] = "fsdp" if h.strategy == pb.STRATEGY_FSDP else "ddp"
-    values["precision"] = "bf16" if h.precision == pb.PRECISION_BF16 else "fp32"
-    if h.strategy not in (pb.STRATEGY_UNSPECIFIED, pb.STRATEGY_DDP, pb.STRATEGY_FSDP):
+    if h.strategy not in STRATEGIES:
         raise InvalidArgument(f"hyperparameters.strategy {h.strategy} is not a known Strategy value")
-    return TrainingConfig(**values)
+    if h.precision not in PRECISIONS:
+        raise InvalidArgument(f"hyperparameters.precision {h.precision} is not a known Precision value")
+    if STRATEGIES[h.strategy] is not None:
+        values["strategy"] = STRATEGIES[h.strategy]
+    return TrainingConfig(**values, precision=PRECISIONS[h.precision])
+
+
+def candidates_config(request: pb.GenerateCandidatesRequest) -> CandidatesConfig:
+    """Unset optional fields keep CandidatesConfig's defaults; validation happens there, once."""
+    if request.method not in CANDIDATE_METHODS:
+        raise InvalidArgument(f"method {request.method} is not a known CandidateMethod value")
+    values = {name: getattr(request, name) for name in ("num_candidates", "max_new_tokens", "seed")
+              if request.HasField(name)}  # fmt: skip
+    return CandidatesConfig(tuple(request.queries), method=CANDIDATE_METHODS[request.method], **values)
 
 
 def _timestamp(seconds: float) -> Timestamp:
@@ -83,7 +112,7 @@ def job(j: Job) -> pb.Job:
 
 def watch_event(j: Job, event: dict | None) -> pb.WatchJobResponse | None:
     """The stream message for one job event; None for events that are not part of the public stream."""
-    kind = (event or {}).get("kind", "state")
+    kind = (event or {}).get("kind", "state")  # None: a change without an event record
     if kind == "step":
         return pb.WatchJobResponse(job_id=j.job_id, step=step_metrics(event))
     if kind == "checkpoint":

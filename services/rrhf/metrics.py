@@ -9,9 +9,7 @@ from prometheus_client import CollectorRegistry, Gauge
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from services.rrhf.jobs import JobStore
-
-JOB_STATES = ("pending", "running", "succeeded", "failed", "cancelled")
+from services.rrhf.jobs import JobKind, JobState, JobStore
 
 
 class JobsCollector(Collector):
@@ -24,9 +22,9 @@ class JobsCollector(Collector):
     def collect(self) -> Iterator[GaugeMetricFamily]:
         counts = Counter((job.kind, job.state) for job in self.store.list())
         family = GaugeMetricFamily("wombat_rrhf_jobs", "Jobs known to the service", labels=["kind", "state"])
-        for kind in ("training", "candidates"):
-            for state in JOB_STATES:
-                family.add_metric([kind, state], counts.get((kind, state), 0))
+        for kind in JobKind:
+            for state in JobState:
+                family.add_metric([kind.value, state.value], counts.get((kind, state), 0))
         yield family
 
 

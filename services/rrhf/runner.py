@@ -6,6 +6,7 @@ poller moves the workers' events from the job's channel actor into the job store
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import threading
@@ -14,8 +15,10 @@ from pathlib import Path
 
 import ray
 
-from services.rrhf.events import create_channel
-from services.rrhf.jobs import JobStore
+from services.rrhf.events import create_channel, get_channel
+from services.rrhf.jobs import CandidatesJob, JobKind, JobState, JobStore, TrainingJob
+from wombat_core.atomic import write_file_atomically
+from wombat_core.rrhf.candidates import CandidatesConfig
 from wombat_core.rrhf.data import PreferenceRecord
 from wombat_core.rrhf.training import TrainingConfig, plan
 
@@ -54,35 +57,25 @@ class JobRunner:
 
     def start_training(self, model_dir: Path, output_dir: Path, output_display: str,
                        records: list[PreferenceRecord], config: TrainingConfig) -> str:  # fmt: skip
-        job = self.store.create("training", output_display)
-        self._channels[job.job_id] = create_channel(job.job_id)
-        settings = {
-            "config": config.as_dict(),
-            "records": [
-                {"query": r.query, "responses": list(r.responses), "scores": list(r.scores)} for r in records
-            ],
-            "job_id": job.job_id,
-            "model_dir": str(model_dir),
-            "output_dir": str(output_dir),
-            "output_display": output_display,
-        }
-        total = plan(config, len(records)).total_steps
-        threading.Thread(target=self._run_training, args=(job.job_id, settings, config, total), daemon=True,
+        job = self.store.create(JobKind.TRAINING, output_display)
+        channel = self._channels[job.job_id] = create_channel(job.job_id)
+        spec = TrainingJob(job.job_id, model_dir, output_dir, output_display, tuple(records), config)
+        threading.Thread(target=self._run_training, args=(spec, channel), daemon=True,
                          name=f"job-{job.job_id}").start()  # fmt: skip
         return job.job_id
 
-    def _run_training(self, job_id: str, settings: dict, config: TrainingConfig, total_steps: int) -> None:
+    def _run_training(self, job: TrainingJob, channel) -> None:
         from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
         from ray.train.torch import TorchConfig, TorchTrainer
 
         from services.rrhf.train_worker import train_loop_per_worker
 
-        channel = self._channels[job_id]
         # The cluster's GPUs, not this process's: on KubeRay the service is a GPU-less driver pod.
         use_gpu = ray.cluster_resources().get("GPU", 0) >= 1
+        config = job.config.for_device(use_gpu)
         trainer = TorchTrainer(
             train_loop_per_worker,
-            train_loop_config=settings,
+            train_loop_config=dataclasses.replace(job, config=config),
             scaling_config=ScalingConfig(
                 num_workers=config.num_workers,
                 use_gpu=use_gpu,
@@ -93,18 +86,32 @@ class JobRunner:
             ),
             torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
             run_config=RunConfig(
-                name=job_id,
+                name=job.job_id,
                 storage_path=str(self.state_dir / "ray-results"),
                 failure_config=FailureConfig(max_failures=self.max_failures),
                 checkpoint_config=CheckpointConfig(num_to_keep=2),
             ),
         )
-        self._supervise(job_id, channel, total_steps, lambda: trainer.fit().error)
+        total_steps = plan(config, len(job.records)).total_steps
+        self._supervise(job.job_id, channel, total_steps, lambda: trainer.fit().error)
+
+    def start_candidates(self, model_dir: Path, reward_model_dir: Path, output_file: Path, output_display: str,
+                         config: CandidatesConfig) -> str:  # fmt: skip
+        job = self.store.create(JobKind.CANDIDATES, output_display)
+        channel = self._channels[job.job_id] = create_channel(job.job_id)
+        spec = CandidatesJob(job.job_id, model_dir, reward_model_dir, output_file, output_display, config)
+
+        def work() -> None:
+            ray.get(candidates_task.remote(spec))
+
+        threading.Thread(target=self._supervise, args=(job.job_id, channel, len(config.queries), work),
+                         daemon=True, name=f"job-{job.job_id}").start()  # fmt: skip
+        return job.job_id
 
     def _supervise(self, job_id: str, channel, total: int, work: Callable[[], BaseException | None]) -> None:
         """Marks the job running, runs `work` (which returns or raises the job's error) while relaying
         the job's events to the store, then records how it ended."""
-        self.store.update(job_id, {"kind": "state", "state": "running"}, state="running")
+        self._set_state(job_id, JobState.RUNNING)
         stop = threading.Event()
         poller = threading.Thread(target=self._poll, args=(job_id, channel, total, stop), daemon=True)
         poller.start()
@@ -136,46 +143,20 @@ class JobRunner:
                 changes = {"last_checkpoint_step": event["step"]}
             self.store.update(job_id, event, **changes)
 
-    def start_candidates(self, settings: dict, output_display: str) -> str:
-        job = self.store.create("candidates", output_display)
-        channel = self._channels[job.job_id] = create_channel(job.job_id)
-        settings = {**settings, "job_id": job.job_id, "output_display": output_display}
-        threading.Thread(
-            target=self._run_candidates, args=(job.job_id, settings, channel), daemon=True
-        ).start()
-        return job.job_id
-
-    def _run_candidates(self, job_id: str, settings: dict, channel) -> None:
-        def work() -> None:
-            ray.get(candidates_task.remote(settings))
-
-        self._supervise(job_id, channel, len(settings["queries"]), work)
+    def _set_state(self, job_id: str, state: JobState, **changes) -> None:
+        self.store.update(job_id, {"kind": "state", "state": state}, state=state, **changes)
 
     def _finish(self, job_id: str, channel, error: BaseException | None) -> None:
         job = self.store.get(job_id)
         if ray.get(channel.cancelled.remote()):
-            self.store.update(
-                job_id,
-                {"kind": "state", "state": "cancelled"},
-                state="cancelled",
-                error="cancelled by a client",
-            )
+            self._set_state(job_id, JobState.CANCELLED, error="cancelled by a client")
         elif error is not None:
             log.warning("job %s failed: %s", job_id, error)
-            self.store.update(
-                job_id, {"kind": "state", "state": "failed"}, state="failed", error=_reason(error)
-            )
+            self._set_state(job_id, JobState.FAILED, error=_reason(error))
         elif not any(e.get("kind") == "saved" for e in job.events):
-            self.store.update(
-                job_id,
-                {"kind": "state", "state": "failed"},
-                state="failed",
-                error="the job ended without saving its output",
-            )
+            self._set_state(job_id, JobState.FAILED, error="the job ended without saving its output")
         else:
-            self.store.update(
-                job_id, {"kind": "state", "state": "succeeded"}, state="succeeded", progress=1.0
-            )
+            self._set_state(job_id, JobState.SUCCEEDED, progress=1.0)
         ray.kill(channel)
 
     def cancel(self, job_id: str) -> None:
@@ -186,12 +167,7 @@ class JobRunner:
         if channel is not None:
             channel.cancel.remote()
         else:
-            self.store.update(
-                job_id,
-                {"kind": "state", "state": "cancelled"},
-                state="cancelled",
-                error="cancelled by a client",
-            )
+            self._set_state(job_id, JobState.CANCELLED, error="cancelled by a client")
 
 
 def _reason(error: BaseException) -> str:
@@ -200,84 +176,25 @@ def _reason(error: BaseException) -> str:
 
 
 @ray.remote(num_cpus=1)
-def candidates_task(settings: dict) -> int:
-    """Generates k candidates per query with the policy (diverse beam search, or sampling through the
-    inference engine), scores them with the reward model and writes RRHF JSONL atomically."""
-    import os
-    import tempfile
-
-    from services.rrhf.events import get_channel
-    from wombat_core.engine import Engine, EngineConfig
+def candidates_task(job: CandidatesJob) -> int:
+    """The core's `generate_candidates` in a Ray task: events to the job's channel, output written
+    atomically. Returns how many records it wrote."""
     from wombat_core.engine.loading import load_for_serving
-    from wombat_core.prompts import alpaca_prompt_from_query
-    from wombat_core.rrhf.candidates import diverse_beam_search
-    from wombat_core.rrhf.data import PreferenceRecord, dump_jsonl
+    from wombat_core.rrhf.candidates import generate_candidates
+    from wombat_core.rrhf.data import dump_jsonl
     from wombat_core.rrhf.scoring import RewardModel
 
-    channel = get_channel(settings["job_id"])
-    policy = load_for_serving(Path(settings["model_dir"]))
-    reward = RewardModel.load(Path(settings["reward_model_dir"]))
-    k, max_new = settings["num_candidates"], settings["max_new_tokens"]
-    engine = None
-    if settings["method"] == "sampling":
-        engine = Engine(
-            policy.model,
-            policy.tokenizer,
-            EngineConfig(max_batch_size=k, context_length=policy.context_length),
-        )
-        engine.start()
-    records = []
-    try:
-        for index, query in enumerate(settings["queries"]):
-            if ray.get(channel.cancelled.remote()):
-                return index
-            prompt = alpaca_prompt_from_query(query)
-            ids = list(policy.tokenizer(prompt)["input_ids"])
-            if engine is None:
-                candidates = diverse_beam_search(
-                    policy.model, policy.tokenizer, ids, num_groups=k, max_new_tokens=max_new
-                )
-            else:
-                candidates = _sample(engine, ids, k, max_new, settings["seed"] + index * k)
-            scores = reward.score([prompt + c for c in candidates])
-            records.append(PreferenceRecord(query, tuple(candidates), tuple(scores)))
-            channel.put.remote({"kind": "progress", "done": index + 1, "total": len(settings["queries"])})
-    finally:
-        if engine is not None:
-            engine.stop()
-    output = Path(settings["output_file"])
-    output.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=output.parent, delete=False, suffix=".partial") as handle:
-        handle.write(dump_jsonl(records))
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(handle.name, output)
-    channel.put.remote({"kind": "saved", "path": settings["output_display"]})
+    channel = get_channel(job.job_id)
+    records = generate_candidates(
+        load_for_serving(job.model_dir),
+        RewardModel.load(job.reward_model_dir),
+        job.config,
+        on_progress=lambda done, total: channel.put.remote(
+            {"kind": "progress", "done": done, "total": total}
+        ),
+        cancelled=lambda: ray.get(channel.cancelled.remote()),
+    )
+    job.output_file.parent.mkdir(parents=True, exist_ok=True)
+    write_file_atomically(job.output_file, dump_jsonl(records))
+    channel.put.remote({"kind": "saved", "path": job.output_display})
     return len(records)
-
-
-def _sample(engine, prompt_ids: list[int], k: int, max_new_tokens: int, seed: int) -> list[str]:
-    """k independent samples (temperature 1, seeds seed..seed+k-1), batched together by the engine."""
-    import threading
-
-    from wombat_core.engine import GenerationRequest, SamplingParams
-
-    texts, remaining, all_done = [""] * k, [k], threading.Event()
-    lock = threading.Lock()
-
-    def sink_for(i: int):
-        def sink(event) -> None:  # runs on the engine thread: must never block
-            texts[i] += event.text
-            if event.finished:
-                with lock:
-                    remaining[0] -= 1
-                    if remaining[0] == 0:
-                        all_done.set()
-
-        return sink
-
-    for i in range(k):
-        params = SamplingParams(temperature=1.0, max_new_tokens=max_new_tokens, seed=seed + i)
-        engine.submit(GenerationRequest(f"candidate-{seed}-{i}", tuple(prompt_ids), params), sink_for(i))
-    all_done.wait()
-    return [t.strip() for t in texts]

@@ -1,27 +1,24 @@
-"""Entry point of `wombat serve rrhf`: joins or starts Ray, recovers persisted jobs, serves."""
+"""`wombat serve rrhf`: the RRHF service as a scaffold `Service`.
+
+It listens at once (NOT_SERVING), joins or starts its Ray cluster, then serves. Jobs persisted by an
+earlier run are recovered when the service is built.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import logging
 from dataclasses import dataclass
 from pathlib import Path
+
+from prometheus_client import CollectorRegistry
 
 from services.rrhf.jobs import JobStore
 from services.rrhf.metrics import register_metrics
 from services.rrhf.runner import JobRunner, init_ray
 from services.rrhf.servicer import RrhfServicer
+from services.scaffold import Service, ServiceRegistration
 from wombat.rrhf.v1 import rrhf_pb2, rrhf_pb2_grpc
 from wombat_core.errors import InvalidArgument
-from wombat_core.server import (
-    ServerConfig,
-    ServiceRegistration,
-    WombatServer,
-    create_server,
-    run_until_signalled,
-)
-
-log = logging.getLogger(__name__)
 
 SERVICE_NAME = rrhf_pb2.DESCRIPTOR.services_by_name["RrhfService"].full_name
 
@@ -39,47 +36,55 @@ class RrhfSettings:
     reward_model: str | None = None  # default reward model, relative to the model root
     max_failures: int = 2
 
-
-def build_server(config: ServerConfig, settings: RrhfSettings) -> tuple[WombatServer, int, RrhfServicer]:
-    for name in ("model_root", "data_root"):
-        if not Path(getattr(settings, name)).is_dir():
-            raise InvalidArgument(f"--{name.replace('_', '-')} {getattr(settings, name)} is not a directory")
-    if settings.scorer_replicas < 1:
-        raise InvalidArgument(f"--scorer-replicas must be >= 1, got {settings.scorer_replicas}")
-    if settings.max_pending_scores < 1:
-        raise InvalidArgument(f"--max-pending-scores must be >= 1, got {settings.max_pending_scores}")
-    if settings.scorer_gpus < 0:
-        raise InvalidArgument(f"--scorer-gpus must be >= 0, got {settings.scorer_gpus}")
-    init_ray(settings.ray_address)
-    state_dir = settings.state_dir or Path(settings.data_root) / ".wombat-jobs"
-    store = JobStore(state_dir)
-    runner = JobRunner(store, state_dir, settings.max_failures)
-    root = Path(settings.model_root).resolve()
-    defaults = {
-        "policy_logprob": root / settings.policy_model if settings.policy_model else None,
-        "reward_model": root / settings.reward_model if settings.reward_model else None,
-    }
-    servicer = RrhfServicer(root, Path(settings.data_root), store, runner, defaults, settings.scorer_replicas,
-                            settings.scorer_gpus, settings.max_pending_scores)  # fmt: skip
-    registration = ServiceRegistration(
-        SERVICE_NAME, lambda server: rrhf_pb2_grpc.add_RrhfServiceServicer_to_server(servicer, server)
-    )
-    server, port = create_server(config, [registration])
-    register_metrics(server.registry, servicer)
-    return server, port, servicer
+    def __post_init__(self) -> None:
+        for name in ("model_root", "data_root"):
+            if not Path(getattr(self, name)).is_dir():
+                raise InvalidArgument(f"--{name.replace('_', '-')} {getattr(self, name)} is not a directory")
+        if self.scorer_replicas < 1:
+            raise InvalidArgument(f"--scorer-replicas must be >= 1, got {self.scorer_replicas}")
+        if self.max_pending_scores < 1:
+            raise InvalidArgument(f"--max-pending-scores must be >= 1, got {self.max_pending_scores}")
+        if self.scorer_gpus < 0:
+            raise InvalidArgument(f"--scorer-gpus must be >= 0, got {self.scorer_gpus}")
 
 
-async def serve(config: ServerConfig, settings: RrhfSettings) -> None:
-    await asyncio.to_thread(init_ray, settings.ray_address)  # starting a local cluster takes seconds
-    server, port, servicer = build_server(config, settings)
-    await server.start()
-    await server.set_serving(True)
-    log.info("rrhf service on port %d", port)
-    server.announce(port)
-    try:
-        await run_until_signalled(server)
-    finally:
-        await servicer.close()
+class RrhfService(Service):
+    name = "rrhf"
+
+    def __init__(self, settings: RrhfSettings):
+        self.settings = settings
+        state_dir = settings.state_dir or Path(settings.data_root) / ".wombat-jobs"
+        store = JobStore(state_dir)
+        root = Path(settings.model_root).resolve()
+        defaults = {
+            "policy_logprob": root / settings.policy_model if settings.policy_model else None,
+            "reward_model": root / settings.reward_model if settings.reward_model else None,
+        }
+        self.servicer = RrhfServicer(root, Path(settings.data_root), store, JobRunner(store, state_dir, settings.max_failures),
+                                     defaults, settings.scorer_replicas, settings.scorer_gpus,
+                                     settings.max_pending_scores)  # fmt: skip
+        self._owns_ray = False
+
+    def registrations(self) -> list[ServiceRegistration]:
+        return [
+            ServiceRegistration(
+                SERVICE_NAME,
+                lambda server: rrhf_pb2_grpc.add_RrhfServiceServicer_to_server(self.servicer, server),
+            )
+        ]
+
+    def register_metrics(self, registry: CollectorRegistry) -> None:
+        register_metrics(registry, self.servicer)
+
+    async def load(self) -> None:
         import ray
 
-        ray.shutdown()  # a local cluster started by this process stops with it
+        self._owns_ray = not ray.is_initialized()  # leave a cluster this process already had alone
+        await asyncio.to_thread(init_ray, self.settings.ray_address)  # starting a local cluster takes seconds
+
+    async def close(self) -> None:
+        await self.servicer.close()
+        if self._owns_ray:
+            import ray
+
+            ray.shutdown()  # a local cluster started by this service stops with it

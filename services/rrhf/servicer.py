@@ -19,7 +19,6 @@ from wombat_core.paths import ConfinedRoot
 from wombat_core.rrhf.data import load_jsonl, validate_records
 from wombat_core.rrhf.scoring import ScoreItem
 
-MAX_CANDIDATE_QUERIES = 10_000
 MAX_MODEL_POOLS = 4
 
 
@@ -123,8 +122,6 @@ class RrhfServicer(rrhf_pb2_grpc.RrhfServiceServicer):
         from wombat_core.tokenizer import load_tokenizer
 
         tokenizer = load_tokenizer(model_dir, padding_side="right")
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
         for number, record in enumerate(records, start=1):
             collate_record(tokenizer, record, config.collation, where=f"record {number}")
 
@@ -141,34 +138,12 @@ class RrhfServicer(rrhf_pb2_grpc.RrhfServiceServicer):
         reward_dir = self.models.resolve(
             request.reward_model_path, field="reward_model_path", must_exist=True
         )
-        if not request.queries or len(request.queries) > MAX_CANDIDATE_QUERIES:
-            raise InvalidArgument(
-                f"queries must hold 1 to {MAX_CANDIDATE_QUERIES} entries, got {len(request.queries)}"
-            )
-        if any(not q.strip() for q in request.queries):
-            raise InvalidArgument("every query must be non-empty")
-        k = request.num_candidates if request.HasField("num_candidates") else 4
-        max_new = request.max_new_tokens if request.HasField("max_new_tokens") else 128
-        if not 1 <= k <= 16:
-            raise InvalidArgument(f"num_candidates must be in [1, 16], got {k}")
-        if not 1 <= max_new <= 2048:
-            raise InvalidArgument(f"max_new_tokens must be in [1, 2048], got {max_new}")
+        config = convert.candidates_config(request)
         output = self.data.resolve(request.output_path, field="output_path")
         if output.exists():
             raise AlreadyExists(f"output_path {request.output_path!r} already exists; choose a new file")
-        settings = {
-            "model_dir": str(model_dir),
-            "reward_model_dir": str(reward_dir),
-            "queries": list(request.queries),
-            "num_candidates": k,
-            "max_new_tokens": max_new,
-            "method": "sampling" if request.method == pb.CANDIDATE_METHOD_SAMPLING else "diverse_beam_search",
-            "seed": request.seed if request.HasField("seed") else 42,
-            "output_file": str(output),
-        }
-        return pb.GenerateCandidatesResponse(
-            job_id=self.runner.start_candidates(settings, request.output_path)
-        )
+        job_id = self.runner.start_candidates(model_dir, reward_dir, output, request.output_path, config)
+        return pb.GenerateCandidatesResponse(job_id=job_id)
 
     async def WatchJob(self, request: pb.WatchJobRequest, context) -> AsyncIterator[pb.WatchJobResponse]:
         loop = asyncio.get_running_loop()
@@ -206,10 +181,7 @@ class RrhfServicer(rrhf_pb2_grpc.RrhfServiceServicer):
             offset = int(base64.urlsafe_b64decode(request.page_token).decode()) if request.page_token else 0
         except ValueError:
             raise InvalidArgument("page_token is not a token this service issued") from None
-        state = convert.STATE_NAMES.get(request.state) if request.state else None
-        if request.state and state is None:
-            raise InvalidArgument(f"state {request.state} is not a known JobState value")
-        jobs = self.store.list(state)
+        jobs = self.store.list(convert.job_state(request.state) if request.state else None)
         page = jobs[offset : offset + size]
         token = (
             base64.urlsafe_b64encode(str(offset + size).encode()).decode()

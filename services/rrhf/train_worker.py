@@ -19,11 +19,11 @@ import ray.train.torch
 import torch
 
 from services.rrhf.events import get_channel
+from services.rrhf.jobs import TrainingJob
 from wombat_core.atomic import AtomicOutputDir
-from wombat_core.manifest import Manifest, fingerprint_files
-from wombat_core.rrhf.data import PreferenceRecord
-from wombat_core.rrhf.training import TrainingConfig, plan, train_step
-from wombat_core.tokenizer import PAD_TOKEN, load_tokenizer
+from wombat_core.manifest import Manifest, ManifestKind, fingerprint_files
+from wombat_core.rrhf.training import plan, train_step
+from wombat_core.tokenizer import load_tokenizer
 
 STATE_FILE = "rrhf-state.pt"
 
@@ -32,24 +32,20 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if hasattr(model, "module") else model
 
 
-def train_loop_per_worker(settings: dict) -> None:
+def train_loop_per_worker(job: TrainingJob) -> None:
     from transformers import AutoModelForCausalLM
 
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
-    config = TrainingConfig(**settings["config"])
-    records = [
-        PreferenceRecord(r["query"], tuple(r["responses"]), tuple(r["scores"])) for r in settings["records"]
-    ]
-    channel = get_channel(settings["job_id"])
+    config, records = job.config, job.records
+    channel = get_channel(job.job_id)
     torch.manual_seed(config.seed)
 
-    model_dir = Path(settings["model_dir"])
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, local_files_only=True)
-    tokenizer = load_tokenizer(model_dir, padding_side="right")
-    if tokenizer.pad_token is None:
-        tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
-        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(job.model_dir), dtype=torch.float32, local_files_only=True
+    )
+    # Padding follows the one RRHF policy (wombat_core.rrhf.collate): the vocabulary is never grown.
+    tokenizer = load_tokenizer(job.model_dir, padding_side="right")
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate)
     start_step = 0
     checkpoint = ray.train.get_checkpoint()
@@ -102,19 +98,17 @@ def train_loop_per_worker(settings: dict) -> None:
                 channel.put.remote({"kind": "checkpoint", "step": result.step})
 
     if rank == 0:
-        _save_final(
-            _unwrap(model), tokenizer, model_dir, Path(settings["output_dir"]), config, settings["job_id"]
-        )
-        channel.put.remote({"kind": "saved", "path": settings["output_display"]})
+        _save_final(_unwrap(model), tokenizer, job)
+        channel.put.remote({"kind": "saved", "path": job.output_display})
 
 
-def _save_final(model, tokenizer, model_dir: Path, output: Path, config: TrainingConfig, job_id: str) -> None:
+def _save_final(model, tokenizer, job: TrainingJob) -> None:
     from wombat_core.checkpoint.layout import Checkpoint
 
-    base = Checkpoint.open(model_dir, role="model")
-    inputs = (fingerprint_files("model", model_dir.name, [base.file(s) for s in base.shards]),)
-    options = {k: str(v) for k, v in config.as_dict().items()} | {"job_id": job_id}
-    with AtomicOutputDir(output) as out:
+    base = Checkpoint.open(job.model_dir, role="model")
+    inputs = (fingerprint_files("model", job.model_dir.name, [base.file(s) for s in base.shards]),)
+    options = {k: str(v) for k, v in job.config.as_dict().items()} | {"job_id": job.job_id}
+    with AtomicOutputDir(job.output_dir) as out:
         model.save_pretrained(out.path, safe_serialization=True)
         tokenizer.save_pretrained(out.path)
-        out.commit(Manifest(kind="rrhf-train", inputs=inputs, options=options, files=()))
+        out.commit(Manifest(kind=ManifestKind.RRHF_TRAIN, inputs=inputs, options=options, files=()))

@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from tests.engine_fixtures import save_servable_tiny_model
+from tests.engine_fixtures import save_servable_tiny_model, save_wired_model, text_tokens
 from wombat_core.engine import Engine, EngineConfig, FinishReason, GenerationRequest, SamplingParams
 from wombat_core.engine.detokenizer import IncrementalDetokenizer
 from wombat_core.engine.loading import load_for_serving
@@ -126,16 +126,72 @@ def test_stop_sequence_spanning_two_tokens_cuts_the_text(loaded, engine):
     assert stopped_text == expected and stop not in stopped_text
 
 
-def test_eos_min_new_tokens_and_stop_token_ids(loaded, engine):
-    prompt = loaded.tokenizer(PROMPTS[1])["input_ids"]
-    tokens, _, final = submit(engine, prompt, "x", temperature=0, max_new_tokens=40, ignore_eos=True).wait()
-    assert final.finish_reason is FinishReason.LENGTH and len(tokens) == 40
-    target = tokens[7]
-    first = tokens.index(target)
-    tokens2, _, final2 = submit(engine, prompt, "y", temperature=0, max_new_tokens=40, ignore_eos=True,
-                                stop_token_ids=(target,)).wait()  # fmt: skip
-    assert final2.finish_reason is FinishReason.STOP and tokens2 == tokens[: first + 1]
-    assert final2.usage.completion_tokens == first + 1 and final2.usage.prompt_tokens == len(prompt)
+EOS = 2
+
+
+@pytest.fixture(scope="module")
+def stopping(tmp_path_factory):
+    """A model that says "Red, green and blue." and then wants to stop. After each token of the sentence
+    and EOS (a cycle), the next one scores 10 and the one after it 5, so whatever is held back (EOS under
+    min_new_tokens, a stop token id) has a clear second choice. Returns (loaded model, sentence ids)."""
+    directory = tmp_path_factory.mktemp("stopping") / "model"
+    sentence = text_tokens(directory, "Red, green and blue.")
+    cycle = [*sentence, EOS]
+    transitions = {
+        t: {cycle[(i + 1) % len(cycle)]: 10.0, cycle[(i + 2) % len(cycle)]: 5.0} for i, t in enumerate(cycle)
+    }
+    return load_for_serving(save_wired_model(directory, transitions)), sentence
+
+
+@pytest.fixture
+def stopping_engine(stopping):
+    loaded, _ = stopping
+    engine = Engine(loaded.model, loaded.tokenizer, EngineConfig(max_batch_size=4, context_length=256))
+    engine.start()
+    yield engine
+    engine.stop()
+
+
+def hf_generate(loaded, prompt_ids, **kwargs) -> list[int]:
+    """The reference: HF generate, greedy, with HF's own EOS and min-new-tokens processors."""
+    kwargs = {"eos_token_id": EOS, **kwargs}
+    output = loaded.model.generate(torch.tensor([prompt_ids]), do_sample=False, max_new_tokens=60,
+                                   pad_token_id=loaded.tokenizer.pad_token_id, **kwargs)  # fmt: skip
+    return output[0, len(prompt_ids) :].tolist()
+
+
+def test_eos_ends_the_stream_as_in_hf_generate(stopping, stopping_engine):
+    loaded, sentence = stopping
+    prompt = [1, sentence[0]]
+    tokens, text, final = submit(stopping_engine, prompt, "eos", temperature=0, max_new_tokens=60).wait()
+    assert tokens == [*sentence[1:], EOS] == hf_generate(loaded, prompt)
+    assert final.finish_reason is FinishReason.EOS and final.usage.completion_tokens == len(tokens)
+    assert text == loaded.tokenizer.decode(sentence[1:], skip_special_tokens=True)  # EOS is never text
+
+
+def test_min_new_tokens_holds_eos_back_as_in_hf_generate(stopping, stopping_engine):
+    loaded, sentence = stopping
+    prompt = [1, sentence[0]]
+    minimum = len(sentence) + 2  # the model wants EOS after len(sentence) - 1 tokens
+    tokens, _, final = submit(stopping_engine, prompt, "min", temperature=0, max_new_tokens=60,
+                              min_new_tokens=minimum).wait()  # fmt: skip
+    assert tokens == hf_generate(loaded, prompt, min_new_tokens=minimum)
+    assert EOS not in tokens[:minimum] and tokens[len(sentence) - 1] == sentence[0]  # its second choice
+    assert tokens[-1] == EOS and final.finish_reason is FinishReason.EOS and len(tokens) > minimum
+
+
+def test_stop_token_ids_stop_the_stream_and_wait_for_min_new_tokens(stopping, stopping_engine):
+    loaded, sentence = stopping
+    prompt, stop = [1, sentence[0]], sentence[3]
+    tokens, _, final = submit(stopping_engine, prompt, "stop", temperature=0, max_new_tokens=60,
+                              stop_token_ids=(stop,)).wait()  # fmt: skip
+    assert tokens == sentence[1:4] and final.finish_reason is FinishReason.STOP
+    assert final.usage.completion_tokens == 3 and final.usage.prompt_tokens == 2
+    # Under min_new_tokens a stop token id is held back like EOS; HF treats both as EOS ids.
+    held, _, final = submit(stopping_engine, prompt, "held", temperature=0, max_new_tokens=60,
+                            stop_token_ids=(stop,), min_new_tokens=5).wait()  # fmt: skip
+    assert held == hf_generate(loaded, prompt, eos_token_id=[EOS, stop], min_new_tokens=5)
+    assert stop not in held[:5] and len(held) > 5 and final.finish_reason is not FinishReason.LENGTH
 
 
 def test_logprobs_are_the_models_own_distribution(loaded, engine):
@@ -152,6 +208,8 @@ def test_logprobs_are_the_models_own_distribution(loaded, engine):
 
 
 def test_cancel_frees_the_slot_within_a_step(loaded):
+    """A cancel takes effect before the next decode step: at most the step already running when it
+    arrived still emits a token, and the slot serves the next request."""
     engine = Engine(
         loaded.model, loaded.tokenizer, EngineConfig(max_batch_size=1, max_queue=1, context_length=256)
     )
@@ -159,13 +217,56 @@ def test_cancel_frees_the_slot_within_a_step(loaded):
     try:
         prompt = loaded.tokenizer(PROMPTS[0])["input_ids"]
         long = submit(engine, prompt, "long", temperature=0, max_new_tokens=200, ignore_eos=True)
-        while not long.events:
+        while len(long.events) < 3:
             time.sleep(0.001)
+        emitted, step = len(long.events), engine.stats().decode_steps
         engine.cancel("long")
         assert long.done.wait(5) and long.events[-1].finish_reason is FinishReason.CANCELLED
-        assert len(long.events) < 100
+        tokens_after_cancel = sum(len(e.token_ids) for e in long.events[emitted:])
+        assert tokens_after_cancel <= 1 and engine.stats().decode_steps - step <= 1
+        assert long.events[-1].usage.completion_tokens == emitted + tokens_after_cancel < 200
         quick = submit(engine, prompt, "quick", temperature=0, max_new_tokens=3)
-        assert quick.done.wait(5) and quick.events[-1].finish_reason is not None
+        assert quick.done.wait(5) and quick.events[-1].finish_reason is FinishReason.LENGTH
+    finally:
+        engine.stop()
+
+
+def test_generate_bridges_stream_and_closing_early_cancels(loaded, engine):
+    prompt = loaded.tokenizer(PROMPTS[0])["input_ids"]
+    request = GenerationRequest("bridge", tuple(prompt), SamplingParams(temperature=0, max_new_tokens=24))
+    events = [event for batch in engine.generate(request) for event in batch]
+    assert [t for e in events for t in e.token_ids] == reference_greedy(loaded, prompt, 24)
+    assert events[-1].finish_reason is FinishReason.LENGTH and not any(e.finished for e in events[:-1])
+    finished = []
+    engine.on_finish = finished.append
+    try:
+        long = GenerationRequest(
+            "closed", tuple(prompt), SamplingParams(temperature=0, max_new_tokens=200, ignore_eos=True)
+        )
+        stream = engine.generate(long)
+        next(stream)
+        stream.close()  # the caller stops reading: the engine drops the request
+        deadline = time.monotonic() + 5
+        while not finished and time.monotonic() < deadline:
+            time.sleep(0.001)
+        assert [e.finish_reason for e in finished] == [FinishReason.CANCELLED]
+    finally:
+        engine.on_finish = None
+
+
+def test_a_slot_is_free_by_the_time_its_final_event_arrives(loaded):
+    """One slot, no queue: a caller that sends its next request as soon as it has read the last one's final
+    event must never be refused (the engine frees the slot before it sends that event)."""
+    engine = Engine(
+        loaded.model, loaded.tokenizer, EngineConfig(max_batch_size=1, max_queue=0, context_length=256)
+    )
+    engine.start()
+    try:
+        prompt = tuple(loaded.tokenizer(PROMPTS[0])["input_ids"])
+        for number in range(30):
+            request = GenerationRequest(f"r{number}", prompt, SamplingParams(temperature=0, max_new_tokens=2))
+            batches = list(engine.generate(request))
+            assert batches[-1][-1].finish_reason is FinishReason.LENGTH
     finally:
         engine.stop()
 

@@ -69,3 +69,90 @@ def test_diverse_beam_search_first_group_is_greedy_and_groups_differ(models):
         loaded.model, loaded.tokenizer, prompt, diversity_penalty=0.0, max_new_tokens=12
     )
     assert len(set(no_penalty)) == 1
+
+
+def test_score_and_training_compute_the_same_p_i_for_a_model_without_a_pad_token(tmp_path):
+    """The one pad policy (wombat_core.rrhf.collate): EOS pads when the tokenizer has no pad token, and the
+    vocabulary is never grown. p_i from the Score path (the scorer's loader and `policy_scores`) equals p_i
+    from the training path (the Ray worker's loader, collation and loss)."""
+    from transformers import AutoModelForCausalLM
+
+    from wombat_core.rrhf.collate import collate_record
+    from wombat_core.rrhf.data import PreferenceRecord
+    from wombat_core.rrhf.loss import compute_loss
+    from wombat_core.rrhf.scoring import ScoreItem, policy_scores
+    from wombat_core.rrhf.training import TrainingConfig
+    from wombat_core.tokenizer import load_tokenizer
+
+    directory = save_servable_tiny_model(tmp_path / "no-pad", pad_token=False)
+    responses = ("Red, green and blue.", "Blue.", "The quick brown fox jumps over the lazy dog.")
+    scorer = load_for_serving(directory)  # as ScorerActor loads it
+    assert scorer.tokenizer.pad_token is None
+    scored = policy_scores(scorer.model, scorer.tokenizer, [ScoreItem("Name three colours.", responses)])[0]
+
+    model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch.float32)  # as the worker does
+    tokenizer = load_tokenizer(directory, padding_side="right")
+    config = TrainingConfig()
+    group = collate_record(
+        tokenizer, PreferenceRecord("Name three colours.", responses, (2.0, 0.0, 1.0)), config.collation
+    )
+    with torch.no_grad():
+        trained = compute_loss(model.eval(), group, config.loss).response_scores.tolist()
+
+    assert trained == pytest.approx(scored, abs=1e-5)
+    shortest = int(group.attention_mask.sum(1).argmin())
+    assert group.input_ids[shortest, -1] == tokenizer.eos_token_id and group.attention_mask[shortest, -1] == 0
+    assert model.get_input_embeddings().weight.shape[0] == len(tokenizer)  # no [PAD] row was added
+
+
+def test_a_failed_candidate_fails_the_job_instead_of_an_empty_answer(models):
+    """An engine failure while sampling candidates is raised, never written as an empty candidate."""
+    from types import SimpleNamespace
+
+    from wombat_core.rrhf.candidates import CandidateMethod, CandidatesConfig, generate_candidates
+
+    loaded = load_for_serving(models[0])
+
+    class BreaksOnDecode(torch.nn.Module):
+        """The policy, except that every decode step fails (a lost device, say)."""
+
+        def __init__(self, inner):
+            super().__init__()
+            self.inner, self.generation_config = inner, inner.generation_config
+
+        def forward(self, **inputs):
+            if inputs["input_ids"].shape[1] == 1:
+                raise RuntimeError("CUDA error: device lost")
+            return self.inner(**inputs)
+
+    policy = SimpleNamespace(model=BreaksOnDecode(loaded.model), tokenizer=loaded.tokenizer,
+                             context_length=loaded.context_length)  # fmt: skip
+    reward = SimpleNamespace(score=lambda texts: [0.0] * len(texts))
+    config = CandidatesConfig(
+        ("Name a colour.",), num_candidates=2, max_new_tokens=4, method=CandidateMethod.SAMPLING
+    )
+    with pytest.raises(RuntimeError, match="device lost"):
+        generate_candidates(policy, reward, config)
+    working = SimpleNamespace(
+        model=loaded.model, tokenizer=loaded.tokenizer, context_length=loaded.context_length
+    )
+    (record,) = generate_candidates(working, reward, config)
+    assert len(record.responses) == 2 and all(record.responses)
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"queries": ()}, "queries must hold 1 to 10000 entries, got 0"),
+        ({"queries": ("ok", " ")}, "every query must be non-empty"),
+        ({"num_candidates": 0}, "num_candidates must be in [1, 16], got 0"),
+        ({"max_new_tokens": 4096}, "max_new_tokens must be in [1, 2048], got 4096"),
+    ],
+)
+def test_candidates_config_says_what_is_wrong(fields, message):
+    from wombat_core.errors import InvalidArgument
+    from wombat_core.rrhf.candidates import CandidatesConfig
+
+    with pytest.raises(InvalidArgument) as info:
+        CandidatesConfig(**{"queries": ("q",), **fields})
+    assert info.value.message == message

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.slow
 
 def wombat(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     result = subprocess.run(
-        [sys.executable, "-m", "wombat_core.cli.main", *args], capture_output=True, text=True, timeout=300
+        [sys.executable, "-m", "services.cli", *args], capture_output=True, text=True, timeout=300
     )
     if check and result.returncode != 0:
         raise AssertionError(f"wombat {' '.join(args)} failed ({result.returncode}):\n{result.stderr}")
@@ -87,8 +87,8 @@ def test_rrhf_score_train_and_jobs(tmp_path):
     import shutil
     from importlib import resources
 
+    from services.stack import ServiceProcess
     from tests.engine_fixtures import save_servable_tiny_model
-    from wombat_core.cli.stack import ServiceProcess
 
     models, data = tmp_path / "models", tmp_path / "data"
     data.mkdir()
@@ -104,8 +104,12 @@ def test_rrhf_score_train_and_jobs(tmp_path):
         trained = json_lines(wombat("train", "--server", server, "--model", "policy", "--data", "prefs.jsonl",
                                     "--output", "trained", "--max-steps", "2", "--learning-rate", "1e-3",
                                     "--json").stdout)  # fmt: skip
-        assert [e["step"]["step"] for e in trained if e["step"]["step"]] == [1, 2]
-        assert trained[-1]["job"]["state"] == "JOB_STATE_SUCCEEDED"
+        # Each line is one event named by its kind, carrying only that member of the oneof.
+        kinds = ("step", "checkpoint", "job")
+        assert all(e["event"] in kinds and [k for k in kinds if k in e] == [e["event"]] for e in trained)
+        assert [e["step"]["step"] for e in trained if e["event"] == "step"] == [1, 2]
+        assert trained[-1]["event"] == "job" and trained[-1]["job"]["state"] == "JOB_STATE_SUCCEEDED"
+        assert all(e["job"]["state"] != "JOB_STATE_UNSPECIFIED" for e in trained if e["event"] == "job")
         listed = json_lines(wombat("jobs", "list", "--server", server, "--json").stdout)
         assert [j["job_id"] for j in listed] == [trained[-1]["job"]["job_id"]]
         refused = wombat("train", "--server", server, "--model", "policy", "--data", "missing.jsonl", "--output", "x",

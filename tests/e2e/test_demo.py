@@ -12,7 +12,7 @@ import time
 import psutil
 import pytest
 
-from wombat_core.cli.stack import read_state
+from services.stack import read_state
 
 pytestmark = pytest.mark.slow
 
@@ -22,7 +22,7 @@ def test_interrupted_demo_stops_every_service(demo_workdir, tmp_path, sig):
     workdir = tmp_path / "demo"
     (workdir / "models").mkdir(parents=True)
     shutil.copytree(demo_workdir / "models" / "smollm2-135m", workdir / "models" / "smollm2-135m")
-    demo = subprocess.Popen([sys.executable, "-m", "wombat_core.cli.main", "demo", "--workdir", str(workdir)],
+    demo = subprocess.Popen([sys.executable, "-m", "services.cli", "demo", "--workdir", str(workdir)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
     deadline, state = time.monotonic() + 300, None
     while time.monotonic() < deadline and demo.poll() is None:

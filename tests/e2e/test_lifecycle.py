@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from wombat_core.cli.demo import run_lifecycle
-from wombat_core.cli.stack import read_state
+from services.cli.demo import run_lifecycle
+from services.stack import read_state
 
 pytestmark = pytest.mark.slow
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from clients.inference import InferenceClient, prompt, sampling
+from services.stack import ServiceProcess
 from wombat.inference.v1 import inference_pb2 as pb
-from wombat_core.cli.stack import ServiceProcess
 
 pytestmark = pytest.mark.slow
 

@@ -13,7 +13,8 @@ import psutil
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from wombat_core.cli.stack import load_stack_config, read_state
+from services.cli.serve import check_serve_options
+from services.stack import load_stack_config, read_state
 from wombat_core.errors import InvalidArgument, NotFound
 
 
@@ -35,8 +36,9 @@ def _write(tmp_path, text: str):
     ],
 )
 def test_bad_stack_configs_say_what_to_fix(tmp_path, text, message):
+    """As `wombat up` loads them: every service's options parsed by the real `wombat serve` command."""
     with pytest.raises(InvalidArgument) as info:
-        load_stack_config(_write(tmp_path, text))
+        load_stack_config(_write(tmp_path, text), check=check_serve_options)
     assert message in info.value.message
 
 
@@ -60,7 +62,7 @@ def _config(tmp_path):
 
 
 def _wombat(*args, **kwargs):
-    return subprocess.run([sys.executable, "-m", "wombat_core.cli.main", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "services.cli", *args], capture_output=True,
                           text=True, timeout=120, **kwargs)  # fmt: skip
 
 
@@ -105,7 +107,7 @@ def test_up_detached_then_down(tmp_path):
 
 def _start_foreground(tmp_path):
     config = _config(tmp_path)
-    supervisor = subprocess.Popen([sys.executable, "-m", "wombat_core.cli.main", "up", "--config", str(config)],
+    supervisor = subprocess.Popen([sys.executable, "-m", "services.cli", "up", "--config", str(config)],
                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -148,7 +150,7 @@ def test_the_shipped_stack_config_is_valid():
     from pathlib import Path
 
     config = Path(__file__).resolve().parents[2] / "deploy" / "local" / "stack.toml"
-    specs = load_stack_config(config)
+    specs = load_stack_config(config, check=check_serve_options)
     assert set(specs) == {"materializer", "inference", "rrhf"}
     ports = [spec.options["port"] for spec in specs.values()]
     assert len(set(ports)) == 3 and 0 not in ports  # fixed, distinct: clients need to know them

@@ -25,45 +25,31 @@ class Running:
 
 
 def _config(**overrides):
-    from wombat_core.server import ServerConfig
+    from services.scaffold import ServerConfig
 
     return ServerConfig(**{"host": "127.0.0.1", "port": 0, "metrics_port": 0, **overrides})
 
 
 def start_materializer(root: Path, **config) -> ServerThread:
-    from services.materializer.server import build_server
+    from services.materializer.server import MaterializerService
 
-    return ServerThread(lambda: build_server(_config(**config), root))
+    return ServerThread(MaterializerService(root), _config(**config))
 
 
 def start_inference(model: Path, **config) -> ServerThread:
-    """The inference service with its engine loaded; stop with stop_inference."""
-    from services.inference.server import InferenceSettings, build_server, load_engine
+    """The inference service with its engine loaded and warmed up."""
+    from services.inference.server import InferenceService, InferenceSettings
 
     settings = InferenceSettings(model_dir=model, max_batch_size=4, max_queue=16)
-    thread = ServerThread(lambda: build_server(_config(**config), settings), serving=False)
-    loaded, engine = load_engine(settings)
-    thread.servicer.attach(loaded, engine)
-    thread.call(thread.server.set_serving(True))
-    return thread
-
-
-def stop_inference(thread: ServerThread) -> None:
-    thread.stop()
-    thread.servicer.engine.stop()
+    return ServerThread(InferenceService(settings), _config(**config))
 
 
 def start_rrhf(models: Path, data: Path, **config) -> ServerThread:
-    """The rrhf service on this process's Ray cluster (started if needed); stop with stop_rrhf."""
-    from services.rrhf.server import RrhfSettings, build_server
+    """The rrhf service on this process's Ray cluster (started, and stopped with it, if there was none)."""
+    from services.rrhf.server import RrhfService, RrhfSettings
 
     settings = RrhfSettings(model_root=models, data_root=data, policy_model="policy")
-    return ServerThread(lambda: build_server(_config(**config), settings))
-
-
-def stop_rrhf(thread: ServerThread) -> None:
-    thread.call(thread.servicer.close())
-    thread.stop()
+    return ServerThread(RrhfService(settings), _config(**config))
 
 
 @pytest.fixture(scope="package")
@@ -87,9 +73,4 @@ def services(tmp_path_factory) -> dict[str, Running]:
     yield running
     for item in running.values():
         item.channel.close()
-    stop_rrhf(running["rrhf"].thread)
-    stop_inference(running["inference"].thread)
-    running["materializer"].thread.stop()
-    import ray
-
-    ray.shutdown()
+        item.thread.stop()

@@ -12,9 +12,9 @@ import pytest
 
 from clients.inference import InferenceClient, prompt, sampling
 from clients.rrhf import RrhfClient
+from services.stack import ServiceProcess
 from tests.engine_fixtures import save_servable_tiny_model
 from tests.reliability.load import generate_round, score_round
-from wombat_core.cli.stack import ServiceProcess
 
 pytestmark = pytest.mark.slow
 

@@ -64,9 +64,9 @@ def test_sigterm_lets_the_running_job_finish_and_refuses_new_calls(medium_models
 
 def test_inference_sigterm_finishes_streams_and_refuses_new_calls(tmp_path):
     from clients.inference import InferenceClient, prompt, sampling
+    from services.stack import ServiceProcess
     from tests.engine_fixtures import save_servable_tiny_model
     from wombat.inference.v1 import inference_pb2
-    from wombat_core.cli.stack import ServiceProcess
 
     model = save_servable_tiny_model(tmp_path / "tiny", context=8192)
     service = ServiceProcess(["inference", "--model", str(model), "--port", "0", "--metrics-port", "-1",
@@ -94,8 +94,8 @@ def test_sigterm_exits_within_the_grace_period_even_if_a_stream_would_run_longer
     import time
 
     from clients.inference import InferenceClient, prompt, sampling
+    from services.stack import ServiceProcess
     from tests.engine_fixtures import save_servable_tiny_model
-    from wombat_core.cli.stack import ServiceProcess
 
     model = save_servable_tiny_model(tmp_path / "tiny", context=8192)
     grace = 1.0

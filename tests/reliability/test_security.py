@@ -17,8 +17,6 @@ from tests.reliability.conftest import (
     start_inference,
     start_materializer,
     start_rrhf,
-    stop_inference,
-    stop_rrhf,
 )
 from tests.reliability.rpc import SERVICES, invoke
 from wombat.inference.v1 import inference_pb2 as ipb
@@ -38,11 +36,11 @@ PROBES = {
 def _start(name: str, services, **config):
     root = services["materializer"].root
     if name == "materializer":
-        return start_materializer(root, **config), lambda t: t.stop()
+        return start_materializer(root, **config)
     if name == "inference":
-        return start_inference(root / "policy", **config), stop_inference
+        return start_inference(root / "policy", **config)
     data = Path(services["rrhf"].thread.servicer.data.root)
-    return start_rrhf(root, data, **config), stop_rrhf
+    return start_rrhf(root, data, **config)
 
 
 def _call(channel, service: str, token: str | None):
@@ -71,11 +69,11 @@ def _tls_channel(address: str, certs: dict, client_cert: bool) -> grpc.Channel:
 
 @pytest.mark.parametrize("service", ["materializer", "inference", "rrhf"])
 def test_mutual_tls_and_bearer_token(services, tmp_path, caplog, service):
-    from wombat_core.server import TlsConfig
+    from services.scaffold import TlsConfig
 
     certs = certificates(tmp_path)
     tls = TlsConfig(certs["server_cert"], certs["server_key"], certs["ca"])
-    thread, stop = _start(service, services, tls=tls, auth_token=TOKEN, host="localhost")
+    thread = _start(service, services, tls=tls, auth_token=TOKEN, host="localhost")
     address = f"localhost:{thread.port}"
     try:
         with _tls_channel(address, certs, client_cert=True) as channel:
@@ -94,12 +92,12 @@ def test_mutual_tls_and_bearer_token(services, tmp_path, caplog, service):
         with grpc.insecure_channel(address) as plaintext:
             assert _call(plaintext, service, TOKEN) == grpc.StatusCode.UNAVAILABLE
     finally:
-        stop(thread)
+        thread.stop()
     assert TOKEN not in caplog.text
 
 
 def test_responses_over_the_send_limit_are_resource_exhausted(services):
-    thread, stop = _start("inference", services, max_message_bytes=64 * 1024)
+    thread = _start("inference", services, max_message_bytes=64 * 1024)
     try:
         with grpc.insecure_channel(thread.address) as channel:
             tokenize = SERVICES["inference"].methods_by_name["Tokenize"]
@@ -118,7 +116,7 @@ def test_responses_over_the_send_limit_are_resource_exhausted(services):
             )
             assert invoke(channel, tokenize, too_big)[0] == grpc.StatusCode.RESOURCE_EXHAUSTED  # receive side
     finally:
-        stop(thread)
+        thread.stop()
 
 
 @pytest.mark.filterwarnings("ignore:Detected pickle protocol")
@@ -159,12 +157,12 @@ def test_a_malicious_bin_offered_as_weights_never_runs(services, tmp_path):
 def test_cli_client_commands_speak_mutual_tls_with_the_token(services, tmp_path):
     from typer.testing import CliRunner
 
-    from wombat_core.cli.main import app
-    from wombat_core.server import TlsConfig
+    from services.cli.app import app
+    from services.scaffold import TlsConfig
 
     certs = certificates(tmp_path)
     tls = TlsConfig(certs["server_cert"], certs["server_key"], certs["ca"])
-    thread, stop = _start("materializer", services, tls=tls, auth_token=TOKEN, host="localhost")
+    thread = _start("materializer", services, tls=tls, auth_token=TOKEN, host="localhost")
     server = f"localhost:{thread.port}"
     env = {"WOMBAT_AUTH_TOKEN": TOKEN, "WOMBAT_TLS_CA_FILE": str(certs["ca"]),
            "WOMBAT_TLS_CERT_FILE": str(certs["client_cert"]), "WOMBAT_TLS_KEY_FILE": str(certs["client_key"])}  # fmt: skip
@@ -179,4 +177,4 @@ def test_cli_client_commands_speak_mutual_tls_with_the_token(services, tmp_path)
         )
         assert half.exit_code == 1 and "go together" in half.output
     finally:
-        stop(thread)
+        thread.stop()

@@ -12,9 +12,9 @@ import grpc
 import pytest
 
 from clients.rrhf import RrhfClient
+from services.stack import ServiceProcess
 from tests.engine_fixtures import save_servable_tiny_model
 from wombat.rrhf.v1 import rrhf_pb2 as pb
-from wombat_core.cli.stack import ServiceProcess
 
 pytestmark = pytest.mark.slow
 HYPER = dict(num_workers=2, max_steps=8, batch_size=1, learning_rate=1e-3, checkpoint_every_steps=1)

@@ -25,18 +25,9 @@ def model_dir(tmp_path_factory):
 
 
 def _server(model_dir, *, load: bool = True, **settings) -> ServerThread:
-    from services.inference.server import InferenceSettings, build_server, load_engine
-    from wombat_core.server import ServerConfig
+    from services.inference.server import InferenceService, InferenceSettings
 
-    settings = InferenceSettings(model_dir=model_dir, **settings)
-    thread = ServerThread(
-        lambda: build_server(ServerConfig(host="127.0.0.1", port=0, metrics_port=0), settings), serving=False
-    )
-    if load:
-        loaded, engine = load_engine(settings)
-        thread.servicer.attach(loaded, engine)
-        thread.call(thread.server.set_serving(True))
-    return thread
+    return ServerThread(InferenceService(InferenceSettings(model_dir=model_dir, **settings)), load=load)
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +41,6 @@ def server(model_dir):
     thread = _server(model_dir, max_batch_size=4, max_queue=8)
     yield thread
     thread.stop()
-    thread.servicer.engine.stop()
 
 
 @pytest.fixture
@@ -136,7 +126,6 @@ def test_utf8_stream_never_splits_emoji_or_cjk(tmp_path):
             responses = list(client.generate(prompt(text, format="raw"), params))
     finally:
         thread.stop()
-        thread.servicer.engine.stop()
     chunks = [r.text for r in responses]
     assert "".join(chunks) == text * 3
     assert not any("\ufffd" in chunk for chunk in chunks)
@@ -212,7 +201,6 @@ def test_deadline_exceeded_and_cancel_free_the_slot(long_context_dir):
             assert result.usage.completion_tokens == 2
     finally:
         thread.stop()
-        engine.stop()
 
 
 def test_full_queue_is_resource_exhausted_immediately(long_context_dir):
@@ -233,7 +221,6 @@ def test_full_queue_is_resource_exhausted_immediately(long_context_dir):
             queued.cancel()
     finally:
         thread.stop()
-        thread.servicer.engine.stop()
 
 
 def test_not_serving_and_unavailable_before_the_model_is_loaded(model_dir):
@@ -249,18 +236,64 @@ def test_not_serving_and_unavailable_before_the_model_is_loaded(model_dir):
         thread.stop()
 
 
-def test_metrics_report_queue_batch_latency_and_tokens(server, client):
+def _metrics(server) -> dict[tuple, float]:
+    """The server's /metrics, scraped over HTTP and parsed: {(sample name, sorted labels): value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    url = f"http://127.0.0.1:{server.server.metrics_port}/metrics"
+    body = urllib.request.urlopen(url, timeout=5).read().decode()
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(body)
+        for sample in family.samples
+    }
+
+
+def _moved(server, before: dict, expected: dict, limit: float = 5.0) -> dict:
+    """Polls until every (name, labels) in `expected` has moved by its value (the engine counts a finish on
+    its own thread, a moment after the caller has the response); returns how much everything moved."""
+    deadline = time.monotonic() + limit
+    while True:
+        after = _metrics(server)
+        moved = {key: after.get(key, 0.0) - before.get(key, 0.0) for key in after}
+        if all(moved.get(key) == value for key, value in expected.items()) or time.monotonic() > deadline:
+            return moved
+
+
+def test_metrics_move_with_every_request(server, client):
+    before = _metrics(server)
+    complete = "/wombat.inference.v1.InferenceService/Complete"
     client.complete(prompt("Say hello."), sampling(temperature=0, max_new_tokens=5, ignore_eos=True))
-    body = (
-        urllib.request.urlopen(f"http://127.0.0.1:{server.server.metrics_port}/metrics", timeout=5)
-        .read()
-        .decode()
+    moved = _moved(server, before, {
+        ("wombat_inference_generated_tokens_total", ()): 5,
+        ("wombat_inference_requests_finished_total", (("reason", "length"),)): 1,
+        ("wombat_rpc_requests_total", (("code", "OK"), ("method", complete))): 1,
+    })  # fmt: skip
+    assert moved[("wombat_inference_generated_tokens_total", ())] == 5
+    assert moved[("wombat_inference_requests_finished_total", (("reason", "length"),))] == 1
+    assert moved[("wombat_rpc_requests_total", (("code", "OK"), ("method", complete)))] == 1
+    assert moved[("wombat_inference_time_to_first_token_seconds_count", ())] == 1
+    assert moved[("wombat_inference_time_to_first_token_seconds_sum", ())] > 0
+    # Tokens after the first: 4, in 1 to 4 observations (a lagging reader gets several in one message).
+    assert 1 <= moved[("wombat_inference_inter_token_seconds_count", ())] <= 4
+    assert moved[("wombat_inference_inter_token_seconds_sum", ())] > 0
+
+
+def test_load_gauges_follow_a_running_request(server, client):
+    running, waiting = ("wombat_inference_running_sequences", ()), ("wombat_inference_queue_depth", ())
+    idle = _metrics(server)
+    assert idle[running] == 0 and idle[waiting] == 0
+    stream = client.generate(
+        prompt("Say hello."), sampling(temperature=0, max_new_tokens=4000, ignore_eos=True)
     )
-    for name in ("wombat_inference_queue_depth", "wombat_inference_running_sequences",
-                 "wombat_inference_time_to_first_token_seconds_bucket", "wombat_inference_inter_token_seconds_bucket",
-                 "wombat_inference_generated_tokens_total", 'wombat_inference_requests_finished_total{reason="length"}',
-                 'wombat_rpc_requests_total{code="OK",method="/wombat.inference.v1.InferenceService/Complete"}'):  # fmt: skip
-        assert name in body, name
+    next(stream)
+    assert _metrics(server)[running] == 1
+    stream.cancel()
+    moved = _moved(
+        server, idle, {("wombat_inference_requests_finished_total", (("reason", "cancelled"),)): 1}
+    )
+    assert moved[("wombat_inference_requests_finished_total", (("reason", "cancelled"),))] == 1
+    assert _metrics(server)[running] == 0
 
 
 def test_async_client(server):

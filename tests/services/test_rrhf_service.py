@@ -33,20 +33,13 @@ def roots(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(roots):
-    from services.rrhf.server import RrhfSettings, build_server
-    from wombat_core.server import ServerConfig
+    from services.rrhf.server import RrhfService, RrhfSettings
 
     models, data = roots
     settings = RrhfSettings(model_root=models, data_root=data, policy_model="policy", scorer_replicas=1)
-    thread = ServerThread(
-        lambda: build_server(ServerConfig(host="127.0.0.1", port=0, metrics_port=0), settings)
-    )
+    thread = ServerThread(RrhfService(settings))
     yield thread
-    thread.call(thread.servicer.close())
-    thread.stop()
-    import ray
-
-    ray.shutdown()  # stop this module's local cluster now, not in a race with interpreter exit
+    thread.stop()  # closes the service, which stops the local Ray cluster it started
 
 
 @pytest.fixture(scope="module")
@@ -246,18 +239,21 @@ def test_cancel_stops_a_running_job(stub, roots):
 
 
 def test_restarted_service_reports_its_jobs(tmp_path):
-    from services.rrhf.jobs import JobStore
+    from services.rrhf.jobs import JobKind, JobState, JobStore
 
     store = JobStore(tmp_path)
-    running = store.create("training", "out-a")
-    store.update(running.job_id, {"kind": "checkpoint", "step": 3}, state="running", last_checkpoint_step=3)
-    done = store.create("training", "out-b")
-    store.update(done.job_id, state="succeeded")
+    running = store.create(JobKind.TRAINING, "out-a")
+    store.update(
+        running.job_id, {"kind": "checkpoint", "step": 3}, state=JobState.RUNNING, last_checkpoint_step=3
+    )
+    done = store.create(JobKind.CANDIDATES, "out-b")
+    store.update(done.job_id, state=JobState.SUCCEEDED)
     reopened = JobStore(tmp_path)
-    assert reopened.get(done.job_id).state == "succeeded"
+    assert reopened.get(done.job_id).state is JobState.SUCCEEDED
+    assert reopened.get(done.job_id).kind is JobKind.CANDIDATES
     lost = reopened.get(running.job_id)
     assert (
-        lost.state == "failed"
+        lost.state is JobState.FAILED
         and "restarted while the job was running" in lost.error
         and "step 3" in lost.error
     )
@@ -322,7 +318,7 @@ def test_train_without_a_server_runs_the_same_job_in_process(roots, server):
     its own process: same validation, same atomic, manifest-verified output."""
     from typer.testing import CliRunner
 
-    from wombat_core.cli.main import app
+    from services.cli.app import app
     from wombat_core.manifest import verify_directory
 
     models, data = roots

@@ -18,12 +18,12 @@ from wombat.materializer.v1 import materializer_pb2_grpc
 TOKEN = "s3cret-token-for-tests-only"
 
 
-def _build(model_root, **config):
-    from services.materializer.server import build_server
-    from wombat_core.server import ServerConfig
+def _start(model_root, *, load: bool = True, **config) -> ServerThread:
+    from services.materializer.server import MaterializerService
+    from services.scaffold import ServerConfig
 
     settings = {"host": "127.0.0.1", "port": 0, "metrics_port": 0, **config}
-    return lambda: build_server(ServerConfig(**settings), model_root)
+    return ServerThread(MaterializerService(model_root), ServerConfig(**settings), load=load)
 
 
 def _health(channel, service: str = ""):
@@ -35,14 +35,19 @@ def _health(channel, service: str = ""):
 
 
 def test_health_is_not_serving_until_ready_then_serving_then_drains(model_root):
-    server = ServerThread(_build(model_root), serving=False)
+    server = _start(model_root, load=False)
     try:
         with grpc.insecure_channel(server.address) as channel:
             name = "wombat.materializer.v1.MaterializerService"
             assert _health(channel) == health_pb2.HealthCheckResponse.NOT_SERVING
             assert _health(channel, name) == health_pb2.HealthCheckResponse.NOT_SERVING
-            server.call(server.server.set_serving(True))
+            # Until it is ready, a service's RPCs are refused with UNAVAILABLE: retrying is the fix.
+            stub = materializer_pb2_grpc.MaterializerServiceStub(channel)
+            early = rpc_error(lambda: stub.ListModels(pb.ListModelsRequest(), timeout=5))
+            assert early.code() == grpc.StatusCode.UNAVAILABLE and "still loading" in early.details()
+            server.load()
             assert _health(channel, name) == health_pb2.HealthCheckResponse.SERVING
+            assert list(stub.ListModels(pb.ListModelsRequest(), timeout=5).models) == []
     finally:
         server.stop()
     with grpc.insecure_channel(server.address) as channel:
@@ -92,7 +97,7 @@ def test_request_id_is_echoed_and_generated(materializer):
 
 
 def test_bearer_token_guards_everything_but_health_and_reflection(model_root, caplog):
-    server = ServerThread(_build(model_root, auth_token=TOKEN))
+    server = _start(model_root, auth_token=TOKEN)
     try:
         with grpc.insecure_channel(server.address) as channel:
             stub = materializer_pb2_grpc.MaterializerServiceStub(channel)
@@ -118,13 +123,13 @@ def test_bearer_token_guards_everything_but_health_and_reflection(model_root, ca
 
 
 def test_mutual_tls(model_root, tmp_path):
-    from clients.channel import ChannelSettings
+    from clients.base import ChannelSettings
     from clients.materializer import MaterializerClient
-    from wombat_core.server import TlsConfig
+    from services.scaffold import TlsConfig
 
     certs = _certificates(tmp_path)
     tls = TlsConfig(certs["server_cert"], certs["server_key"], certs["ca"])
-    server = ServerThread(_build(model_root, tls=tls, host="localhost"))
+    server = _start(model_root, tls=tls, host="localhost")
     address = f"localhost:{server.port}"
     try:
         mtls = ChannelSettings(
@@ -158,18 +163,18 @@ def test_unexpected_errors_become_internal_without_a_traceback(materializer):
 def test_probe_port_serves_plaintext_health_only_beside_a_tls_port(model_root, tmp_path):
     """Kubernetes' native gRPC probes cannot speak TLS: --health-port gives them a plaintext listener
     that answers grpc.health.v1 and nothing else."""
-    from wombat_core.server import TlsConfig
+    from services.scaffold import TlsConfig
 
     certs = _certificates(tmp_path)
     tls = TlsConfig(certs["server_cert"], certs["server_key"], certs["ca"])
-    server = ServerThread(_build(model_root, tls=tls, host="localhost", health_port=0), serving=False)
+    server = _start(model_root, load=False, tls=tls, host="localhost", health_port=0)
     probe_address = f"localhost:{server.server.health_port}"
     name = "wombat.materializer.v1.MaterializerService"
     try:
         with grpc.insecure_channel(probe_address) as channel:
             assert _health(channel, name) == health_pb2.HealthCheckResponse.NOT_SERVING
             assert _health(channel, "wombat.liveness") == health_pb2.HealthCheckResponse.SERVING
-            server.call(server.server.set_serving(True))
+            server.load()
             assert _health(channel, name) == health_pb2.HealthCheckResponse.SERVING
             stub = materializer_pb2_grpc.MaterializerServiceStub(channel)
             error = rpc_error(lambda: stub.ListModels(pb.ListModelsRequest(), timeout=5))
@@ -181,10 +186,10 @@ def test_probe_port_serves_plaintext_health_only_beside_a_tls_port(model_root, t
 def test_liveness_stays_serving_while_draining(model_root):
     """A drain is not a hang: readiness goes NOT_SERVING, liveness must not, or the kubelet would kill
     the pod before its in-flight streams finish."""
-    server = ServerThread(_build(model_root))
+    server = _start(model_root)
     try:
         with grpc.insecure_channel(server.address) as channel:
-            server.server._drain.draining = True  # noqa: SLF001 - the state stop() enters first
+            server.server._state.draining = True  # noqa: SLF001 - the state stop() enters first
             server.call(server.server.set_serving(False))
             assert _health(channel) == health_pb2.HealthCheckResponse.NOT_SERVING
             assert _health(channel, "wombat.liveness") == health_pb2.HealthCheckResponse.SERVING

@@ -34,7 +34,6 @@ class IncrementalDetokenizer:
         self.token_ids = context
         self._prefix_offset = 0
         self._read_offset = len(context)
-        self._context = len(context)
         self._holdback = max((len(s) for s in self.stop), default=1) - 1
 
     def add(self, token_id: int) -> tuple[str, bool]:
@@ -72,7 +71,3 @@ class IncrementalDetokenizer:
         chunk = self.text[self.emitted :]
         self.emitted = len(self.text)
         return chunk
-
-    @property
-    def output_token_ids(self) -> list[int]:
-        return self.token_ids[self._context :]

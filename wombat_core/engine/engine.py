@@ -9,16 +9,19 @@ Each iteration:
   4. runs one decode step for the running batch and emits each row's new token.
 So a newcomer's prefill delays running streams by at most one chunk, and finished rows leave at once.
 
-Requests are submitted from any thread; `sink(event)` is called on the engine thread and must not block.
+Callers use `generate()` (a blocking iterator, any thread) or `generate_async()` (asyncio); both are thin
+bridges over `submit(request, sink)`, whose `sink(event)` is called on the engine thread and must not block.
 """
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import logging
+import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -98,7 +101,8 @@ class Engine:
         self._running: list[_Sequence] = []
         self._thread: threading.Thread | None = None
         self._stopping = False
-        self.on_step: Callable[[str, int, float], None] | None = None  # (kind, tokens, seconds) for metrics
+        # Called on the engine thread with every request's final event (cancellations included): metrics.
+        self.on_finish: Callable[[StreamEvent], None] | None = None
 
     # --- public API (any thread) -------------------------------------------------------------------
 
@@ -146,6 +150,51 @@ class Engine:
             self._waiting.append(sequence)
             self._lock.notify_all()
 
+    def generate(self, request: GenerationRequest) -> Iterator[list[StreamEvent]]:
+        """Submits `request` now (a full queue raises ResourceExhausted here) and returns its events as they
+        arrive, in lists: each holds every event since the previous list, so a consumer that lags reads them
+        coalesced. The last list ends with the finished event; an engine failure is raised instead. Closing
+        the iterator before the end (`close()`, `break` then garbage collection) cancels the request."""
+        inbox: queue.SimpleQueue[StreamEvent] = queue.SimpleQueue()
+        self.submit(request, inbox.put)
+
+        def events() -> Iterator[list[StreamEvent]]:
+            finished = False
+            try:
+                while not finished:
+                    batch = [inbox.get()]
+                    while not inbox.empty():
+                        batch.append(inbox.get_nowait())
+                    finished = _ends(batch)
+                    yield batch
+            finally:
+                if not finished:
+                    self.cancel(request.request_id)
+
+        return events()
+
+    def generate_async(self, request: GenerationRequest) -> AsyncIterator[list[StreamEvent]]:
+        """`generate()` for asyncio code; call it on the event loop. Use `contextlib.aclosing` (or read to
+        the end): a consumer that is cancelled or stops early cancels the request at once."""
+        loop = asyncio.get_running_loop()
+        inbox: asyncio.Queue[StreamEvent] = asyncio.Queue()
+        self.submit(request, lambda event: loop.call_soon_threadsafe(inbox.put_nowait, event))
+
+        async def events() -> AsyncIterator[list[StreamEvent]]:
+            finished = False
+            try:
+                while not finished:
+                    batch = [await inbox.get()]
+                    while not inbox.empty():
+                        batch.append(inbox.get_nowait())
+                    finished = _ends(batch)
+                    yield batch
+            finally:
+                if not finished:  # the consumer went away (a disconnect, a deadline): free the slot now
+                    self.cancel(request.request_id)
+
+        return events()
+
     def cancel(self, request_id: str) -> None:
         """Removes the request before the next decode step; its sink gets a CANCELLED final event."""
         with self._lock:
@@ -192,26 +241,24 @@ class Engine:
             self._decode_step()
 
     def _apply_cancellations(self, ids: set[str]) -> None:
+        """Takes the cancelled requests out of the queue, the prefill group and the running batch, then
+        sends each its CANCELLED final event (slots first, as in `_emit_and_retire`)."""
         with self._lock:
-            dropped = [s for s in self._waiting if s.id in ids]
+            cancelled = [s for s in self._waiting if s.id in ids]
             self._waiting = collections.deque(s for s in self._waiting if s.id not in ids)
-        for sequence in dropped:
-            self._finish(sequence, FinishReason.CANCELLED)
         if self._group is not None and any(s.id in ids for s in self._group_sequences):
             keep = [i for i, s in enumerate(self._group_sequences) if s.id not in ids]
-            for sequence in self._group_sequences:
-                if sequence.id in ids:
-                    self._finish(sequence, FinishReason.CANCELLED)
+            cancelled += [s for s in self._group_sequences if s.id in ids]
             if keep:
                 self._group.drop_rows(keep)
                 self._group_sequences = [self._group_sequences[i] for i in keep]
             else:
                 self._group, self._group_sequences = None, []
         if any(s.id in ids for s in self._running):
-            for sequence in self._running:
-                if sequence.id in ids:
-                    self._finish(sequence, FinishReason.CANCELLED)
+            cancelled += [s for s in self._running if s.id in ids]
             self._keep_running([i for i, s in enumerate(self._running) if s.id not in ids])
+        for sequence in cancelled:
+            self._deliver(sequence, self._final_event(sequence, FinishReason.CANCELLED))
 
     def _form_group(self) -> None:
         free = self.config.max_batch_size - len(self._running)
@@ -235,11 +282,7 @@ class Engine:
     def _prefill_step(self) -> None:
         group = self._group
         assert group is not None
-        started = time.monotonic()
-        done_before = group.done
         logits = self.runner.prefill_chunk(group, self.config.max_prefill_tokens)
-        if self.on_step:
-            self.on_step("prefill", group.rows * (group.done - done_before), time.monotonic() - started)
         if logits is None:
             return
         sequences, self._group, self._group_sequences = self._group_sequences, None, []
@@ -251,13 +294,10 @@ class Engine:
 
     def _decode_step(self) -> None:
         assert self._batch is not None
-        started = time.monotonic()
         logits = self.runner.decode(self._batch)
         tokens = [self._sample(sequence, logits[row]) for row, sequence in enumerate(self._running)]
         self._batch.last_tokens = torch.tensor(tokens, device=logits.device)
         self._decode_steps += 1
-        if self.on_step:
-            self.on_step("decode", len(tokens), time.monotonic() - started)
         self._emit_and_retire(list(self._running), tokens, offset=0)
 
     def _sample(self, sequence: _Sequence, logits: torch.Tensor) -> int:
@@ -267,8 +307,9 @@ class Engine:
         return token
 
     def _emit_and_retire(self, sequences: list[_Sequence], tokens: list[int], offset: int) -> None:
-        """Emits each sequence's new token; drops finished rows from the running batch."""
-        finished_rows = []
+        """Emits each sequence's new token. Finished rows leave the running batch *before* their final
+        events go out, so a caller that submits again on seeing its final event finds the slot free."""
+        finished_rows, events = [], []
         now = time.monotonic()
         for index, (sequence, token) in enumerate(zip(sequences, tokens, strict=True)):
             if not sequence.first_token:
@@ -277,13 +318,16 @@ class Engine:
             logprob = sequence.pending_logprob
             logprobs = (self._with_top_text(logprob),) if logprob else ()
             if reason is None:
-                sequence.sink(StreamEvent(sequence.id, (token,), text, logprobs))
+                events.append((sequence, StreamEvent(sequence.id, (token,), text, logprobs)))
             else:
-                self._finish(sequence, reason, text=text, token_ids=(token,), logprobs=logprobs)
+                final = self._final_event(sequence, reason, text=text, token_ids=(token,), logprobs=logprobs)
+                events.append((sequence, final))
                 finished_rows.append(offset + index)
         if finished_rows:
             finished = set(finished_rows)
             self._keep_running([i for i in range(len(self._running)) if i not in finished])
+        for sequence, event in events:
+            self._deliver(sequence, event)
 
     def _advance(self, sequence: _Sequence, token: int) -> tuple[FinishReason | None, str]:
         params = sequence.request.params
@@ -310,7 +354,7 @@ class Engine:
         self._batch = keep_rows(self._batch, keep)
         self._running = [self._running[i] for i in keep]
 
-    def _finish(
+    def _final_event(
         self,
         sequence: _Sequence,
         reason: FinishReason,
@@ -318,7 +362,7 @@ class Engine:
         text: str = "",
         token_ids: tuple[int, ...] = (),
         logprobs: tuple[TokenLogprob, ...] = (),
-    ) -> None:
+    ) -> StreamEvent:
         now = time.monotonic()
         scheduled = sequence.scheduled or now
         timings = Timings(
@@ -331,7 +375,12 @@ class Engine:
             completion_tokens=len(sequence.generated),
             truncated_prompt_tokens=sequence.request.truncated_prompt_tokens,
         )
-        sequence.sink(StreamEvent(sequence.id, token_ids, text, logprobs, reason, usage, timings))
+        return StreamEvent(sequence.id, token_ids, text, logprobs, reason, usage, timings)
+
+    def _deliver(self, sequence: _Sequence, event: StreamEvent) -> None:
+        sequence.sink(event)
+        if event.finish_reason is not None and self.on_finish is not None:
+            self.on_finish(event)
 
     def _fail_all(self, error: Exception, include_waiting: bool = False) -> None:
         victims = self._running + self._group_sequences
@@ -342,6 +391,14 @@ class Engine:
         self._running, self._group_sequences, self._group, self._batch = [], [], None, None
         for sequence in victims:
             sequence.sink(StreamEvent(sequence.id, (), "", error=error))
+
+
+def _ends(batch: list[StreamEvent]) -> bool:
+    """Whether `batch` ends its request; raises the engine's error if it carries one."""
+    for event in batch:
+        if event.error is not None:
+            raise event.error  # the engine has already dropped the request
+    return batch[-1].finished
 
 
 def _eos_ids(model: torch.nn.Module, tokenizer) -> tuple[int, ...]:

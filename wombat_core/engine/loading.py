@@ -9,12 +9,11 @@ from pathlib import Path
 import torch
 
 from wombat_core.checkpoint.layout import Checkpoint, WeightFormat
+from wombat_core.dtypes import DTYPES
 from wombat_core.errors import FailedPrecondition, InvalidArgument
 from wombat_core.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
-
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
@@ -51,7 +50,9 @@ def load_for_serving(model_dir: Path, *, dtype: str = "auto", device: str = "aut
     elif dtype in DTYPES:
         torch_dtype = DTYPES[dtype]
     else:
-        raise InvalidArgument(f"dtype must be auto, {', '.join(DTYPES)}; got {dtype}")
+        raise InvalidArgument(
+            f"dtype must be auto, {', '.join(DTYPES)}; got {dtype}", metadata={"field": "dtype"}
+        )
     config = AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
     layer_types = set(getattr(config, "layer_types", None) or ["full_attention"])
     if getattr(config, "sliding_window", None) or layer_types != {"full_attention"}:

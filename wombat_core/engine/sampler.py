@@ -54,8 +54,10 @@ class RequestSampler:
         self.generated = 0
         self._suppress = tuple(sorted(set(eos_token_ids) | set(params.stop_token_ids)))
 
-    def next_token(self, logits: torch.Tensor) -> tuple[int, TokenLogprob | None]:
-        """`logits` is the float32 score vector of this request's last position."""
+    def processed_scores(self, logits: torch.Tensor) -> torch.Tensor:
+        """The scores the next token is drawn from (argmax when greedy): `logits` (float32, this request's
+        last position) after the repetition penalty, min-new-tokens suppression of EOS and stop tokens,
+        temperature, top-k, top-p and min-p, in Hugging Face's order; filtered entries are -inf."""
         params = self.params
         scores = logits
         if params.repetition_penalty != 1.0 and self.seen:
@@ -64,11 +66,16 @@ class RequestSampler:
             )
         if self.generated < params.min_new_tokens and self._suppress:
             scores = scores.index_fill(-1, torch.tensor(self._suppress), float("-inf"))
+        return scores if params.greedy else warp(scores, params)
+
+    def next_token(self, logits: torch.Tensor) -> tuple[int, TokenLogprob | None]:
+        """`logits` is the float32 score vector of this request's last position."""
+        params = self.params
+        scores = self.processed_scores(logits)
         if params.greedy:
             token = int(torch.argmax(scores))
         else:
-            probs = warp(scores, params).softmax(-1)
-            token = int(torch.multinomial(probs, 1, generator=self.generator))
+            token = int(torch.multinomial(scores.softmax(-1), 1, generator=self.generator))
         self.seen.append(token)
         self.generated += 1
         return token, (self._logprob(logits, token) if params.logprobs else None)

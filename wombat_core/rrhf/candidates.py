@@ -1,4 +1,9 @@
-"""Candidate responses for RRHF data (REFERENCE.md §3).
+"""Candidate responses for RRHF data (REFERENCE.md §3): k candidates per query from the policy, scored by
+a reward model, as RRHF training records.
+
+`generate_candidates` is the whole job in plain torch; the rrhf service runs it in a Ray task.
+Candidates come from diverse beam search (the reference's method) or from sampling through the
+inference engine (temperature 1, a seed per candidate, the k samples batched together).
 
 `diverse_beam_search` implements Hamming-diversity group beam search (Vijayakumar et al.) for the
 reference's setting of one beam per group (4 beams in 4 groups, diversity penalty 1.0): at each step the
@@ -10,8 +15,102 @@ stops at its first EOS instead of also keeping a non-EOS continuation that could
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import StrEnum
+
 import torch
 from transformers import DynamicCache
+
+from wombat_core.errors import Cancelled, InvalidArgument
+from wombat_core.prompts import alpaca_prompt_from_query
+from wombat_core.rrhf.data import PreferenceRecord
+
+MAX_CANDIDATE_QUERIES = 10_000
+
+
+class CandidateMethod(StrEnum):
+    DIVERSE_BEAM_SEARCH = "diverse_beam_search"
+    SAMPLING = "sampling"
+
+
+@dataclass(frozen=True)
+class CandidatesConfig:
+    """One candidate-generation job, validated once here. Defaults are the reference's (4 candidates of at
+    most 128 new tokens, diverse beam search)."""
+
+    queries: tuple[str, ...]
+    num_candidates: int = 4
+    max_new_tokens: int = 128
+    method: CandidateMethod = CandidateMethod.DIVERSE_BEAM_SEARCH
+    seed: int = 42  # sampling: candidate j of query i uses seed + i * num_candidates + j
+
+    def __post_init__(self) -> None:
+        def fail(field: str, message: str) -> None:
+            raise InvalidArgument(message, metadata={"field": field})
+
+        if not 1 <= len(self.queries) <= MAX_CANDIDATE_QUERIES:
+            fail(
+                "queries", f"queries must hold 1 to {MAX_CANDIDATE_QUERIES} entries, got {len(self.queries)}"
+            )
+        if any(not q.strip() for q in self.queries):
+            fail("queries", "every query must be non-empty")
+        if not 1 <= self.num_candidates <= 16:
+            fail("num_candidates", f"num_candidates must be in [1, 16], got {self.num_candidates}")
+        if not 1 <= self.max_new_tokens <= 2048:
+            fail("max_new_tokens", f"max_new_tokens must be in [1, 2048], got {self.max_new_tokens}")
+        if not isinstance(self.method, CandidateMethod):
+            fail("method", f"method must be one of {', '.join(CandidateMethod)}, got {self.method!r}")
+
+
+def generate_candidates(policy, reward, config: CandidatesConfig, *,
+                        on_progress: Callable[[int, int], None] = lambda done, total: None,
+                        cancelled: Callable[[], bool] = lambda: False) -> list[PreferenceRecord]:  # fmt: skip
+    """For each query (wrapped in the Alpaca template): k candidates from `policy` (a LoadedModel), scored
+    by `reward` (a RewardModel) on prompt + candidate. Raises Cancelled when `cancelled()` turns true
+    between queries, and whatever generation raised: a failed candidate fails the job."""
+    from wombat_core.engine import Engine, EngineConfig
+
+    engine = None
+    if config.method is CandidateMethod.SAMPLING:
+        engine = Engine(policy.model, policy.tokenizer,
+                        EngineConfig(max_batch_size=config.num_candidates, context_length=policy.context_length))  # fmt: skip
+        engine.start()
+    records = []
+    try:
+        for index, query in enumerate(config.queries):
+            if cancelled():
+                raise Cancelled(f"cancelled after {index} of {len(config.queries)} queries")
+            prompt = alpaca_prompt_from_query(query)
+            ids = list(policy.tokenizer(prompt)["input_ids"])
+            if engine is None:
+                candidates = diverse_beam_search(policy.model, policy.tokenizer, ids, num_groups=config.num_candidates,
+                                                 max_new_tokens=config.max_new_tokens)  # fmt: skip
+            else:
+                first_seed = config.seed + index * config.num_candidates
+                candidates = sample_candidates(
+                    engine, ids, config.num_candidates, config.max_new_tokens, first_seed
+                )
+            scores = reward.score([prompt + c for c in candidates])
+            records.append(PreferenceRecord(query, tuple(candidates), tuple(scores)))
+            on_progress(index + 1, len(config.queries))
+    finally:
+        if engine is not None:
+            engine.stop()
+    return records
+
+
+def sample_candidates(engine, prompt_ids: list[int], k: int, max_new_tokens: int, seed: int) -> list[str]:
+    """k independent samples (temperature 1, seeds seed..seed+k-1), batched together by the engine. An
+    engine failure is raised, never turned into an empty candidate."""
+    from wombat_core.engine import GenerationRequest, SamplingParams
+
+    streams = [  # all k submitted before any is read, so they decode as one batch
+        engine.generate(GenerationRequest(f"candidate-{seed}-{i}", tuple(prompt_ids),
+                                          SamplingParams(temperature=1.0, max_new_tokens=max_new_tokens, seed=seed + i)))
+        for i in range(k)
+    ]  # fmt: skip
+    return ["".join(event.text for batch in stream for event in batch).strip() for stream in streams]
 
 
 @torch.inference_mode()

@@ -6,6 +6,15 @@ tokenizer that prepends BOS, *each piece* starts with BOS (`bos_per_segment=True
 `bos_per_segment=False` tokenises the response without special tokens. The response is truncated so the
 sequence fits `model_max_length`. Labels are -100 over the query and shifted left by one, so position t
 holds the label of token t+1; the last position is -100.
+
+Padding, the one policy of RRHF scoring and training alike: sequences are right-padded with the
+tokenizer's pad token, or with EOS when it has none; the vocabulary is never grown. A pad position is
+masked out of attention and ignored by the labels, and right padding comes after every real token, so
+the pad id never reaches a logit that enters p_i: any id is correct. Adding a `[PAD]` token instead (as
+the reference's train script does for a base without one) would add an LM-head row, and that row
+would change the log-softmax normaliser, so the same model would get different p_i in Score and in
+training, and the trained model would no longer have its base's shapes. Wombat's own starting point
+(Alpaca) already has `[PAD]`, so for it both policies are the same.
 """
 
 from __future__ import annotations
@@ -42,6 +51,11 @@ class CollatedGroup:
     scores: torch.Tensor  # [k] reward scores (float32)
 
 
+def pad_token_id(tokenizer) -> int:
+    """The id RRHF pads with: the tokenizer's pad token, else EOS (see the module docstring for why)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
 def _ids(tokenizer, text: str, add_special_tokens: bool, max_length: int | None = None) -> list[int]:
     kwargs = {"truncation": True, "max_length": max_length} if max_length is not None else {}
     return list(tokenizer(text, add_special_tokens=add_special_tokens, **kwargs)["input_ids"])
@@ -68,8 +82,7 @@ def collate_group(
         sequences.append(query_ids + response_ids)
         labels.append([IGNORE_INDEX] * (len(query_ids) - 1) + response_ids + [IGNORE_INDEX])
     length = max(len(s) for s in sequences)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    input_ids = torch.full((len(sequences), length), pad, dtype=torch.long)
+    input_ids = torch.full((len(sequences), length), pad_token_id(tokenizer), dtype=torch.long)
     attention_mask = torch.zeros((len(sequences), length), dtype=torch.long)
     label_tensor = torch.full((len(sequences), length), IGNORE_INDEX, dtype=torch.long)
     for row, (sequence, label) in enumerate(zip(sequences, labels, strict=True)):

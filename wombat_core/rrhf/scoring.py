@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from wombat_core.errors import FailedPrecondition, InvalidArgument
-from wombat_core.rrhf.collate import IGNORE_INDEX, CollationConfig, collate_group
+from wombat_core.rrhf.collate import IGNORE_INDEX, CollationConfig, collate_group, pad_token_id
 from wombat_core.rrhf.data import MAX_RESPONSES, MAX_TEXT_CHARS
 from wombat_core.rrhf.loss import response_scores
 
@@ -67,7 +67,7 @@ def policy_scores(
         for n, item in enumerate(items)
     ]  # fmt: skip
     length = max(g.input_ids.shape[1] for g in groups)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_token_id(tokenizer)
     input_ids = torch.cat([F.pad(g.input_ids, (0, length - g.input_ids.shape[1]), value=pad) for g in groups])
     mask = torch.cat([F.pad(g.attention_mask, (0, length - g.attention_mask.shape[1])) for g in groups])
     labels = torch.cat([F.pad(g.labels, (0, length - g.labels.shape[1]), value=IGNORE_INDEX) for g in groups])

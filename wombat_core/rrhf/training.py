@@ -8,7 +8,9 @@ import random
 import time
 from collections.abc import Sequence
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
+from enum import StrEnum
+from pathlib import Path
 
 import torch
 
@@ -16,6 +18,16 @@ from wombat_core.errors import InvalidArgument
 from wombat_core.rrhf.collate import CollationConfig, collate_record
 from wombat_core.rrhf.data import PreferenceRecord
 from wombat_core.rrhf.loss import LossConfig, compute_loss
+
+
+class Strategy(StrEnum):
+    DDP = "ddp"
+    FSDP = "fsdp"
+
+
+class Precision(StrEnum):
+    FP32 = "fp32"
+    BF16 = "bf16"  # bfloat16 autocast, as Wombat was trained
 
 
 @dataclass(frozen=True)
@@ -31,8 +43,8 @@ class TrainingConfig:
     warmup_steps: int = 0
     gradient_accumulation_steps: int = 1
     num_workers: int = 1
-    strategy: str = "ddp"  # ddp | fsdp
-    precision: str = "fp32"  # fp32 | bf16
+    strategy: Strategy = Strategy.DDP
+    precision: Precision | None = None  # None: by device, bf16 on GPU (as Wombat) and fp32 on CPU
     seed: int = 42
     max_steps: int | None = None
     checkpoint_every_steps: int | None = None  # None: once per epoch
@@ -57,10 +69,14 @@ class TrainingConfig:
             fail(f"max_steps must be >= 1, got {self.max_steps}")
         if self.checkpoint_every_steps is not None and self.checkpoint_every_steps < 1:
             fail(f"checkpoint_every_steps must be >= 1, got {self.checkpoint_every_steps}")
-        if self.strategy not in ("ddp", "fsdp"):
+        if self.strategy not in tuple(Strategy):
             fail(f"strategy must be ddp or fsdp, got {self.strategy}")
-        if self.precision not in ("fp32", "bf16"):
+        if self.precision is not None and self.precision not in tuple(Precision):
             fail(f"precision must be fp32 or bf16, got {self.precision}")
+        # Plain strings from callers become the enums, so equality and JSON behave the same either way.
+        object.__setattr__(self, "strategy", Strategy(self.strategy))
+        if self.precision is not None:
+            object.__setattr__(self, "precision", Precision(self.precision))
         if not math.isfinite(self.rrhf_weight) or self.rrhf_weight < 0:
             fail(f"rrhf_weight must be >= 0, got {self.rrhf_weight}")
         if not (math.isfinite(self.length_penalty) and 0 <= self.length_penalty <= 10):
@@ -74,8 +90,23 @@ class TrainingConfig:
     def collation(self) -> CollationConfig:
         return CollationConfig(self.model_max_length, self.bos_per_segment, self.alpaca_prompt)
 
+    def for_device(self, use_gpu: bool) -> TrainingConfig:
+        """This config with the precision decided: the one asked for, else bf16 on GPU and fp32 on CPU."""
+        return replace(self, precision=self.precision or (Precision.BF16 if use_gpu else Precision.FP32))
+
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+def load_for_training(model_dir: Path) -> tuple[torch.nn.Module, object]:
+    """The model (float32 master weights) and tokenizer a training worker starts from. Padding follows the
+    one RRHF policy (wombat_core.rrhf.collate): no [PAD] token is added, the vocabulary keeps its size."""
+    from transformers import AutoModelForCausalLM
+
+    from wombat_core.tokenizer import load_tokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, local_files_only=True)
+    return model, load_tokenizer(model_dir, padding_side="right")
 
 
 @dataclass(frozen=True)
@@ -147,8 +178,9 @@ def train_step(
         group["lr"] = lr
     model.train()
     device = next(model.parameters()).device
+    precision = config.for_device(device.type == "cuda").precision
     autocast = (
-        torch.autocast(device.type, dtype=torch.bfloat16) if config.precision == "bf16" else nullcontext()
+        torch.autocast(device.type, dtype=torch.bfloat16) if precision is Precision.BF16 else nullcontext()
     )
     micro_batches = record_indices(config, len(records), step, rank)
     queries = sum(len(m) for m in micro_batches)

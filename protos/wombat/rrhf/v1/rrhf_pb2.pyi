@@ -143,7 +143,7 @@ class PreferenceRecords(_message.Message):
     def __init__(self, records: _Optional[_Iterable[_Union[PreferenceRecord, _Mapping]]] = ...) -> None: ...
 
 class TrainingHyperparameters(_message.Message):
-    __slots__ = ("learning_rate", "epochs", "batch_size", "rrhf_weight", "length_penalty", "model_max_length", "warmup_steps", "gradient_accumulation_steps", "num_workers", "strategy", "precision", "seed", "max_steps", "checkpoint_every_steps", "sft_padded_mean", "bos_per_segment")
+    __slots__ = ("learning_rate", "epochs", "batch_size", "rrhf_weight", "length_penalty", "model_max_length", "warmup_steps", "gradient_accumulation_steps", "num_workers", "strategy", "precision", "seed", "max_steps", "checkpoint_every_steps", "sft_padded_mean", "bos_per_segment", "alpaca_prompt")
     LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
     EPOCHS_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -160,6 +160,7 @@ class TrainingHyperparameters(_message.Message):
     CHECKPOINT_EVERY_STEPS_FIELD_NUMBER: _ClassVar[int]
     SFT_PADDED_MEAN_FIELD_NUMBER: _ClassVar[int]
     BOS_PER_SEGMENT_FIELD_NUMBER: _ClassVar[int]
+    ALPACA_PROMPT_FIELD_NUMBER: _ClassVar[int]
     learning_rate: float
     epochs: int
     batch_size: int
@@ -176,7 +177,8 @@ class TrainingHyperparameters(_message.Message):
     checkpoint_every_steps: int
     sft_padded_mean: bool
     bos_per_segment: bool
-    def __init__(self, learning_rate: _Optional[float] = ..., epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., rrhf_weight: _Optional[float] = ..., length_penalty: _Optional[float] = ..., model_max_length: _Optional[int] = ..., warmup_steps: _Optional[int] = ..., gradient_accumulation_steps: _Optional[int] = ..., num_workers: _Optional[int] = ..., strategy: _Optional[_Union[Strategy, str]] = ..., precision: _Optional[_Union[Precision, str]] = ..., seed: _Optional[int] = ..., max_steps: _Optional[int] = ..., checkpoint_every_steps: _Optional[int] = ..., sft_padded_mean: _Optional[bool] = ..., bos_per_segment: _Optional[bool] = ...) -> None: ...
+    alpaca_prompt: bool
+    def __init__(self, learning_rate: _Optional[float] = ..., epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., rrhf_weight: _Optional[float] = ..., length_penalty: _Optional[float] = ..., model_max_length: _Optional[int] = ..., warmup_steps: _Optional[int] = ..., gradient_accumulation_steps: _Optional[int] = ..., num_workers: _Optional[int] = ..., strategy: _Optional[_Union[Strategy, str]] = ..., precision: _Optional[_Union[Precision, str]] = ..., seed: _Optional[int] = ..., max_steps: _Optional[int] = ..., checkpoint_every_steps: _Optional[int] = ..., sft_padded_mean: _Optional[bool] = ..., bos_per_segment: _Optional[bool] = ..., alpaca_prompt: _Optional[bool] = ...) -> None: ...
 
 class StartTrainingRequest(_message.Message):
     __slots__ = ("model_path", "data_path", "records", "hyperparameters", "output_path")

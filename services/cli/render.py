@@ -46,7 +46,10 @@ def to_jsonable(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [to_jsonable(v) for v in value]
     if isinstance(value, Message):  # int64 kept as numbers (json_format makes them strings)
-        return {f.name: _field_jsonable(f, getattr(value, f.name)) for f in value.DESCRIPTOR.fields}
+        # Of a oneof (or an `optional` field) only the member that is set appears: a consumer tells a
+        # watch event's kind by which key it has, never by an alternative filled with defaults.
+        fields = [f for f in value.DESCRIPTOR.fields if f.containing_oneof is None or value.HasField(f.name)]
+        return {f.name: _field_jsonable(f, getattr(value, f.name)) for f in fields}
     if isinstance(value, Mapping):  # includes protobuf map fields
         return {k: to_jsonable(v) for k, v in value.items()}
     if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):  # includes repeated fields

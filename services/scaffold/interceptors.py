@@ -18,9 +18,9 @@ from dataclasses import dataclass
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from services.scaffold.errors import rich_status, status_code_for
+from services.scaffold.logs import request_id_var
 from wombat_core.errors import InvalidArgument, WombatError, from_os_error
-from wombat_core.server.errors import rich_status, status_code_for
-from wombat_core.server.logs import request_id_var
 
 log = logging.getLogger(__name__)
 
@@ -47,11 +47,13 @@ class RpcMetrics:
         self.in_flight = Gauge("wombat_rpc_in_flight", "RPCs being served", ["method"], registry=registry)
 
 
-class DrainState:
-    """Shared by the interceptor and the server: once draining, new calls are refused with UNAVAILABLE
-    (deterministically, rather than racing gRPC's own shutdown) while in-flight calls run to completion."""
+class ServingState:
+    """Shared by the interceptor and the server. Until the service is ready (it is still loading) and once
+    it drains, new calls are refused with UNAVAILABLE — deterministically, rather than racing gRPC's own
+    shutdown — while in-flight calls run to completion."""
 
     def __init__(self) -> None:
+        self.ready = False
         self.draining = False
         self.in_flight = 0
 
@@ -59,18 +61,24 @@ class DrainState:
 class _CallState:
     """Per-call bookkeeping shared by the unary and streaming wrappers."""
 
-    def __init__(self, method: str, metrics: RpcMetrics, request_id: str, drain: DrainState):
-        self.method, self.metrics, self.request_id, self.drain = method, metrics, request_id, drain
+    def __init__(self, method: str, metrics: RpcMetrics, request_id: str, state: ServingState):
+        self.method, self.metrics, self.request_id, self.state = method, metrics, request_id, state
         self.started = time.monotonic()
         self.code = grpc.StatusCode.OK
 
     async def begin(self, context: grpc.aio.ServicerContext) -> None:
         request_id_var.set(self.request_id)
         self.metrics.in_flight.labels(self.method).inc()
-        self.drain.in_flight += 1
-        if self.drain.draining:
+        self.state.in_flight += 1
+        if self.state.draining:
             self.code = grpc.StatusCode.UNAVAILABLE
             await context.abort(self.code, "the server is shutting down; retry on another replica")
+        if not self.state.ready:
+            self.code = grpc.StatusCode.UNAVAILABLE
+            await context.abort(
+                self.code,
+                "the service is still loading; retry shortly (the health check says when it is ready)",
+            )
         await context.send_initial_metadata(((REQUEST_ID_KEY, self.request_id),))
 
     async def fail(self, context: grpc.aio.ServicerContext, exc: BaseException) -> None:
@@ -92,7 +100,7 @@ class _CallState:
         if isinstance(code, grpc.StatusCode):
             self.code = code
         self.metrics.in_flight.labels(self.method).dec()
-        self.drain.in_flight -= 1
+        self.state.in_flight -= 1
         self.metrics.requests.labels(self.method, self.code.name).inc()
         self.metrics.latency.labels(self.method).observe(time.monotonic() - self.started)
 
@@ -166,9 +174,9 @@ def _wrap_stream(behavior: Callable[..., AsyncIterator], make_state: Callable[[]
 
 
 class WombatInterceptor(grpc.aio.ServerInterceptor):
-    def __init__(self, metrics: RpcMetrics, auth_token: str | None, drain: DrainState):
+    def __init__(self, metrics: RpcMetrics, auth_token: str | None, state: ServingState):
         self._metrics = metrics
-        self._drain = drain
+        self._state = state
         self._expected_auth = f"Bearer {auth_token}".encode() if auth_token else None
 
     def _authorized(self, method: str, metadata: dict[str, str]) -> bool:
@@ -191,7 +199,7 @@ class WombatInterceptor(grpc.aio.ServerInterceptor):
             return handler  # health and reflection keep answering during a drain, untracked
 
         def make_state() -> _CallState:
-            return _CallState(method, self._metrics, request_id, self._drain)
+            return _CallState(method, self._metrics, request_id, self._state)
 
         if handler.request_streaming:
             return handler  # no client-streaming RPCs in the Wombat contracts; pass through untouched

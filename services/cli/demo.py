@@ -23,14 +23,15 @@ import time
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
+from typing import Annotated
 
-import torch
+import typer
 from rich.table import Table
 
-from wombat_core.checkpoint.compare import checkpoint_differences, tensors_digest
-from wombat_core.cli import render
-from wombat_core.cli.stack import LocalStack, ServiceSpec
-from wombat_core.demo_model import prepare_demo_model
+from services.cli import render
+from services.stack import LocalStack, ServiceSpec
+
+app = typer.Typer()
 
 BASE, TRAINED, DELTA, RECOVERED = (
     "smollm2-135m",
@@ -39,7 +40,7 @@ BASE, TRAINED, DELTA, RECOVERED = (
     "smollm2-135m-rrhf-recovered",
 )
 DEMO_INSTRUCTION = "Give three tips for staying healthy."
-RELEASE_DTYPE = torch.float16  # Wombat's deltas and recovered weights are float16
+RELEASE_DTYPE = "float16"  # Wombat's deltas and recovered weights are float16
 STAGES = 8
 
 
@@ -85,11 +86,12 @@ def stack_specs(workdir: Path, models: Path, data: Path) -> dict[str, ServiceSpe
 def run_lifecycle(workdir: Path, *, base_dir: Path | None = None, train_steps: int = 4, workers: int = 2,
                   max_new_tokens: int = 96) -> LifecycleResult:  # fmt: skip
     """Runs the stages; `base_dir` skips preparing SmolLM2 (tests pass an already-converted one)."""
-    from clients.channel import ChannelSettings
     from clients.inference import InferenceClient, prompt, sampling
-    from clients.materializer import MaterializerClient, dtype_option
+    from clients.materializer import MaterializerClient, delta_options
     from clients.rrhf import RrhfClient
-    from wombat.materializer.v1 import materializer_pb2 as mpb
+    from wombat_core.checkpoint.compare import checkpoint_differences, tensors_digest
+    from wombat_core.demo_model import prepare_demo_model
+    from wombat_core.dtypes import dtype_from_name
     from wombat_core.rrhf.data import load_jsonl
 
     workdir = workdir.resolve()
@@ -118,7 +120,7 @@ def run_lifecycle(workdir: Path, *, base_dir: Path | None = None, train_steps: i
         render.console.print("    starting the materialiser and rrhf services (own processes, local Ray)")
         stack.start(["materializer", "rrhf"])
         done("start services", ", ".join(f"{n} {p.address}" for n, p in stack.processes.items()))
-        release = mpb.DeltaOptions(dtype=dtype_option("float16"), pad_vocab=True)
+        release = delta_options(RELEASE_DTYPE, pad_vocab=True)
         with RrhfClient(stack.address("rrhf"), timeout=1800) as rrhf:
             _say(
                 2,
@@ -127,7 +129,7 @@ def run_lifecycle(workdir: Path, *, base_dir: Path | None = None, train_steps: i
             _train(rrhf, models, train_steps, workers)
             done("rrhf train", f"{TRAINED}, {train_steps} steps on {workers} workers")
 
-            with MaterializerClient(ChannelSettings(stack.address("materializer"))) as materializer:
+            with MaterializerClient(stack.address("materializer")) as materializer:
                 with render.job_progress(f"3/{STAGES} make delta (float16)", as_json=False) as update:
                     made = render.drain(materializer.make_delta(BASE, TRAINED, DELTA, release), update)
                 done("make delta", f"{DELTA}; elements that do not round-trip: {made.inexact_elements}")
@@ -139,9 +141,9 @@ def run_lifecycle(workdir: Path, *, base_dir: Path | None = None, train_steps: i
                 _say(5, "verifying the manifest and comparing with the trained model")
                 result.manifest_ok = materializer.verify(RECOVERED).ok
             result.differences = checkpoint_differences(
-                models / TRAINED, models / RECOVERED, a_as=RELEASE_DTYPE, signed_zeros=False
+                models / TRAINED, models / RECOVERED, a_as=dtype_from_name(RELEASE_DTYPE), signed_zeros=False
             )
-            result.trained_digest = tensors_digest(models / TRAINED, as_dtype=RELEASE_DTYPE)
+            result.trained_digest = tensors_digest(models / TRAINED, as_dtype=dtype_from_name(RELEASE_DTYPE))
             result.recovered_digest = tensors_digest(models / RECOVERED)
             same = result.trained_digest == result.recovered_digest
             done("verify", f"manifest ok={result.manifest_ok}; equals trained (float16): {same}")
@@ -180,8 +182,9 @@ def _train(rrhf, models: Path, steps: int, workers: int) -> None:
     if (models / TRAINED).exists():
         render.console.print(f"    {TRAINED} exists from an earlier run; using it")
         return
+    # The shipped queries are Alpaca-style, so training wraps them in the template, as ranking does below.
     job_id = rrhf.start_training(BASE, TRAINED, data_path="preferences.jsonl", num_workers=workers,
-                                 max_steps=steps, batch_size=1, learning_rate=1e-5,
+                                 max_steps=steps, batch_size=1, learning_rate=1e-5, alpaca_prompt=True,
                                  checkpoint_every_steps=max(1, steps // 2))  # fmt: skip
     render.console.print(f"    job {job_id}")
     final = None
@@ -260,5 +263,10 @@ def run_demo(workdir: Path) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(run_demo(Path(".demo")))
+@app.command()
+def demo(
+    workdir: Annotated[Path, typer.Option(help="where demo models, job state and logs go")] = Path(".demo"),
+) -> None:
+    """The whole Wombat lifecycle on SmolLM2-135M through the three services as separate processes:
+    RRHF-train, make the delta, materialise, verify, serve and stream, rank."""
+    sys.exit(run_demo(workdir))

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-import signal
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -21,8 +20,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, start_http_server
 
-from wombat_core.server.config import ServerConfig
-from wombat_core.server.interceptors import DrainState, RpcMetrics, WombatInterceptor
+from services.scaffold.config import ServerConfig
+from services.scaffold.interceptors import RpcMetrics, ServingState, WombatInterceptor
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +46,7 @@ class WombatServer:
     """A started-or-not aio server plus its health servicer and metrics endpoint."""
 
     def __init__(self, server: grpc.aio.Server, health_servicer, service_names: list[str], config: ServerConfig,
-                 registry: CollectorRegistry, drain: DrainState):  # fmt: skip
+                 registry: CollectorRegistry, state: ServingState):  # fmt: skip
         self.grpc_server = server
         self.probe_server: grpc.aio.Server | None = None  # the plaintext health-only listener, if any
         self.health_port: int | None = None
@@ -57,7 +56,8 @@ class WombatServer:
         self.registry = registry
         self.metrics_port: int | None = None
         self._metrics_http = None
-        self._drain = drain
+        self._state = state
+        self._stopping = False
 
     async def start(self) -> None:
         # Health answers NOT_SERVING for every service until the service calls set_serving().
@@ -78,6 +78,7 @@ class WombatServer:
         print(f"WOMBAT_{state} port={port} metrics_port={self.metrics_port}", flush=True)
 
     async def set_serving(self, serving: bool = True) -> None:
+        self._state.ready = serving
         status = (
             health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         )
@@ -86,16 +87,19 @@ class WombatServer:
 
     @property
     def draining(self) -> bool:
-        return self._drain.draining
+        return self._state.draining
 
     async def stop(self, grace: float | None = None) -> None:
         """Drains: health goes NOT_SERVING and new calls get UNAVAILABLE at once, while in-flight calls get
         up to `grace` seconds to finish; then the server stops (cancelling whatever is left)."""
+        if self._stopping:
+            return  # a second stop (the lifecycle's cleanup after a drain) has nothing left to do
+        self._stopping = True
         grace = self.config.drain_grace_seconds if grace is None else grace
-        self._drain.draining = True
+        self._state.draining = True
         await self.set_serving(False)
         deadline = asyncio.get_running_loop().time() + grace
-        while self._drain.in_flight > 0 and asyncio.get_running_loop().time() < deadline:
+        while self._state.in_flight > 0 and asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(0.02)
         await self.grpc_server.stop(max(0.0, deadline - asyncio.get_running_loop().time()))
         if self.probe_server is not None:  # last, so probes see the drain to its end
@@ -112,14 +116,14 @@ class WombatServer:
 def create_server(config: ServerConfig, services: Sequence[ServiceRegistration]) -> tuple[WombatServer, int]:
     """Builds the server and binds its port; call from inside the event loop that will run it."""
     registry = CollectorRegistry()
-    drain = DrainState()
+    state = ServingState()
     options = [
         ("grpc.max_receive_message_length", config.max_message_bytes),
         ("grpc.max_send_message_length", config.max_message_bytes),
         ("grpc.so_reuseport", 0),  # two servers must never share a port silently
     ]
     server = grpc.aio.server(
-        interceptors=[WombatInterceptor(RpcMetrics(registry), config.auth_token, drain)],
+        interceptors=[WombatInterceptor(RpcMetrics(registry), config.auth_token, state)],
         options=options,
         maximum_concurrent_rpcs=config.max_concurrent_rpcs,
     )
@@ -141,7 +145,7 @@ def create_server(config: ServerConfig, services: Sequence[ServiceRegistration])
         port = server.add_insecure_port(address)
     if port == 0:
         raise OSError(f"could not bind {address}")
-    wombat_server = WombatServer(server, health_servicer, names, config, registry, drain)
+    wombat_server = WombatServer(server, health_servicer, names, config, registry, state)
     if config.health_port is not None:
         wombat_server.probe_server, wombat_server.health_port = _probe_server(config, health_servicer)
     return wombat_server, port
@@ -157,19 +161,3 @@ def _probe_server(config: ServerConfig, health_servicer) -> tuple[grpc.aio.Serve
     if port == 0:
         raise OSError(f"could not bind the health port {address}")
     return probe_server, port
-
-
-async def run_until_signalled(server: WombatServer) -> None:
-    """Serves until SIGTERM/SIGINT, then drains gracefully (health NOT_SERVING, in-flight calls finish)."""
-    loop = asyncio.get_running_loop()
-    stop_requested = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop_requested.set)
-    waiter = asyncio.create_task(server.wait_for_termination())
-    stopper = asyncio.create_task(stop_requested.wait())
-    await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
-    if stop_requested.is_set():
-        log.info("signal received: draining for up to %.0fs", server.config.drain_grace_seconds)
-        await server.stop()
-    waiter.cancel()
-    stopper.cancel()

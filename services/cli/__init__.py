@@ -1,0 +1,1 @@
+"""The `wombat` command line (wiring above the core, beside the services; assembled in `app.py`)."""
