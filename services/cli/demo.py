@@ -182,9 +182,8 @@ def _train(rrhf, models: Path, steps: int, workers: int) -> None:
     if (models / TRAINED).exists():
         render.console.print(f"    {TRAINED} exists from an earlier run; using it")
         return
-    # The shipped queries are Alpaca-style, so training wraps them in the template, as ranking does below.
     job_id = rrhf.start_training(BASE, TRAINED, data_path="preferences.jsonl", num_workers=workers,
-                                 max_steps=steps, batch_size=1, learning_rate=1e-5, alpaca_prompt=True,
+                                 max_steps=steps, batch_size=1, learning_rate=1e-5,
                                  checkpoint_every_steps=max(1, steps // 2))  # fmt: skip
     render.console.print(f"    job {job_id}")
     final = None
