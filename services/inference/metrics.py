@@ -18,13 +18,17 @@ class InferenceMetrics:
             "wombat_inference_running_sequences", "Sequences in the running batch", registry=registry
         )
         self.ttft = Histogram(
-            "wombat_inference_time_to_first_token_seconds", "Arrival to first token", buckets=LATENCY_BUCKETS,
+            "wombat_inference_time_to_first_token_seconds",
+            "Arrival to the first token the engine produced",
+            buckets=LATENCY_BUCKETS,
             registry=registry,
-        )  # fmt: skip
+        )
         self.inter_token = Histogram(
-            "wombat_inference_inter_token_seconds", "Time between tokens of a stream", buckets=LATENCY_BUCKETS,
+            "wombat_inference_inter_token_seconds",
+            "Time between consecutive tokens of a request, as the engine produced them",
+            buckets=LATENCY_BUCKETS,
             registry=registry,
-        )  # fmt: skip
+        )
         self.generated_tokens = Counter(
             "wombat_inference_generated_tokens", "Tokens generated", registry=registry
         )

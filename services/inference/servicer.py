@@ -94,16 +94,18 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                 yield events
 
     def _observe(self, events: list[StreamEvent], started: float, previous: float | None) -> float | None:
-        """Latency and token metrics as the caller sees them (finish reasons are counted by the engine)."""
+        """Token metrics, timed by when the engine made each token, so a reader that lags (and gets several
+        tokens in one message) changes nothing: one TTFT per request, one inter-token interval per later
+        token. Finish reasons are counted by the engine itself."""
         if self.metrics is None:
             return previous
-        now = time.monotonic()
-        tokens = sum(len(e.token_ids) for e in events)
-        if tokens:
-            self.metrics.generated_tokens.inc(tokens)
+        for event in events:
+            if not event.token_ids:
+                continue
+            self.metrics.generated_tokens.inc(len(event.token_ids))
             if previous is None:
-                self.metrics.ttft.observe(now - started)
+                self.metrics.ttft.observe(event.emitted_at - started)
             else:
-                self.metrics.inter_token.observe((now - previous) / tokens)
-            previous = now
+                self.metrics.inter_token.observe(event.emitted_at - previous)
+            previous = event.emitted_at
         return previous

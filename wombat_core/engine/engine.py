@@ -318,7 +318,7 @@ class Engine:
             logprob = sequence.pending_logprob
             logprobs = (self._with_top_text(logprob),) if logprob else ()
             if reason is None:
-                events.append((sequence, StreamEvent(sequence.id, (token,), text, logprobs)))
+                events.append((sequence, StreamEvent(sequence.id, (token,), text, logprobs, emitted_at=now)))
             else:
                 final = self._final_event(sequence, reason, text=text, token_ids=(token,), logprobs=logprobs)
                 events.append((sequence, final))
@@ -375,7 +375,7 @@ class Engine:
             completion_tokens=len(sequence.generated),
             truncated_prompt_tokens=sequence.request.truncated_prompt_tokens,
         )
-        return StreamEvent(sequence.id, token_ids, text, logprobs, reason, usage, timings)
+        return StreamEvent(sequence.id, token_ids, text, logprobs, reason, usage, timings, emitted_at=now)
 
     def _deliver(self, sequence: _Sequence, event: StreamEvent) -> None:
         sequence.sink(event)

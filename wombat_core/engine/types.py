@@ -63,6 +63,7 @@ class StreamEvent:
     usage: Usage | None = None
     timings: Timings | None = None
     error: Exception | None = field(default=None, compare=False)
+    emitted_at: float = field(default=0.0, compare=False)  # time.monotonic() when the engine made it
 
     @property
     def finished(self) -> bool:
