@@ -1,25 +1,35 @@
-"""Inference benchmark on the SmolLM2-135M demo model, 64 new tokens per request, in one run:
+"""Inference benchmark on the SmolLM2-135M demo model (float32, this machine's CPU), side by side in one run:
 
-  in-process HF generate, sequential            tok/s, TTFT
-  in-process HF static batch of 8               tok/s, TTFT
-  gRPC, one stream                              tok/s, TTFT p50/p95
-  gRPC, 8 and 16 concurrent streams             aggregate tok/s, TTFT p50/p95
+  the gRPC service (`wombat serve inference`, its own process, 16 slots)
+  Hugging Face `generate`: sequential, and a static batch of 16
+  CTranslate2 (the same checkpoint converted by ct2-transformers-converter): float32 and int8, the same batch
 
-and the ratios the inference issue sets goals for. The server runs as its own process
-(`wombat serve inference`), as in production; the HF baselines run in this process before it starts.
+over the workloads of the inference issue:
 
-Concurrent callers are independent: each starts at a random offset within one request's duration
-(as uncoordinated clients do) and sends `--rounds` requests back to back. A simultaneous cold burst is
-measured too and printed for honesty: its TTFT is bounded by prefilling every prompt at once.
+  (a) 1 stream x 128 new tokens
+  (b) 16 concurrent x 128 new tokens, short Alpaca prompts (~40 tokens)
+  (c) 16 concurrent x 256 new tokens, ~200-token prompts
+  (d) churn: 32 requests of mixed prompt and output lengths arriving over time through 16 slots
 
-    python benchmarks/inference.py [--model .demo/models/smollm2-135m] [--rounds 3]
+and prints tok/s, TTFT p50/p95 and the ratios the issue sets goals for. Every system decodes greedily and
+ignores EOS, so all generate the same number of tokens. Concurrent gRPC callers are independent: each
+starts at a random offset within one request's duration (as uncoordinated clients do) and sends requests
+back to back; aggregate tok/s counts the window in which every caller has a request open. The service
+and the in-process baselines never run at the same time. Single-stream figures are the best of three
+alternating runs (this machine's speed drifts). `--profile` adds torch.profiler tables of one decode step
+at batch 1 and 16.
+
+    python benchmarks/inference.py [--model .demo/models/smollm2-135m] [--rounds 3] [--profile]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import random
 import statistics
+import subprocess
 import sys
 import threading
 import time
@@ -28,7 +38,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-NEW_TOKENS = 64
+SLOTS = 16
 INSTRUCTIONS = [
     "Give three tips for staying healthy.",
     "Describe the water cycle.",
@@ -47,11 +57,30 @@ INSTRUCTIONS = [
     "Give a recipe for pancakes.",
     "What is the capital of Australia?",
 ]
+PASSAGE = (
+    "Wombats are short-legged, muscular marsupials native to Australia. They are about one metre long with "
+    "small, stubby tails and weigh between 20 and 35 kilograms. All three living species are members of the "
+    "family Vombatidae. They are adaptable and habitat tolerant, and are found in forested, mountainous and "
+    "heathland areas of southern and eastern Australia, including Tasmania. They dig extensive burrow systems "
+    "with their rodent-like front teeth and powerful claws. One distinctive adaptation is their backward pouch, "
+    "so that when digging, the wombat does not gather soil in the pouch over its young. "
+)
 
 
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
+
+
+def prompts(tokenizer, long: bool) -> list[str]:
+    """Alpaca prompts: the instruction alone (~40 tokens), or with a passage as input (~200 tokens)."""
+    from wombat_core.prompts import alpaca_prompt
+
+    texts = [alpaca_prompt(i, PASSAGE[: 620 + 12 * n] if long else "") for n, i in enumerate(INSTRUCTIONS)]
+    return texts
+
+
+# --- in-process baselines ---------------------------------------------------------------------------
 
 
 class FirstTokenClock:
@@ -69,75 +98,74 @@ class FirstTokenClock:
         pass
 
 
-_LOADED = None
-
-
-def hf_baselines(model_dir: Path, prompts: list[str]) -> dict:
+def hf_run(loaded, texts: list[str], new_tokens: int) -> dict:
+    """HF generate on `texts` as one static batch (left-padded): tok/s and each row's TTFT."""
     import torch
 
-    from wombat_core.engine.loading import load_for_serving
-    from wombat_core.prompts import alpaca_prompt
-
-    global _LOADED
-    if _LOADED is None:
-        _LOADED = load_for_serving(model_dir, dtype="float32", device="cpu")
-    loaded = _LOADED
-    model, tokenizer = loaded.model, loaded.tokenizer
+    tokenizer = loaded.tokenizer
     tokenizer.padding_side = "left"
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    kwargs = dict(do_sample=False, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
-                  pad_token_id=tokenizer.pad_token_id)  # fmt: skip
-    texts = [alpaca_prompt(p) for p in prompts]
+    batch = tokenizer(texts, return_tensors="pt", padding=True)
+    clock, begin = FirstTokenClock(), time.perf_counter()
     with torch.inference_mode():
-        model.generate(
-            **tokenizer(texts[:1], return_tensors="pt"),
-            **{**kwargs, "max_new_tokens": 2, "min_new_tokens": 2},
-        )
-        ttfts, tokens, started = [], 0, time.perf_counter()
-        for text in texts[:2]:
-            clock, begin = FirstTokenClock(), time.perf_counter()
-            out = model.generate(**tokenizer([text], return_tensors="pt"), streamer=clock, **kwargs)
-            ttfts.append(clock.first - begin)
-            tokens += out.shape[1] - len(tokenizer(text)["input_ids"])
-        sequential = {"tok_s": tokens / (time.perf_counter() - started), "ttft": ttfts}
-        batch_rates, batch_ttfts = [], []
-        for offset in (0,):
-            batch = tokenizer(texts[offset : offset + 8], return_tensors="pt", padding=True)
-            clock, begin = FirstTokenClock(), time.perf_counter()
-            out = model.generate(**batch, streamer=clock, **kwargs)
-            batch_rates.append(
-                8 * (out.shape[1] - batch["input_ids"].shape[1]) / (time.perf_counter() - begin)
-            )
-            batch_ttfts += [clock.first - begin] * 8
-    return {"sequential": sequential, "batch8": {"tok_s": max(batch_rates), "ttft": batch_ttfts}}
+        out = loaded.model.generate(**batch, streamer=clock, do_sample=False, max_new_tokens=new_tokens,
+                                    min_new_tokens=new_tokens, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+    elapsed = time.perf_counter() - begin
+    generated = len(texts) * (out.shape[1] - batch["input_ids"].shape[1])
+    return {"tok_s": generated / elapsed, "ttft": [clock.first - begin] * len(texts)}
 
 
-def grpc_run(address: str, prompts: list[str], concurrency: int, rounds: int, spread: float) -> dict:
-    """`concurrency` callers, each starting at a random offset in [0, spread) and sending `rounds` requests.
+def ct2_run(generator, tokenizer, texts: list[str], new_tokens: int) -> dict:
+    """CTranslate2 generate_batch on `texts` as one batch: tok/s and each row's TTFT (its first step)."""
+    tokens = [tokenizer.convert_ids_to_tokens(tokenizer(t)["input_ids"]) for t in texts]
+    firsts: dict[int, float] = {}
+    begin = time.perf_counter()
 
-    Aggregate tok/s is counted over the steady window in which every caller has a request open (from the
-    last caller's start to the first caller's finish), so ramp-up and drain do not dilute it; the rate over
-    the whole run is reported as `tok_s_overall`.
-    """
+    def step(result) -> bool:
+        firsts.setdefault(result.batch_id, time.perf_counter() - begin)
+        return False
+
+    results = generator.generate_batch(tokens, max_length=new_tokens, min_length=new_tokens, beam_size=1,
+                                       include_prompt_in_result=False, max_batch_size=SLOTS, callback=step)  # fmt: skip
+    elapsed = time.perf_counter() - begin
+    generated = sum(len(r.sequences_ids[0]) for r in results)
+    return {"tok_s": generated / elapsed, "ttft": [firsts[i] for i in range(len(texts))]}
+
+
+def convert_ct2(model_dir: Path, quantization: str) -> Path:
+    out = ROOT / ".demo" / f"ct2-{model_dir.name}-{quantization}"
+    if not (out / "model.bin").exists():
+        converter = Path(sys.executable).parent / "ct2-transformers-converter"
+        subprocess.run([str(converter), "--model", str(model_dir), "--output_dir", str(out),
+                        "--quantization", quantization, "--force"], check=True, capture_output=True)  # fmt: skip
+    return out
+
+
+# --- the gRPC service -------------------------------------------------------------------------------
+
+
+def grpc_callers(
+    address: str, texts: list[str], callers: int, rounds: int, new_tokens: int, spread: float
+) -> dict:
+    """`callers` independent callers, each starting at a random offset in [0, spread) and sending `rounds`
+    requests back to back. Aggregate tok/s counts the window in which every caller has a request open."""
     from clients.inference import InferenceClient, prompt, sampling
 
-    params = sampling(temperature=0, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, ignore_eos=True)
+    params = sampling(temperature=0, max_new_tokens=new_tokens, ignore_eos=True)
     ttfts: list[float] = []
     arrivals: list[tuple[float, int]] = []  # (time, tokens) of every streamed message
     spans: list[tuple[float, float]] = []
     lock = threading.Lock()
     rng = random.Random(1234)
-    offsets = [rng.uniform(0, spread) for _ in range(concurrency)]
+    offsets = [rng.uniform(0, spread) for _ in range(callers)]
 
     def caller(index: int, start_at: float) -> None:
-        with InferenceClient(address, timeout=600) as client:
+        with InferenceClient(address, timeout=900) as client:
             time.sleep(max(0.0, start_at - time.perf_counter()))
             opened = time.perf_counter()
             for r in range(rounds):
-                text = prompts[(index + r * concurrency) % len(prompts)]
+                text = texts[(index + r * callers) % len(texts)]
                 begin, first = time.perf_counter(), None
-                for response in client.generate(prompt(text), params):
+                for response in client.generate(prompt(text, format="raw"), params):
                     now = time.perf_counter()
                     if first is None and response.token_ids:
                         first = now - begin
@@ -149,7 +177,7 @@ def grpc_run(address: str, prompts: list[str], concurrency: int, rounds: int, sp
                 spans.append((opened, time.perf_counter()))
 
     started = time.perf_counter()
-    threads = [threading.Thread(target=caller, args=(i, started + offsets[i])) for i in range(concurrency)]
+    threads = [threading.Thread(target=caller, args=(i, started + offsets[i])) for i in range(callers)]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -158,13 +186,123 @@ def grpc_run(address: str, prompts: list[str], concurrency: int, rounds: int, sp
     window_start, window_end = max(s for s, _ in spans), min(e for _, e in spans)
     steady = sum(n for t, n in arrivals if window_start <= t <= window_end)
     total = sum(n for _, n in arrivals)
-    return {
-        "tok_s": steady / (window_end - window_start)
-        if window_end > window_start
-        else total / (finished - started),
-        "tok_s_overall": total / (finished - started),
-        "ttft": ttfts,
-    }
+    tok_s = (
+        steady / (window_end - window_start) if window_end > window_start else total / (finished - started)
+    )
+    return {"tok_s": tok_s, "tok_s_overall": total / (finished - started), "ttft": ttfts}
+
+
+def grpc_churn(address: str, short: list[str], long: list[str], requests: int, gap: float) -> dict:
+    """`requests` requests of mixed prompt and output lengths, one arriving every `gap` seconds, each on its
+    own connection, so that requests join and leave the batch all the time. Aggregate tok/s counts the
+    window in which at least SLOTS requests are in the system (every slot could be busy)."""
+    from clients.inference import InferenceClient, prompt, sampling
+
+    rng = random.Random(99)
+    plan = [(rng.choice(short + long), rng.choice((32, 64, 128, 256))) for _ in range(requests)]
+    arrivals: list[tuple[float, int]] = []
+    spans: list[tuple[float, float]] = []
+    ttfts: list[float] = []
+    lock = threading.Lock()
+
+    def one(text: str, new_tokens: int, start_at: float) -> None:
+        params = sampling(temperature=0, max_new_tokens=new_tokens, ignore_eos=True)
+        with InferenceClient(address, timeout=900) as client:
+            time.sleep(max(0.0, start_at - time.perf_counter()))
+            begin, first = time.perf_counter(), None
+            for response in client.generate(prompt(text, format="raw"), params):
+                now = time.perf_counter()
+                if first is None and response.token_ids:
+                    first = now - begin
+                with lock:
+                    arrivals.append((now, len(response.token_ids)))
+            with lock:
+                ttfts.append(first)
+                spans.append((begin, time.perf_counter()))
+
+    started = time.perf_counter() + 0.5
+    threads = [
+        threading.Thread(target=one, args=(text, n, started + i * gap)) for i, (text, n) in enumerate(plan)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    # Walk the start/end events in time order; the window is from the moment SLOTS requests are in the
+    # system to the moment fewer are.
+    events = sorted([(b, 1) for b, _ in spans] + [(e, -1) for _, e in spans])
+    inside, window_start, window_end = 0, None, None
+    for moment, change in events:
+        inside += change
+        if inside >= SLOTS and window_start is None:
+            window_start = moment
+        if inside < SLOTS and window_start is not None:
+            window_end = moment
+            break
+    tokens = sum(n for t, n in arrivals if window_start <= t <= window_end)
+    return {"tok_s": tokens / (window_end - window_start), "ttft": ttfts}
+
+
+# --- profile ----------------------------------------------------------------------------------------
+
+
+def profile_steps(model_dir: Path) -> None:
+    """torch.profiler tables of decode steps in this process, at batch 1 and 16 (the engine's path)."""
+    import torch
+
+    from wombat_core.engine.loading import load_for_serving
+    from wombat_core.engine.runner import ModelRunner
+
+    loaded = load_for_serving(model_dir, dtype="float32", device="cpu", packed_kernels=True)
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    texts = prompts(loaded.tokenizer, long=False)
+    for rows in (1, SLOTS):
+        runner = ModelRunner(loaded.model, loaded.tokenizer.pad_token_id or 0, SLOTS, loaded.context_length)
+        group = runner.new_group([tuple(loaded.tokenizer(t)["input_ids"]) for t in texts[:rows]], 256)
+        logits = runner.prefill_chunk(group, 100_000)
+        runner.complete_group(group, list(range(rows)))
+        runner.set_last_tokens(0, logits.argmax(-1))
+        for _ in range(5):
+            runner.set_last_tokens(0, runner.decode().argmax(-1))
+        with torch.profiler.profile() as profiler:
+            for _ in range(10):
+                runner.set_last_tokens(0, runner.decode().argmax(-1))
+        print(f"\ndecode step at batch {rows} (10 steps):")
+        print(profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=10))
+
+
+# --- main -------------------------------------------------------------------------------------------
+
+
+def baseline(system: str, model_dir: Path) -> dict:
+    """One in-process system on workloads (a) best of three, (b) and (c); run in its own process, so that
+    no two systems' thread pools share the cores (two OpenMP teams in one process slow both)."""
+    import torch
+
+    from wombat_core.engine.loading import load_for_serving
+
+    cores = len(os.sched_getaffinity(0))
+    torch.set_num_threads(cores)
+    loaded = load_for_serving(model_dir, dtype="float32", device="cpu")
+    short, long = prompts(loaded.tokenizer, long=False), prompts(loaded.tokenizer, long=True)
+    if system == "hf":
+        run = lambda texts, new_tokens: hf_run(loaded, texts, new_tokens)  # noqa: E731
+    else:
+        import ctranslate2
+
+        quantization = system.removeprefix("ct2-")
+        generator = ctranslate2.Generator(str(convert_ct2(model_dir, quantization)), device="cpu",
+                                          compute_type=quantization, intra_threads=cores)  # fmt: skip
+        run = lambda texts, new_tokens: ct2_run(generator, loaded.tokenizer, texts, new_tokens)  # noqa: E731
+    run(short[:1], 4)  # warm-up
+    single = max((run(short[:1], 128) for _ in range(3)), key=lambda r: r["tok_s"])
+    return {"a": single, "b": run(short, 128), "c": run(long, 256)}
+
+
+def run_baseline(system: str, model_dir: Path) -> dict:
+    output = subprocess.run([sys.executable, __file__, "--model", str(model_dir), "--baseline", system],
+                            check=True, capture_output=True, text=True).stdout  # fmt: skip
+    return json.loads(output.strip().splitlines()[-1])
 
 
 def main() -> None:
@@ -172,60 +310,85 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--model", type=Path, default=ROOT / ".demo" / "models" / "smollm2-135m")
-    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--baseline", help=argparse.SUPPRESS)  # internal: one in-process system, JSON out
     args = parser.parse_args()
+    if args.baseline:
+        print(json.dumps(baseline(args.baseline, args.model)))
+        return
     if not args.model.exists():
         from wombat_core.demo_model import prepare_demo_model
 
         prepare_demo_model(args.model)
 
     from services.stack import ServiceProcess
+    from wombat_core.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(args.model)
+    short, long = prompts(tokenizer, long=False), prompts(tokenizer, long=True)
+    long_tokens = statistics.mean(len(tokenizer(t)["input_ids"]) for t in long)
+    results: dict[str, dict] = {}
+    for system in ("hf", "ct2-float32", "ct2-int8"):
+        for workload, value in run_baseline(system, args.model).items():
+            results[f"{workload}/{system}"] = value
 
     log = ROOT / ".demo" / "bench-inference.log"
-    log.parent.mkdir(exist_ok=True)
     service = ServiceProcess(["inference", "--model", str(args.model), "--port", "0", "--metrics-port", "-1",
-                              "--max-batch-size", "16", "--max-queue", "64", "--dtype", "float32"], log)  # fmt: skip
+                              "--max-batch-size", str(SLOTS), "--max-queue", "64", "--dtype", "float32"], log)  # fmt: skip
     try:
         address = f"127.0.0.1:{service.port}"
-        # In-process and single-stream runs alternate, best of three each: this machine's speed drifts.
-        results: dict = {}
-        for _ in range(3):
-            for key, value in hf_baselines(args.model, INSTRUCTIONS).items():
-                if key not in results or value["tok_s"] > results[key]["tok_s"]:
-                    results[key] = value
-            single = grpc_run(address, INSTRUCTIONS, 1, 2, 0.0)
-            if "grpc1" not in results or single["tok_s"] > results["grpc1"]["tok_s"]:
-                results["grpc1"] = single
-        one_request = NEW_TOKENS / results["grpc1"]["tok_s"]
-        for n in (8, 16):
-            results[f"grpc{n}"] = grpc_run(address, INSTRUCTIONS, n, args.rounds, spread=one_request)
-        results["burst8"] = grpc_run(address, INSTRUCTIONS, 8, 1, spread=0.0)
+        results["a/grpc"] = max(
+            (grpc_callers(address, short, 1, 2, 128, 0.0) for _ in range(3)), key=lambda r: r["tok_s"]
+        )
+        for workload, texts, new_tokens in (("b", short, 128), ("c", long, 256)):
+            one_request = new_tokens / results["a/grpc"]["tok_s"]
+            results[f"{workload}/grpc"] = grpc_callers(
+                address, texts, SLOTS, args.rounds, new_tokens, spread=one_request
+            )
+        # Churn: a request every 150 ms fills the 16 slots within seconds; then requests keep leaving
+        # (after 32 to 256 tokens) and the waiting ones take their place.
+        results["d/grpc"] = grpc_churn(address, short, long, 32, gap=0.15)
     finally:
         service.stop()
 
-    labels = {"sequential": "HF generate, sequential", "batch8": "HF static batch of 8", "grpc1": "gRPC, 1 stream",
-              "grpc8": "gRPC, 8 streams", "grpc16": "gRPC, 16 streams", "burst8": "gRPC, 8 at once (cold burst)"}  # fmt: skip
-    print(f"\nSmolLM2-135M, float32 on CPU, {NEW_TOKENS} new tokens per request")
-    print(f"{'':32}{'tok/s':>9}{'TTFT p50 ms':>13}{'TTFT p95 ms':>13}{'tok/s whole run':>17}")
+    labels = {
+        "a/hf": "(a) HF generate", "a/ct2-float32": "(a) CTranslate2 fp32", "a/ct2-int8": "(a) CTranslate2 int8",
+        "a/grpc": "(a) gRPC service",
+        "b/hf": "(b) HF static batch 16", "b/ct2-float32": "(b) CTranslate2 fp32 batch 16",
+        "b/ct2-int8": "(b) CTranslate2 int8 batch 16", "b/grpc": "(b) gRPC, 16 streams",
+        "c/hf": "(c) HF static batch 16", "c/ct2-float32": "(c) CTranslate2 fp32 batch 16",
+        "c/ct2-int8": "(c) CTranslate2 int8 batch 16", "c/grpc": "(c) gRPC, 16 streams",
+        "d/grpc": "(d) gRPC, churn (32 through 16)",
+    }  # fmt: skip
+    cores = len(os.sched_getaffinity(0))
+    print(f"\nSmolLM2-135M, float32 on {cores} CPU cores; (c) prompts ~{long_tokens:.0f} tokens")
+    print(f"{'':34}{'tok/s':>9}{'TTFT p50 ms':>13}{'TTFT p95 ms':>13}")
     for key, label in labels.items():
         r = results[key]
-        overall = f"{r['tok_s_overall']:17.1f}" if "tok_s_overall" in r else ""
         p50, p95 = percentile(r["ttft"], 0.5) * 1000, percentile(r["ttft"], 0.95) * 1000
-        print(f"{label:32}{r['tok_s']:9.1f}{p50:13.0f}{p95:13.0f}{overall}")
-    base = results["sequential"]["tok_s"]
-    single_ttft = statistics.median(results["grpc1"]["ttft"])
-    print("\nratio                                              value   goal")
-    print(
-        f"gRPC single stream / in-process sequential         {results['grpc1']['tok_s'] / base:5.2f}   >= 0.95"
-    )
-    print(
-        f"gRPC 8 concurrent / in-process sequential          {results['grpc8']['tok_s'] / base:5.2f}   >= 4.0"
-    )
-    print(f"  (HF static batch of 8 / sequential: {results['batch8']['tok_s'] / base:.2f};"
-          f" gRPC 16 concurrent / sequential: {results['grpc16']['tok_s'] / base:.2f})")  # fmt: skip
-    ttft_ratio = percentile(results["grpc8"]["ttft"], 0.5) / single_ttft
-    print(f"TTFT p50 with 8 streams / single-stream TTFT       {ttft_ratio:5.2f}   <= 2")
-    print(f"  (cold burst of 8: {percentile(results['burst8']['ttft'], 0.5) / single_ttft:.2f})")
+        print(f"{label:34}{r['tok_s']:9.1f}{p50:13.0f}{p95:13.0f}")
+
+    def ratio(a: str, b: str) -> float:
+        return results[a]["tok_s"] / results[b]["tok_s"]
+
+    ttft = percentile(results["b/grpc"]["ttft"], 0.5) / percentile(results["a/grpc"]["ttft"], 0.5)
+    rows = [
+        ("gRPC single stream / CTranslate2 fp32, (a)", ratio("a/grpc", "a/ct2-float32"), ">= 0.8"),
+        ("gRPC 16 streams / CTranslate2 fp32 batch 16, (b)", ratio("b/grpc", "b/ct2-float32"), ">= 1.0"),
+        ("gRPC 16 streams / CTranslate2 fp32 batch 16, (c)", ratio("c/grpc", "c/ct2-float32"), ">= 1.0"),
+        ("gRPC 16 streams / HF static batch 16, (b)", ratio("b/grpc", "b/hf"), ">= 1.5"),
+        ("gRPC 16 streams / HF static batch 16, (c)", ratio("c/grpc", "c/hf"), ">= 1.5"),
+        ("(d) churn aggregate / (b)", ratio("d/grpc", "b/grpc"), ">= 0.8"),
+        ("TTFT p50, 16 streams / single stream, (b)", ttft, "<= 1.5"),
+    ]
+    print(f"\n{'ratio (this run)':52}{'value':>7}  goal")
+    for name, value, goal in rows:
+        print(f"{name:52}{value:7.2f}  {goal}")
+    print(f"  (gRPC single stream / HF generate: {ratio('a/grpc', 'a/hf'):.2f}; "
+          f"CTranslate2 int8 / fp32 at 16: {ratio('b/ct2-int8', 'b/ct2-float32'):.2f})")  # fmt: skip
+    if args.profile:
+        profile_steps(args.model)
 
 
 if __name__ == "__main__":

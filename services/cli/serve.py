@@ -72,6 +72,9 @@ def serve_inference(
         str, typer.Option(help="auto (fp16 on CUDA, fp32 on CPU), float32, float16, bfloat16")
     ] = "auto",
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N")] = "auto",
+    cpu_threads: Annotated[
+        int | None, typer.Option(help="the engine's threads on CPU (default: every core the process may use)")
+    ] = None,
     default_format: Annotated[
         str, typer.Option(help="prompt format when a request leaves it unset: raw, alpaca or chat")
     ] = "alpaca",
@@ -97,6 +100,7 @@ def serve_inference(
         max_batch_size=max_batch_size,
         max_queue=max_queue,
         max_prefill_tokens=max_prefill_tokens,
+        cpu_threads=cpu_threads,
     )
     _run(lambda: InferenceService(settings),
          log_level, host, port, metrics_port, health_port, drain_seconds,

@@ -6,9 +6,11 @@ It listens at once (NOT_SERVING), then loads the weights, starts the engine and 
 from __future__ import annotations
 
 import asyncio
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from prometheus_client import CollectorRegistry
 
 from services.inference.metrics import InferenceMetrics
@@ -48,11 +50,20 @@ class InferenceSettings:
     max_queue: int = 64
     max_prefill_tokens: int = 512
     max_new_tokens_limit: int = 4096
+    cpu_threads: int | None = (
+        None  # the engine's intra-op threads on CPU; None: every core this process may use
+    )
 
 
 def load_engine(settings: InferenceSettings) -> tuple[LoadedModel, Engine]:
-    """Loads the weights, starts the engine and runs the warm-up generations through it."""
-    loaded = load_for_serving(settings.model_dir, dtype=settings.dtype, device=settings.device)
+    """Loads the weights, starts the engine and runs the warm-up generations through it.
+
+    Loading runs single-threaded and the engine thread gets the cores: one multi-threaded OpenMP team per
+    process (EngineConfig.cpu_threads says why)."""
+    torch.set_num_threads(1)
+    loaded = load_for_serving(
+        settings.model_dir, dtype=settings.dtype, device=settings.device, packed_kernels=True
+    )
     engine = Engine(
         loaded.model,
         loaded.tokenizer,
@@ -62,6 +73,7 @@ def load_engine(settings: InferenceSettings) -> tuple[LoadedModel, Engine]:
             max_prefill_tokens=settings.max_prefill_tokens,
             context_length=loaded.context_length,
             max_new_tokens_limit=settings.max_new_tokens_limit,
+            cpu_threads=settings.cpu_threads or len(os.sched_getaffinity(0)),
         ),
     )
     engine.start()

@@ -17,7 +17,9 @@ from wombat_core.errors import InvalidArgument, ResourceExhausted
 
 @pytest.fixture(scope="module")
 def loaded(tmp_path_factory):
-    return load_for_serving(save_servable_tiny_model(tmp_path_factory.mktemp("engine") / "tiny"))
+    return load_for_serving(
+        save_servable_tiny_model(tmp_path_factory.mktemp("engine") / "tiny"), packed_kernels=True
+    )
 
 
 class Collector:
@@ -140,7 +142,7 @@ def stopping(tmp_path_factory):
     transitions = {
         t: {cycle[(i + 1) % len(cycle)]: 10.0, cycle[(i + 2) % len(cycle)]: 5.0} for i, t in enumerate(cycle)
     }
-    return load_for_serving(save_wired_model(directory, transitions)), sentence
+    return load_for_serving(save_wired_model(directory, transitions), packed_kernels=True), sentence
 
 
 @pytest.fixture

@@ -118,12 +118,12 @@ def test_a_failed_candidate_fails_the_job_instead_of_an_empty_answer(models):
 
         def __init__(self, inner):
             super().__init__()
-            self.inner, self.generation_config = inner, inner.generation_config
+            self.inner, self.config, self.generation_config = inner, inner.config, inner.generation_config
 
-        def forward(self, **inputs):
-            if inputs["input_ids"].shape[1] == 1:
+        def forward(self, input_ids, cache=None, **inputs):
+            if input_ids.shape[1] == 1:
                 raise RuntimeError("CUDA error: device lost")
-            return self.inner(**inputs)
+            return self.inner(input_ids=input_ids, cache=cache, **inputs)
 
     policy = SimpleNamespace(model=BreaksOnDecode(loaded.model), tokenizer=loaded.tokenizer,
                              context_length=loaded.context_length)  # fmt: skip
@@ -156,3 +156,24 @@ def test_candidates_config_says_what_is_wrong(fields, message):
     with pytest.raises(InvalidArgument) as info:
         CandidatesConfig(**{"queries": ("q",), **fields})
     assert info.value.message == message
+
+
+def test_sampled_candidates_that_stay_empty_fail_clearly(tmp_path):
+    """A policy that only ever says a space, then stops: EOS is held back for the first token, the
+    whitespace answer is drawn again, and after the last attempt the job fails saying why."""
+    from tests.engine_fixtures import save_wired_model, text_tokens
+    from wombat_core.engine import Engine, EngineConfig
+    from wombat_core.rrhf.candidates import sample_candidates
+    from wombat_core.tokenizer import load_tokenizer
+
+    directory = tmp_path / "terse"
+    (word,) = text_tokens(directory, "Red")[:1]
+    space = load_tokenizer(directory).convert_tokens_to_ids("▁")
+    loaded = load_for_serving(save_wired_model(directory, {word: {2: 20.0, space: 10.0}, space: {2: 20.0}}))
+    engine = Engine(loaded.model, loaded.tokenizer, EngineConfig(max_batch_size=2, context_length=64))
+    engine.start()
+    try:
+        with pytest.raises(FailedPrecondition, match="2 of 2 sampled candidates stayed empty after 5 draws"):
+            sample_candidates(engine, [1, word], k=2, max_new_tokens=4, seed=0)
+    finally:
+        engine.stop()

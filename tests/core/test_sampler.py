@@ -17,7 +17,7 @@ from transformers import (
     TopPLogitsWarper,
 )
 
-from wombat_core.engine.sampler import RequestSampler
+from wombat_core.engine.sampler import BatchSampler, uniform
 from wombat_core.engine.sampling import SamplingParams
 
 VOCAB = 64
@@ -49,6 +49,7 @@ ROWS = [  # one batch, every row its own parameters
     SamplingParams(temperature=0, repetition_penalty=1.3),
     SamplingParams(temperature=0.7),
     SamplingParams(temperature=1.0, top_k=5),
+    SamplingParams(temperature=2.0, top_k=1),
     SamplingParams(temperature=1.3, top_p=0.8),
     SamplingParams(temperature=0.9, min_p=0.05),
     SamplingParams(temperature=1.0, top_k=20, top_p=0.9, min_p=0.02, repetition_penalty=1.2),
@@ -58,63 +59,104 @@ ROWS = [  # one batch, every row its own parameters
 ]
 
 
-@pytest.mark.parametrize("generated", [(), (13, 2, 30)], ids=["first step", "after three tokens"])
+def sampler_with(rows: list[SamplingParams], seeds=None) -> BatchSampler:
+    sampler = BatchSampler(len(rows), VOCAB, torch.device("cpu"))
+    seeds = seeds or list(range(len(rows)))
+    sampler.add_rows(0, [(params, seed, PROMPT, EOS) for params, seed in zip(rows, seeds, strict=True)])
+    return sampler
+
+
+def force(sampler: BatchSampler, tokens: tuple[int, ...]) -> None:
+    """Steps every row through `tokens` (a logit no filter removes), as if the rows had generated them."""
+    for token in tokens:
+        logits = torch.zeros(sampler.slots, VOCAB)
+        logits[:, token] = 1e4
+        assert sampler.sample(logits, slice(0, sampler.slots)).tokens.tolist() == [token] * sampler.slots
+
+
+@pytest.mark.parametrize("generated", [(), (30, 7, 41)], ids=["first step", "after three tokens"])
 def test_processed_scores_match_transformers_row_by_row(generated):
     torch.manual_seed(0)
+    sampler = sampler_with(ROWS)
+    force(sampler, generated)
     logits = torch.randn(len(ROWS), VOCAB) * 3
+    ours = sampler.processed_scores(logits.clone(), slice(0, len(ROWS)))  # the whole mixed batch at once
     for row, params in enumerate(ROWS):
-        sampler = RequestSampler(params, PROMPT, EOS)
-        for token in generated:  # the state after those tokens: seen ids, generated count
-            sampler.seen.append(token)
-            sampler.generated += 1
-        ours = sampler.processed_scores(logits[row].clone())
         ids = torch.tensor([[*PROMPT, *generated]])
         expected = hf_processors(params, len(PROMPT))(ids, logits[row : row + 1].clone())[0]
-        assert torch.equal(torch.isinf(ours), torch.isinf(expected)), f"row {row}: different tokens filtered"
+        assert torch.equal(torch.isinf(ours[row]), torch.isinf(expected)), (
+            f"row {row}: different tokens filtered"
+        )
         finite = ~torch.isinf(expected)
-        torch.testing.assert_close(ours[finite], expected[finite], rtol=1e-6, atol=1e-6, msg=f"row {row}")
+        torch.testing.assert_close(
+            ours[row][finite], expected[finite], rtol=1e-6, atol=1e-6, msg=f"row {row}"
+        )
         if not params.greedy and (params.top_k or params.top_p < 1 or params.min_p):
             assert not finite.all(), f"row {row}: nothing was filtered, so the comparison would prove little"
 
 
 def test_greedy_rows_pick_the_processed_argmax():
     torch.manual_seed(1)
-    logits = torch.randn(VOCAB) * 3
-    for params in (ROWS[0], ROWS[1], ROWS[8]):
-        sampler = RequestSampler(params, PROMPT, EOS)
-        expected = hf_processors(params, len(PROMPT))(torch.tensor([PROMPT]), logits[None].clone())[
+    logits = torch.randn(3, VOCAB) * 3
+    rows = [params for params in ROWS if params.greedy]
+    assert len(rows) == 3
+    tokens = sampler_with(rows).sample(logits.clone(), slice(0, len(rows))).tokens.tolist()
+    for row, params in enumerate(rows):
+        expected = hf_processors(params, len(PROMPT))(torch.tensor([PROMPT]), logits[row : row + 1].clone())[
             0
-        ].argmax()
-        assert sampler.next_token(logits.clone())[0] == int(expected)
+        ]
+        assert tokens[row] == int(expected.argmax())
 
 
 def test_draws_follow_the_processed_distribution():
     """4000 seeded draws from one row with top-k, top-p and min-p: nothing outside HF's support, and each
     token's frequency within five standard errors of HF's probability."""
     torch.manual_seed(2)
-    logits = torch.randn(16) * 1.5
+    vocab, draws = 16, 4000
+    logits = torch.randn(1, vocab) * 1.5
     params = SamplingParams(temperature=0.8, top_k=10, top_p=0.9, min_p=0.05, seed=0)
-    expected = hf_processors(params, len(PROMPT))(torch.tensor([PROMPT]), logits[None].clone())[0].softmax(-1)
-    draws = 4000
-    counts = torch.zeros(16)
-    sampler = RequestSampler(params, PROMPT, EOS)
-    for _ in range(draws):
-        token, _ = sampler.next_token(logits.clone())
-        sampler.seen.pop()  # no repetition penalty here; keep the state fixed
-        counts[token] += 1
+    expected = hf_processors(params, len(PROMPT))(torch.tensor([PROMPT]), logits.clone())[0].softmax(-1)
+    sampler = BatchSampler(1, vocab, torch.device("cpu"))
+    sampler.add_rows(0, [(params, 0, PROMPT, EOS)])
+    counts = torch.zeros(vocab)
+    for _ in range(draws):  # each draw is the row's next step: a fresh uniform
+        counts[sampler.sample(logits, slice(0, 1)).tokens[0]] += 1
     assert counts[expected == 0].sum() == 0
-    for token in range(16):
+    for token in range(vocab):
         p = float(expected[token])
         if p > 0:
             assert abs(counts[token] / draws - p) <= 5 * math.sqrt(p * (1 - p) / draws) + 1e-3, token
 
 
-def test_a_seed_gives_the_same_tokens_and_another_seed_others():
+def test_a_seeded_row_draws_the_same_tokens_whatever_its_neighbours():
     torch.manual_seed(3)
-    logits = torch.randn(20, VOCAB)
+    steps = 20
+    logits = torch.randn(steps, VOCAB)
+    seeded = SamplingParams(temperature=1.0, top_p=0.95, seed=7)
 
-    def run(seed: int) -> list[int]:
-        sampler = RequestSampler(SamplingParams(temperature=1.0, seed=seed), PROMPT, EOS)
-        return [sampler.next_token(row.clone())[0] for row in logits]
+    def run(rows: list[SamplingParams], seeds: list[int], row: int) -> list[int]:
+        sampler = sampler_with(rows, seeds)
+        batch = torch.randn(steps, len(rows), VOCAB)  # the neighbours see other logits every step
+        batch[:, row] = logits
+        return [sampler.sample(batch[step], slice(0, len(rows))).tokens[row].item() for step in range(steps)]
 
-    assert run(7) == run(7) and run(7) != run(8)
+    alone = run([seeded], [7], 0)
+    crowded = run([ROWS[2], ROWS[6], seeded, ROWS[4]], [1, 2, 7, 3], 2)
+    other_seed = run([SamplingParams(temperature=1.0, top_p=0.95, seed=8)], [8], 0)
+    assert alone == crowded and alone != other_seed
+
+
+def test_uniform_draws_are_uniform_and_depend_on_seed_and_step_only():
+    seeds = torch.arange(50_000, dtype=torch.int64) * 7919
+    draws = uniform(seeds, torch.zeros_like(seeds))
+    assert 0 <= float(draws.min()) and float(draws.max()) < 1
+    histogram = torch.histc(draws.float(), bins=10, min=0, max=1) / len(draws)
+    assert torch.allclose(histogram, torch.full((10,), 0.1), atol=0.01)
+    assert torch.equal(
+        uniform(seeds[:5], torch.ones(5, dtype=torch.int64)),
+        uniform(seeds[:5], torch.ones(5, dtype=torch.int64)),
+    )
+    assert not torch.equal(
+        uniform(seeds[:5], torch.zeros(5, dtype=torch.int64)),
+        uniform(seeds[:5], torch.ones(5, dtype=torch.int64)),
+    )

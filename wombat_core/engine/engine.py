@@ -5,9 +5,12 @@ Each iteration:
   2. if no prefill group is in flight and slots are free, forms one from the head of the waiting queue
      (FIFO, bounded by `max_prefill_tokens`);
   3. runs one prefill chunk of that group; when it completes, samples each newcomer's first token and
-     merges the group into the running batch;
-  4. runs one decode step for the running batch and emits each row's new token.
+     moves the group next to the running rows;
+  4. runs one decode step for the running rows, samples every row's next token in one batched call,
+     and emits them.
 So a newcomer's prefill delays running streams by at most one chunk, and finished rows leave at once.
+The runner owns the model and the KV cache, the sampler owns the per-row sampling state; the engine
+keeps its list of sequences in their row order and tells both when rows join or leave.
 
 Callers use `generate()` (a blocking iterator, any thread) or `generate_async()` (asyncio); both are thin
 bridges over `submit(request, sink)`, whose `sink(event)` is called on the engine thread and must not block.
@@ -19,6 +22,7 @@ import asyncio
 import collections
 import logging
 import queue
+import secrets
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -27,8 +31,9 @@ from dataclasses import dataclass, field
 import torch
 
 from wombat_core.engine.detokenizer import IncrementalDetokenizer
-from wombat_core.engine.runner import KVBatch, ModelRunner, PrefillGroup, keep_rows, merge
-from wombat_core.engine.sampler import RequestSampler
+from wombat_core.engine.kv_cache import compaction_moves
+from wombat_core.engine.runner import ModelRunner, PrefillGroup
+from wombat_core.engine.sampler import BatchSampler
 from wombat_core.engine.types import (
     FinishReason,
     GenerationRequest,
@@ -51,8 +56,15 @@ class EngineConfig:
     max_prefill_tokens: int = 512  # tokens per prefill chunk (over all rows of the group)
     context_length: int = 2048
     max_new_tokens_limit: int = 4096
+    # Intra-op threads of the engine thread; None leaves torch's setting alone. The engine thread should be
+    # the process's only multi-threaded torch user: a second OpenMP team on the same cores slows every op
+    # by half (libgomp stops spinning when its threads outnumber the cores), so whoever loads the model
+    # for a server loads it single-threaded and gives the engine the cores (services/inference/server.py).
+    cpu_threads: int | None = None
 
     def __post_init__(self) -> None:
+        if self.cpu_threads is not None and self.cpu_threads < 1:
+            raise InvalidArgument(f"cpu_threads must be >= 1, got {self.cpu_threads}")
         for name in ("max_batch_size", "max_prefill_tokens", "context_length", "max_new_tokens_limit"):
             if getattr(self, name) < 1:
                 raise InvalidArgument(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -64,13 +76,12 @@ class EngineConfig:
 class _Sequence:
     request: GenerationRequest
     sink: Sink
-    sampler: RequestSampler
+    seed: int  # the request's, or a random one: sampling is a pure function of it
     detokenizer: IncrementalDetokenizer
     arrived: float
     scheduled: float = 0.0
     first_token: float = 0.0
     generated: list[int] = field(default_factory=list)
-    pending_logprob: TokenLogprob | None = None  # of the token sampled this step, when requested
 
     @property
     def id(self) -> str:
@@ -83,6 +94,7 @@ class EngineStats:
     prefilling: int
     running: int
     decode_steps: int = 0  # since start: a clock for "freed within one step"
+    kv_cache_usage: float = 0.0  # fraction of the allocated KV-cache columns that running rows hold
 
 
 class Engine:
@@ -90,15 +102,16 @@ class Engine:
         self.model, self.tokenizer, self.config = model, tokenizer, config
         self.eos_token_ids = _eos_ids(model, tokenizer)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_token_ids[0]
-        self.runner = ModelRunner(model, pad)
+        self.runner = ModelRunner(model, pad, config.max_batch_size, config.context_length)
+        self.sampler = BatchSampler(config.max_batch_size, model.config.vocab_size, self.runner.device)
         self._lock = threading.Condition()
         self._waiting: collections.deque[_Sequence] = collections.deque()
         self._cancelled: set[str] = set()
         self._decode_steps = 0
         self._group: PrefillGroup | None = None
-        self._group_sequences: list[_Sequence] = []
-        self._batch: KVBatch | None = None
-        self._running: list[_Sequence] = []
+        self._group_sequences: list[_Sequence] = []  # the group's live newcomers
+        self._group_rows: list[int] = []  # and their rows within the group (cancelled ones are left out)
+        self._running: list[_Sequence] = []  # in row order: row i of the runner and the sampler
         self._thread: threading.Thread | None = None
         self._stopping = False
         # Called on the engine thread with every request's final event (cancellations included): metrics.
@@ -132,9 +145,7 @@ class Engine:
         sequence = _Sequence(
             request=request,
             sink=sink,
-            sampler=RequestSampler(
-                params, request.prompt_token_ids, () if params.ignore_eos else self.eos_token_ids
-            ),
+            seed=params.seed if params.seed is not None else secrets.randbits(63),
             detokenizer=IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids, params.stop),
             arrived=time.monotonic(),
         )
@@ -202,9 +213,8 @@ class Engine:
             self._lock.notify_all()
 
     def stats(self) -> EngineStats:
-        return EngineStats(
-            len(self._waiting), len(self._group_sequences), len(self._running), self._decode_steps
-        )
+        return EngineStats(len(self._waiting), len(self._group_sequences), len(self._running), self._decode_steps,
+                           self.runner.cache_usage())  # fmt: skip
 
     @property
     def vocab_size(self) -> int:
@@ -213,7 +223,12 @@ class Engine:
     # --- the loop (engine thread) ------------------------------------------------------------------
 
     def _loop(self) -> None:
-        torch.set_grad_enabled(False)
+        if self.config.cpu_threads is not None:
+            torch.set_num_threads(self.config.cpu_threads)
+        with torch.inference_mode():
+            self._serve()
+
+    def _serve(self) -> None:
         while True:
             with self._lock:
                 while not (
@@ -241,22 +256,26 @@ class Engine:
             self._decode_step()
 
     def _apply_cancellations(self, ids: set[str]) -> None:
-        """Takes the cancelled requests out of the queue, the prefill group and the running batch, then
+        """Takes the cancelled requests out of the queue, the prefill group and the running rows, then
         sends each its CANCELLED final event (slots first, as in `_emit_and_retire`)."""
         with self._lock:
             cancelled = [s for s in self._waiting if s.id in ids]
             self._waiting = collections.deque(s for s in self._waiting if s.id not in ids)
         if self._group is not None and any(s.id in ids for s in self._group_sequences):
-            keep = [i for i, s in enumerate(self._group_sequences) if s.id not in ids]
+            # A cancelled newcomer's row stays in the group's prefill (a chunk or two of waste) and is
+            # left behind when the group completes; an empty group is dropped at once.
             cancelled += [s for s in self._group_sequences if s.id in ids]
-            if keep:
-                self._group.drop_rows(keep)
-                self._group_sequences = [self._group_sequences[i] for i in keep]
-            else:
-                self._group, self._group_sequences = None, []
+            kept = [
+                (s, row)
+                for s, row in zip(self._group_sequences, self._group_rows, strict=True)
+                if s.id not in ids
+            ]
+            self._group_sequences, self._group_rows = [s for s, _ in kept], [row for _, row in kept]
+            if not kept:
+                self._group = None
         if any(s.id in ids for s in self._running):
             cancelled += [s for s in self._running if s.id in ids]
-            self._keep_running([i for i, s in enumerate(self._running) if s.id not in ids])
+            self._retire([row for row, s in enumerate(self._running) if s.id in ids])
         for sequence in cancelled:
             self._deliver(sequence, self._final_event(sequence, FinishReason.CANCELLED))
 
@@ -276,8 +295,9 @@ class Engine:
             now = time.monotonic()
             for sequence in chosen:
                 sequence.scheduled = now
-            self._group = self.runner.new_group([s.request.prompt_token_ids for s in chosen])
-            self._group_sequences = chosen
+            prompts = [s.request.prompt_token_ids for s in chosen]
+            self._group = self.runner.new_group(prompts, max(s.request.params.max_new_tokens for s in chosen))
+            self._group_sequences, self._group_rows = chosen, list(range(len(chosen)))
 
     def _prefill_step(self) -> None:
         group = self._group
@@ -285,47 +305,56 @@ class Engine:
         logits = self.runner.prefill_chunk(group, self.config.max_prefill_tokens)
         if logits is None:
             return
-        sequences, self._group, self._group_sequences = self._group_sequences, None, []
-        tokens = [self._sample(sequence, logits[row]) for row, sequence in enumerate(sequences)]
-        newcomers = self.runner.complete_group(group, torch.tensor(tokens, device=group.mask.device))
-        self._batch = merge(self._batch, newcomers)
+        sequences, rows = self._group_sequences, self._group_rows
+        self._group, self._group_sequences, self._group_rows = None, [], []
+        first = self.runner.complete_group(group, rows)
+        self.sampler.add_rows(first, [self._sampling_row(s) for s in sequences])
         self._running.extend(sequences)
-        self._emit_and_retire(sequences, tokens, offset=len(self._running) - len(sequences))
+        if len(rows) < group.rows:
+            logits = logits[torch.tensor(rows, device=logits.device)]
+        self._sample_and_emit(logits, slice(first, first + len(sequences)))
+
+    def _sampling_row(self, sequence: _Sequence) -> tuple:
+        params = sequence.request.params
+        eos = () if params.ignore_eos else self.eos_token_ids
+        return params, sequence.seed, sequence.request.prompt_token_ids, eos
 
     def _decode_step(self) -> None:
-        assert self._batch is not None
-        logits = self.runner.decode(self._batch)
-        tokens = [self._sample(sequence, logits[row]) for row, sequence in enumerate(self._running)]
-        self._batch.last_tokens = torch.tensor(tokens, device=logits.device)
+        logits = self.runner.decode()
         self._decode_steps += 1
-        self._emit_and_retire(list(self._running), tokens, offset=0)
+        self._sample_and_emit(logits, slice(0, len(self._running)))
 
-    def _sample(self, sequence: _Sequence, logits: torch.Tensor) -> int:
-        token, logprob = sequence.sampler.next_token(logits)
-        sequence.generated.append(token)
-        sequence.pending_logprob = logprob
-        return token
+    def _sample_and_emit(self, logits: torch.Tensor, rows: slice) -> None:
+        """One batched sampler call for `rows`, one host transfer, then the rows' events."""
+        output = self.sampler.sample(logits, rows)
+        self.runner.set_last_tokens(rows.start, output.tokens)
+        tokens, logprobs = output.to_host()
+        self._emit_and_retire(rows.start, tokens, logprobs)
 
-    def _emit_and_retire(self, sequences: list[_Sequence], tokens: list[int], offset: int) -> None:
-        """Emits each sequence's new token. Finished rows leave the running batch *before* their final
-        events go out, so a caller that submits again on seeing its final event finds the slot free."""
+    def _emit_and_retire(self, first: int, tokens: list[int], logprobs: list[TokenLogprob | None]) -> None:
+        """Emits each row's new token. Finished rows leave *before* their final events go out, so a caller
+        that submits again on seeing its final event finds the slot free."""
         finished_rows, events = [], []
         now = time.monotonic()
-        for index, (sequence, token) in enumerate(zip(sequences, tokens, strict=True)):
+        for row, token, logprob in zip(range(first, first + len(tokens)), tokens, logprobs, strict=True):
+            sequence = self._running[row]
+            sequence.generated.append(token)
             if not sequence.first_token:
                 sequence.first_token = now
             reason, text = self._advance(sequence, token)
-            logprob = sequence.pending_logprob
-            logprobs = (self._with_top_text(logprob),) if logprob else ()
+            token_logprobs = (self._with_top_text(logprob),) if logprob else ()
             if reason is None:
-                events.append((sequence, StreamEvent(sequence.id, (token,), text, logprobs, emitted_at=now)))
+                events.append(
+                    (sequence, StreamEvent(sequence.id, (token,), text, token_logprobs, emitted_at=now))
+                )
             else:
-                final = self._final_event(sequence, reason, text=text, token_ids=(token,), logprobs=logprobs)
+                final = self._final_event(
+                    sequence, reason, text=text, token_ids=(token,), logprobs=token_logprobs
+                )
                 events.append((sequence, final))
-                finished_rows.append(offset + index)
+                finished_rows.append(row)
         if finished_rows:
-            finished = set(finished_rows)
-            self._keep_running([i for i in range(len(self._running)) if i not in finished])
+            self._retire(finished_rows)
         for sequence, event in events:
             self._deliver(sequence, event)
 
@@ -349,10 +378,15 @@ class Engine:
         top = tuple(type(t)(t.token_id, self.tokenizer.decode([t.token_id]), t.logprob) for t in logprob.top)
         return TokenLogprob(logprob.token_id, logprob.logprob, top)
 
-    def _keep_running(self, keep: list[int]) -> None:
-        assert self._batch is not None
-        self._batch = keep_rows(self._batch, keep)
-        self._running = [self._running[i] for i in keep]
+    def _retire(self, rows: list[int]) -> None:
+        """Rows leave: the runner, the sampler and this list apply the same compaction moves."""
+        remaining = len(self._running) - len(rows)
+        moves = compaction_moves(len(self._running), rows)
+        self.runner.move_rows(moves, remaining)
+        self.sampler.move_rows(moves)
+        for destination, source in moves:
+            self._running[destination] = self._running[source]
+        del self._running[remaining:]
 
     def _final_event(
         self,
@@ -388,7 +422,8 @@ class Engine:
             with self._lock:
                 victims += list(self._waiting)
                 self._waiting.clear()
-        self._running, self._group_sequences, self._group, self._batch = [], [], None, None
+        self._running, self._group_sequences, self._group_rows, self._group = [], [], [], None
+        self.runner.move_rows([], 0)  # no running rows; the cache's contents no longer matter
         for sequence in victims:
             sequence.sink(StreamEvent(sequence.id, (), "", error=error))
 

@@ -10,6 +10,7 @@ import torch
 
 from wombat_core.checkpoint.layout import Checkpoint, WeightFormat
 from wombat_core.dtypes import DTYPES
+from wombat_core.engine.cpu_kernels import use_packed_kernels
 from wombat_core.errors import FailedPrecondition, InvalidArgument
 from wombat_core.tokenizer import load_tokenizer
 
@@ -35,9 +36,12 @@ def pick_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def load_for_serving(model_dir: Path, *, dtype: str = "auto", device: str = "auto") -> LoadedModel:
+def load_for_serving(
+    model_dir: Path, *, dtype: str = "auto", device: str = "auto", packed_kernels: bool = False
+) -> LoadedModel:
     """Loads weights (safetensors only; convert `.bin` first) in `dtype`: auto is float16 on CUDA and
-    float32 on CPU, where half-precision matmuls are slow."""
+    float32 on CPU, where half-precision matmuls are slow. `packed_kernels` swaps in oneDNN's packed
+    weights on CPU (cpu_kernels.py): inference only, as the inference service uses it."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     model_dir = Path(model_dir)
@@ -63,6 +67,8 @@ def load_for_serving(model_dir: Path, *, dtype: str = "auto", device: str = "aut
         str(model_dir), dtype=torch_dtype, local_files_only=True, use_safetensors=True
     )
     model.to(target_device).eval()
+    if packed_kernels:
+        use_packed_kernels(model)
     tokenizer = load_tokenizer(model_dir)
     context = int(getattr(config, "max_position_embeddings", 2048) or 2048)
     log.info("loaded %s (%s, %s, context %d)", model_dir.name, torch_dtype, target_device, context)

@@ -1,174 +1,187 @@
-"""Model execution for continuous batching: chunked prefill of newcomers and batched decode steps.
+"""Model execution for continuous batching: chunked prefill of newcomer groups and batched decode steps
+on the rows of the KV cache (kv_cache.py owns the layout; this module never reshapes it).
 
-The running batch shares one key/value cache whose columns are aligned on the right: every row is
-left-padded (mask 0) up to the batch's common length, exactly the layout Hugging Face uses for batched
-generation, so the model's own attention and positional code apply unchanged. Newcomers are prefilled
-as a separate group (chunk by chunk, so a long prompt never stalls running streams for long), then
-merged by left-padding whichever side is shorter. Finished rows are dropped at once, and columns that
-became padding in every row are cut off.
+The model runs through its own forward and its own SDPA attention; the runner gives it per-row
+positions and a per-row mask over the cache's columns:
 
-    cache keys/values per layer: [rows, kv_heads, columns, head_dim]
-    mask:                        [rows, columns]   1 = real token, 0 = padding
-    positions:                   [rows]            position id of each row's next token
+    decode:  input_ids [rows, 1], position_ids [rows, 1], mask [rows, 1, 1, columns]
+    prefill: input_ids [group, chunk], position_ids [group, chunk], mask [group, 1, chunk, columns]
+
+A mask entry is True where the query may attend: the row's own columns from its offset (left padding
+excluded) up to the query's column. A prefill query at a padding column attends only to itself, so that
+no row of the attention is empty (an empty row would make a NaN the masked columns then carry along).
+
+Every tensor the runner makes is created on the model's device, and the tokens a decode step feeds are
+the sampler's output already on that device: the host sees only what the engine transfers. Everything
+that writes the cache runs in inference mode, so a cache tensor reallocated there stays writable.
 """
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
-from transformers import DynamicCache
+
+from wombat_core.engine.kv_cache import KVCache
 
 
 @dataclass
-class KVBatch:
-    """A set of rows sharing one cache (the running batch, or a prefill group once it is complete)."""
-
-    cache: DynamicCache
-    mask: torch.Tensor
-    positions: torch.Tensor
-    last_tokens: torch.Tensor  # [rows] the token each row feeds into its next decode step
-
-    @property
-    def rows(self) -> int:
-        return self.mask.shape[0]
-
-    @property
-    def columns(self) -> int:
-        return self.mask.shape[1]
-
-
-def _layers(cache: DynamicCache):
-    return [layer for layer in cache.layers if getattr(layer, "is_initialized", False)]
-
-
-def _left_pad(batch: KVBatch, columns: int) -> None:
-    extra = columns - batch.columns
-    if extra <= 0:
-        return
-    for layer in _layers(batch.cache):
-        layer.keys = F.pad(layer.keys, (0, 0, extra, 0))
-        layer.values = F.pad(layer.values, (0, 0, extra, 0))
-    batch.mask = F.pad(batch.mask, (extra, 0))
-
-
-def merge(running: KVBatch | None, newcomers: KVBatch) -> KVBatch:
-    """Appends `newcomers` rows to `running` (which may be None), left-padding the shorter side."""
-    if running is None or running.rows == 0:
-        return newcomers
-    columns = max(running.columns, newcomers.columns)
-    _left_pad(running, columns)
-    _left_pad(newcomers, columns)
-    for ours, theirs in zip(_layers(running.cache), _layers(newcomers.cache), strict=True):
-        ours.keys = torch.cat([ours.keys, theirs.keys])
-        ours.values = torch.cat([ours.values, theirs.values])
-    running.mask = torch.cat([running.mask, newcomers.mask])
-    running.positions = torch.cat([running.positions, newcomers.positions])
-    running.last_tokens = torch.cat([running.last_tokens, newcomers.last_tokens])
-    return running
-
-
-def keep_rows(batch: KVBatch, keep: list[int]) -> KVBatch | None:
-    """Drops every row not in `keep`, then the leading columns that are padding in all remaining rows."""
-    if not keep:
-        return None
-    if len(keep) == batch.rows:
-        return batch
-    index = torch.tensor(keep, dtype=torch.long, device=batch.mask.device)
-    batch.mask = batch.mask.index_select(0, index)
-    first_real = int(batch.mask.any(0).to(torch.int8).argmax())
-    for layer in _layers(batch.cache):
-        layer.keys = layer.keys.index_select(0, index)[:, :, first_real:]
-        layer.values = layer.values.index_select(0, index)[:, :, first_real:]
-    batch.mask = batch.mask[:, first_real:]
-    batch.positions = batch.positions.index_select(0, index)
-    batch.last_tokens = batch.last_tokens.index_select(0, index)
-    return batch
-
-
 class PrefillGroup:
-    """Newcomers prefilled together: prompts left-padded to a common length and processed in chunks."""
+    """Newcomers prefilled together in the cache's top slots, prompts left-padded to a common length.
 
-    def __init__(self, prompts: list[tuple[int, ...]], pad_token_id: int, device: torch.device):
-        length = max(len(p) for p in prompts)
-        self.input_ids = torch.full((len(prompts), length), pad_token_id, dtype=torch.long, device=device)
-        self.mask = torch.zeros((len(prompts), length), dtype=torch.long, device=device)
-        for row, prompt in enumerate(prompts):
-            self.input_ids[row, length - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
-            self.mask[row, length - len(prompt) :] = 1
-        self.position_ids = (self.mask.cumsum(-1) - 1).clamp(min=0)
-        self.cache = DynamicCache()
-        self.done = 0  # columns already prefilled
+    input_ids, position_ids: [rows, length]
+    real:                    [rows, length]  True at prompt tokens, False at left padding
+    """
+
+    first_slot: int
+    input_ids: torch.Tensor
+    position_ids: torch.Tensor
+    real: torch.Tensor
+    offsets: list[int]  # left padding of each row
+    done: int = 0  # columns already prefilled
 
     @property
     def rows(self) -> int:
-        return self.mask.shape[0]
+        return self.input_ids.shape[0]
 
     @property
     def length(self) -> int:
-        return self.mask.shape[1]
+        return self.input_ids.shape[1]
 
     @property
     def finished(self) -> bool:
         return self.done >= self.length
 
-    def drop_rows(self, keep: list[int]) -> None:
-        index = torch.tensor(keep, dtype=torch.long, device=self.mask.device)
-        self.input_ids = self.input_ids.index_select(0, index)
-        self.mask = self.mask.index_select(0, index)
-        self.position_ids = self.position_ids.index_select(0, index)
-        for layer in _layers(self.cache):
-            layer.keys = layer.keys.index_select(0, index)
-            layer.values = layer.values.index_select(0, index)
-
 
 class ModelRunner:
-    def __init__(self, model: torch.nn.Module, pad_token_id: int):
-        self.model = model
-        self.pad_token_id = pad_token_id
-        self.device = next(model.parameters()).device
+    def __init__(self, model: torch.nn.Module, pad_token_id: int, slots: int, context_length: int):
+        self.model, self.pad_token_id, self.slots = model, pad_token_id, slots
+        parameter = next(model.parameters())
+        self.device = parameter.device
+        config = model.config
+        heads = config.num_attention_heads
+        self.cache = KVCache(
+            layers=config.num_hidden_layers,
+            slots=slots,
+            kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+            head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
+            max_capacity=context_length,
+            dtype=parameter.dtype,
+            device=self.device,
+        )
+        # transformers 5.x renamed the forward's `past_key_values` to `cache`; use whichever it takes.
+        self._cache_argument = (
+            "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        )
+        self.rows = 0  # the running rows are slots [0, rows)
+        self.columns = [0] * slots  # host: the next column each row writes (a decode step adds one to all)
+        self._columns = torch.zeros(slots, dtype=torch.int64, device=self.device)  # the same, on the device
+        self._offsets = torch.zeros(slots, dtype=torch.int64, device=self.device)  # first column of each row
+        self._last_tokens = torch.zeros(
+            slots, dtype=torch.int64, device=self.device
+        )  # fed by the next decode
 
-    def new_group(self, prompts: list[tuple[int, ...]]) -> PrefillGroup:
-        return PrefillGroup(prompts, self.pad_token_id, self.device)
+    # --- prefill --------------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def new_group(self, prompts: list[tuple[int, ...]], max_new_tokens: int = 0) -> PrefillGroup:
+        """Places newcomers in the top slots (the engine keeps running rows + group rows within the slots),
+        and grows the cache now, once, to the columns they may reach, rather than step by step later."""
+        length = max(len(p) for p in prompts)
+        self.cache.ensure_capacity(min(self.cache.max_capacity, length + max_new_tokens))
+        offsets = [length - len(p) for p in prompts]
+        ids = [[self.pad_token_id] * offset + list(p) for offset, p in zip(offsets, prompts, strict=True)]
+        input_ids = torch.tensor(ids, dtype=torch.int64).to(self.device)
+        columns = torch.arange(length, device=self.device)
+        offsets_t = torch.tensor(offsets, dtype=torch.int64).to(self.device)[:, None]
+        real = columns[None, :] >= offsets_t
+        position_ids = (columns[None, :] - offsets_t).clamp(min=0)
+        return PrefillGroup(self.slots - len(prompts), input_ids, position_ids, real, offsets)
 
     @torch.inference_mode()
     def prefill_chunk(self, group: PrefillGroup, max_tokens: int) -> torch.Tensor | None:
         """Runs the next chunk (at most `max_tokens` tokens over all rows). When the prompts are complete,
-        returns the float32 logits of each row's last position, [rows, vocab]; otherwise None."""
-        columns = max(1, max_tokens // group.rows)
-        end = min(group.length, group.done + columns)
+        returns the float32 logits of each row's last prompt token, [rows, vocab]; otherwise None."""
+        start = group.done
+        end = min(group.length, start + max(1, max_tokens // group.rows))
+        self.cache.prepare_prefill(slice(group.first_slot, group.first_slot + group.rows), start, end)
+        queries = torch.arange(start, end, device=self.device)
+        keys = torch.arange(end, device=self.device)
+        causal = keys[None, :] <= queries[:, None]  # [chunk, columns]
+        itself = keys[None, :] == queries[:, None]
+        mask = (group.real[:, None, :end] & causal[None]) | itself[None]  # [rows, chunk, columns]
         output = self.model(
-            input_ids=group.input_ids[:, group.done : end],
-            attention_mask=group.mask[:, :end],
-            position_ids=group.position_ids[:, group.done : end],
-            past_key_values=group.cache,
+            input_ids=group.input_ids[:, start:end],
+            attention_mask=mask[:, None],
+            position_ids=group.position_ids[:, start:end],
             use_cache=True,
             logits_to_keep=1,
+            **{self._cache_argument: self.cache},
         )
         group.done = end
-        if not group.finished:
-            return None
-        return output.logits[:, -1, :].float()
-
-    def complete_group(self, group: PrefillGroup, first_tokens: torch.Tensor) -> KVBatch:
-        return KVBatch(
-            cache=group.cache,
-            mask=group.mask,
-            positions=group.position_ids[:, -1] + 1,
-            last_tokens=first_tokens,
-        )
+        return output.logits[:, -1, :].float() if group.finished else None
 
     @torch.inference_mode()
-    def decode(self, batch: KVBatch) -> torch.Tensor:
-        """One step for every row: feeds each row's last token, returns float32 logits [rows, vocab]."""
-        batch.mask = torch.cat([batch.mask, batch.mask.new_ones((batch.rows, 1))], dim=1)
+    def complete_group(self, group: PrefillGroup, keep: list[int]) -> int:
+        """Moves the kept rows of a prefilled group (indices within the group) next to the running rows;
+        returns the first row they now occupy. Rows not kept (cancelled) simply stay behind, unused."""
+        first = self.rows
+        moves = [(first + j, group.first_slot + i) for j, i in enumerate(keep)]
+        # Ascending order is safe: a destination is never a source still waiting to be copied.
+        self.cache.move_rows([(d, s) for d, s in moves if d != s], group.length)
+        offsets = [group.offsets[i] for i in keep]
+        rows = slice(first, first + len(keep))
+        for row in range(rows.start, rows.stop):
+            self.columns[row] = group.length
+        self._columns[rows] = group.length
+        self._offsets[rows] = torch.tensor(offsets, dtype=torch.int64).to(self.device)
+        self.rows += len(keep)
+        return first
+
+    # --- decode ---------------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def set_last_tokens(self, first: int, tokens: torch.Tensor) -> None:
+        """The tokens rows first.. feed into the next decode step (the sampler's output, on the device)."""
+        self._last_tokens[first : first + tokens.shape[0]] = tokens
+
+    @torch.inference_mode()
+    def decode(self) -> torch.Tensor:
+        """One step for every running row: feeds each row's last token at its own column; returns float32
+        logits [rows, vocab]."""
+        rows = self.rows
+        columns = self._columns[:rows]
+        attend = max(self.columns[:rows]) + 1
+        self.cache.prepare_decode(rows, columns, attend)
+        keys = torch.arange(attend, device=self.device)
+        mask = (keys[None, :] >= self._offsets[:rows, None]) & (keys[None, :] <= columns[:, None])
         output = self.model(
-            input_ids=batch.last_tokens[:, None],
-            attention_mask=batch.mask,
-            position_ids=batch.positions[:, None],
-            past_key_values=batch.cache,
+            input_ids=self._last_tokens[:rows, None],
+            attention_mask=mask[:, None, None, :],
+            position_ids=(columns - self._offsets[:rows])[:, None],
             use_cache=True,
+            **{self._cache_argument: self.cache},
         )
-        batch.positions = batch.positions + 1
+        self._columns[:rows] += 1
+        for row in range(rows):
+            self.columns[row] += 1
         return output.logits[:, -1, :].float()
+
+    # --- rows leaving ---------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def move_rows(self, moves: list[tuple[int, int]], rows: int) -> None:
+        """Applies compaction moves (destination, source); afterwards the running rows are [0, rows)."""
+        if moves:
+            self.cache.move_rows(moves, max(self.columns[source] for _, source in moves))
+        for destination, source in moves:
+            self.columns[destination] = self.columns[source]
+            for tensor in (self._columns, self._offsets, self._last_tokens):
+                tensor[destination] = tensor[source]
+        self.rows = rows
+
+    def cache_usage(self) -> float:
+        """Fraction of the cache's allocated columns that running rows hold."""
+        held = sum(self.columns[: self.rows])
+        return held / (self.slots * self.cache.capacity)

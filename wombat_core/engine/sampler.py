@@ -1,89 +1,239 @@
-"""Turns one row of logits into the next token, with each request's own random generator.
+"""The batched sampler: one call per step turns the logits of many rows into their next tokens, on the
+logits' device (after vLLM's v1 sampler).
 
-Order follows Hugging Face generate: repetition penalty and min-new-tokens EOS suppression on the raw
-scores, then temperature, top-k, top-p and min-p. Every request samples from its own `torch.Generator`,
-so a seeded request gives the same tokens whatever else is in the batch. Log-probabilities are reported
-under the model's own distribution (before penalties, temperature and filtering).
+Per-row parameters live in tensors indexed by row (the rows of the runner's KV cache): temperature,
+top-k, top-p, min-p, repetition penalty, min-new-tokens suppression of EOS and stop tokens, seed and
+step. An operation runs only when some row needs it, and with neutral values for the rows that do not
+(top-k 0, top-p 1, min-p 0, penalty 1), so one set of tensor ops serves a mixed batch. Order and
+formulas are Hugging Face's (RepetitionPenalty, MinNewTokensLength, Temperature, TopK, TopP, MinP);
+greedy rows take the argmax of the penalised scores, and an all-greedy batch skips the rest.
+
+Sampling is counter-based: a row's draw at step t is a uniform number hashed from (seed, t), mapped
+through the cumulative distribution of its processed scores. The tokens of a seeded request therefore
+depend only on its seed and its own scores, never on the other rows of the batch, and no random
+generator object exists to be on the wrong device. A request without a seed gets a random one.
+
+Log-probabilities are reported under the model's own distribution (before penalties, temperature and
+filtering). The tokens (and log-probabilities, when a row asks) cross to the host in one transfer.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
 from wombat_core.engine.sampling import SamplingParams
 from wombat_core.engine.types import TokenLogprob, TopLogprob
 
-
-def apply_repetition_penalty(scores: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
-    """HF semantics: divide positive scores of seen tokens by `penalty`, multiply negative ones."""
-    picked = scores.gather(-1, seen)
-    picked = torch.where(picked < 0, picked * penalty, picked / penalty)
-    return scores.scatter(-1, seen, picked)
+_M32 = 0xFFFFFFFF
 
 
-def warp(scores: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """Temperature, top-k, top-p and min-p on a 1-D score vector; filtered entries become -inf."""
-    scores = scores / params.temperature
-    if params.top_k and params.top_k < scores.shape[-1]:
-        kth = torch.topk(scores, params.top_k).values[-1]
-        scores = scores.masked_fill(scores < kth, float("-inf"))
-    if params.top_p < 1.0:
-        sorted_scores, order = torch.sort(scores, descending=True)
-        cumulative = sorted_scores.softmax(-1).cumsum(-1)
-        # Drop a token when the mass before it already reaches top_p; the top token always stays.
-        drop_sorted = (cumulative - sorted_scores.softmax(-1)) >= params.top_p
-        scores = scores.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
-    if params.min_p > 0.0:
-        probs = scores.softmax(-1)
-        scores = scores.masked_fill(probs < params.min_p * probs.max(), float("-inf"))
-    return scores
+def _fmix32(x: torch.Tensor) -> torch.Tensor:
+    """MurmurHash3's 32-bit finaliser on int64 tensors holding values in [0, 2**32). Products overflow
+    int64 and wrap; only their low 32 bits are kept, which wrapping leaves exact."""
+    x = x ^ (x >> 16)
+    x = (x * 0x85EBCA6B) & _M32
+    x = x ^ (x >> 13)
+    x = (x * 0xC2B2AE35) & _M32
+    return x ^ (x >> 16)
 
 
-class RequestSampler:
-    """Per-request sampling state: parameters, random generator, and the token ids seen so far."""
+def uniform(seeds: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+    """A uniform float64 in [0, 1) per row, a pure function of (seed, step): int64 tensors, seeds in
+    [0, 2**63)."""
+    key = _fmix32((seeds >> 32) ^ _fmix32((steps & _M32) ^ 0x9E3779B9))
+    high = _fmix32(key ^ (seeds & _M32))
+    low = _fmix32(high ^ 0x632BE59B)
+    return ((high >> 5) * 67108864 + (low >> 6)).double() / 2.0**53  # 27 + 26 = 53 random bits
 
-    def __init__(
-        self, params: SamplingParams, prompt_token_ids: tuple[int, ...], eos_token_ids: tuple[int, ...]
-    ):
-        self.params = params
-        self.generator = torch.Generator()
-        self.generator.manual_seed(
-            params.seed if params.seed is not None else int(torch.randint(0, 2**62, ()).item())
-        )
-        self.seen = list(prompt_token_ids)
-        self.generated = 0
-        self._suppress = tuple(sorted(set(eos_token_ids) | set(params.stop_token_ids)))
 
-    def processed_scores(self, logits: torch.Tensor) -> torch.Tensor:
-        """The scores the next token is drawn from (argmax when greedy): `logits` (float32, this request's
-        last position) after the repetition penalty, min-new-tokens suppression of EOS and stop tokens,
-        temperature, top-k, top-p and min-p, in Hugging Face's order; filtered entries are -inf."""
-        params = self.params
-        scores = logits
-        if params.repetition_penalty != 1.0 and self.seen:
-            scores = apply_repetition_penalty(
-                scores, torch.tensor(sorted(set(self.seen))), params.repetition_penalty
+@dataclass
+class SampleOutput:
+    """The tokens of one step, still on the device; `to_host()` is the step's one transfer."""
+
+    tokens: torch.Tensor  # [rows] int64
+    packed_logprobs: torch.Tensor | None  # [rows, 2 + 2 * top]: token, its logprob, top logprobs, top ids
+    logprob_rows: tuple[int, ...]  # per row: how many top alternatives it asked for, or -1 for none
+
+    def to_host(self) -> tuple[list[int], list[TokenLogprob | None]]:
+        if self.packed_logprobs is None:
+            return self.tokens.tolist(), [None] * len(self.logprob_rows)
+        rows = self.packed_logprobs.tolist()
+        tokens, logprobs = [], []
+        for values, wanted in zip(rows, self.logprob_rows, strict=True):
+            token = int(values[0])
+            tokens.append(token)
+            if wanted < 0:
+                logprobs.append(None)
+                continue
+            top = len(values[2:]) // 2
+            alternatives = tuple(
+                TopLogprob(int(values[2 + top + i]), "", values[2 + i]) for i in range(wanted)
             )
-        if self.generated < params.min_new_tokens and self._suppress:
-            scores = scores.index_fill(-1, torch.tensor(self._suppress), float("-inf"))
-        return scores if params.greedy else warp(scores, params)
+            logprobs.append(TokenLogprob(token, values[1], alternatives))
+        return tokens, logprobs
 
-    def next_token(self, logits: torch.Tensor) -> tuple[int, TokenLogprob | None]:
-        """`logits` is the float32 score vector of this request's last position."""
-        params = self.params
-        scores = self.processed_scores(logits)
-        if params.greedy:
-            token = int(torch.argmax(scores))
+
+class BatchSampler:
+    """Sampling state for `slots` rows on `device`; rows are added, moved and sampled by index."""
+
+    def __init__(self, slots: int, vocab_size: int, device: torch.device):
+        self.slots, self.vocab_size, self.device = slots, vocab_size, device
+        self.params: list[SamplingParams | None] = [None] * slots
+        self.generated = [0] * slots  # host mirror of `steps`: decides which ops a step needs, with no sync
+
+        def zeros(dtype: torch.dtype) -> torch.Tensor:
+            return torch.zeros(slots, dtype=dtype, device=device)
+
+        self.temperature, self.top_p, self.min_p, self.penalty = (zeros(torch.float32) for _ in range(4))
+        self.top_k, self.min_new, self.seeds, self.steps = (zeros(torch.int64) for _ in range(4))
+        self.greedy = zeros(torch.bool)
+        # [slots, vocab] masks, allocated the first time a request needs them.
+        self.seen: torch.Tensor | None = None  # token ids in the prompt or output (repetition penalty)
+        self.suppress: torch.Tensor | None = None  # EOS and stop ids held back by min_new_tokens
+
+    # --- rows -----------------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def add_rows(
+        self, first: int, rows: list[tuple[SamplingParams, int, tuple[int, ...], tuple[int, ...]]]
+    ) -> None:
+        """Rows first..first+len(rows)-1 start: (params, seed, prompt token ids, EOS ids) each."""
+        end = first + len(rows)
+        params = [p for p, _, _, _ in rows]
+        values = {
+            "temperature": [p.temperature or 1.0 for p in params],  # greedy rows ignore it
+            "top_p": [p.top_p for p in params],
+            "min_p": [p.min_p for p in params],
+            "penalty": [p.repetition_penalty for p in params],
+            "top_k": [min(p.top_k, self.vocab_size) for p in params],
+            "min_new": [p.min_new_tokens for p in params],
+            "seeds": [seed for _, seed, _, _ in rows],
+            "greedy": [p.greedy for p in params],
+        }
+        for name, column in values.items():
+            target = getattr(self, name)
+            target[first:end] = torch.tensor(column, dtype=target.dtype).to(self.device)
+        self.steps[first:end] = 0
+        for row, (p, _, prompt, eos) in enumerate(rows, start=first):
+            self.params[row], self.generated[row] = p, 0
+            penalised = prompt if p.repetition_penalty != 1.0 else None
+            self.seen = self._set_mask_row(self.seen, row, penalised)
+            held_back = (*eos, *p.stop_token_ids) if p.min_new_tokens else None
+            self.suppress = self._set_mask_row(self.suppress, row, held_back)
+
+    def _set_mask_row(self, mask: torch.Tensor | None, row: int, token_ids: tuple[int, ...] | None):
+        """Clears `row` of a [slots, vocab] mask (a slot's previous owner must not leak into it) and marks
+        `token_ids` in it; the mask is allocated the first time a row needs one."""
+        if mask is None and token_ids is None:
+            return None
+        if mask is None:
+            mask = torch.zeros(self.slots, self.vocab_size, dtype=torch.bool, device=self.device)
+        mask[row] = False
+        if token_ids:
+            ids = torch.tensor(sorted(set(token_ids)), dtype=torch.int64).to(self.device)
+            mask[row].index_fill_(0, ids, True)
+        return mask
+
+    @torch.inference_mode()
+    def move_rows(self, moves: list[tuple[int, int]]) -> None:
+        """Applies the runner's compaction moves (destination, source) to every per-row state."""
+        for destination, source in moves:
+            self.params[destination], self.generated[destination] = (
+                self.params[source],
+                self.generated[source],
+            )
+            for tensor in (self.temperature, self.top_p, self.min_p, self.penalty, self.top_k, self.min_new,
+                           self.seeds, self.steps, self.greedy, self.seen, self.suppress):  # fmt: skip
+                if tensor is not None:
+                    tensor[destination] = tensor[source]
+
+    # --- one step -------------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def processed_scores(self, logits: torch.Tensor, rows: slice) -> torch.Tensor:
+        """The scores each row's next token is drawn from (argmax for greedy rows): `logits` [rows, vocab]
+        (float32) after the penalty and the min-new-tokens suppression, and for sampled rows after
+        temperature, top-k, top-p and min-p. Filtered entries are -inf."""
+        scores = self._penalised(logits, rows)
+        params = self.params[rows]
+        if all(p.greedy for p in params):
+            return scores
+        return torch.where(self.greedy[rows, None], scores, self._warped(scores, rows, params))
+
+    @torch.inference_mode()
+    def sample(self, logits: torch.Tensor, rows: slice) -> SampleOutput:
+        """Next tokens for `rows` from their logits [rows, vocab] (float32); advances their step."""
+        params = self.params[rows]
+        scores = self._penalised(logits, rows)
+        if all(p.greedy for p in params):
+            tokens = scores.argmax(-1)
         else:
-            token = int(torch.multinomial(scores.softmax(-1), 1, generator=self.generator))
-        self.seen.append(token)
-        self.generated += 1
-        return token, (self._logprob(logits, token) if params.logprobs else None)
+            probabilities = self._warped(scores, rows, params).softmax(-1)
+            cumulative = probabilities.double().cumsum(-1)
+            draw = uniform(self.seeds[rows], self.steps[rows]) * cumulative[:, -1]
+            sampled = torch.searchsorted(cumulative, draw[:, None], right=True)[:, 0].clamp_(
+                max=self.vocab_size - 1
+            )
+            tokens = (
+                torch.where(self.greedy[rows], scores.argmax(-1), sampled)
+                if any(p.greedy for p in params)
+                else sampled
+            )
+        self.steps[rows] += 1
+        for row in range(rows.start, rows.stop):
+            self.generated[row] += 1
+        if self.seen is not None:
+            self.seen[rows].scatter_(1, tokens[:, None], True)
+        return self._output(logits, tokens, params)
 
-    def _logprob(self, logits: torch.Tensor, token: int) -> TokenLogprob:
+    def _penalised(self, logits: torch.Tensor, rows: slice) -> torch.Tensor:
+        """Repetition penalty and min-new-tokens suppression: Hugging Face's processors, batched."""
+        params = self.params[rows]
+        scores = logits
+        if self.seen is not None and any(p.repetition_penalty != 1.0 for p in params):
+            penalty = self.penalty[rows, None]
+            penalised = torch.where(scores < 0, scores * penalty, scores / penalty)
+            scores = torch.where(self.seen[rows], penalised, scores)
+        if self.suppress is not None and any(
+            self.generated[row] < p.min_new_tokens for row, p in enumerate(params, start=rows.start)
+        ):
+            active = self.steps[rows] < self.min_new[rows]
+            scores = scores.masked_fill(self.suppress[rows] & active[:, None], float("-inf"))
+        return scores
+
+    def _warped(self, scores: torch.Tensor, rows: slice, params: list[SamplingParams]) -> torch.Tensor:
+        """Temperature, top-k, top-p and min-p: Hugging Face's warpers, batched, neutral where unused."""
+        scores = scores / self.temperature[rows, None]
+        if any(p.top_k for p in params):
+            k = self.top_k[rows]
+            largest = max(min(p.top_k, self.vocab_size) for p in params)  # from the host: no device sync
+            kth = scores.topk(largest, dim=-1).values.gather(1, (k - 1).clamp(min=0)[:, None])
+            kth = torch.where(k[:, None] > 0, kth, torch.full_like(kth, float("-inf")))
+            scores = scores.masked_fill(scores < kth, float("-inf"))
+        if any(p.top_p < 1.0 for p in params):
+            top_p = self.top_p[rows, None]
+            ordered, order = scores.sort(dim=-1)  # ascending, as TopPLogitsWarper
+            remove = ordered.softmax(-1).cumsum(-1) <= 1 - top_p
+            remove[:, -1] = False  # the most likely token always stays
+            remove = remove.scatter(1, order, remove) & (top_p < 1.0)
+            scores = scores.masked_fill(remove, float("-inf"))
+        if any(p.min_p > 0.0 for p in params):
+            probabilities = scores.softmax(-1)
+            floor = self.min_p[rows, None] * probabilities.amax(-1, keepdim=True)
+            scores = scores.masked_fill(probabilities < floor, float("-inf"))
+        return scores
+
+    def _output(
+        self, logits: torch.Tensor, tokens: torch.Tensor, params: list[SamplingParams]
+    ) -> SampleOutput:
+        wanted = tuple(p.top_logprobs if p.logprobs else -1 for p in params)
+        if max(wanted) < 0:
+            return SampleOutput(tokens, None, wanted)
         logprobs = torch.log_softmax(logits, -1)
-        top: tuple[TopLogprob, ...] = ()
-        if self.params.top_logprobs:
-            values, ids = torch.topk(logprobs, self.params.top_logprobs)
-            top = tuple(TopLogprob(int(i), "", float(v)) for v, i in zip(values, ids, strict=True))
-        return TokenLogprob(token, float(logprobs[token]), top)
+        chosen = logprobs.gather(1, tokens[:, None])
+        top = max(wanted)
+        values, ids = logprobs.topk(top, dim=-1) if top else (chosen[:, :0], tokens[:, None][:, :0])
+        packed = torch.cat([tokens[:, None].double(), chosen.double(), values.double(), ids.double()], dim=1)
+        return SampleOutput(tokens, packed, wanted)

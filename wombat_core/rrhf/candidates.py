@@ -10,7 +10,8 @@ reference's setting of one beam per group (4 beams in 4 groups, diversity penalt
 groups choose in order, and each token's log-probability is lowered by `diversity_penalty` times the
 number of earlier groups that chose it at this step. (transformers 5 moved group beam search to a hub
 download, which is unreachable here; with one beam per group this is that algorithm, except that a group
-stops at its first EOS instead of also keeping a non-EOS continuation that could outscore it.)
+stops at its first EOS instead of also keeping a non-EOS continuation that could outscore it, and that
+no group may end before its first token: an empty candidate is not RRHF data.)
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from enum import StrEnum
 import torch
 from transformers import DynamicCache
 
-from wombat_core.errors import Cancelled, InvalidArgument
+from wombat_core.errors import Cancelled, FailedPrecondition, InvalidArgument
 from wombat_core.prompts import alpaca_prompt_from_query
 from wombat_core.rrhf.data import PreferenceRecord
 
@@ -100,17 +101,34 @@ def generate_candidates(policy, reward, config: CandidatesConfig, *,
     return records
 
 
+SAMPLING_ATTEMPTS = 5
+
+
 def sample_candidates(engine, prompt_ids: list[int], k: int, max_new_tokens: int, seed: int) -> list[str]:
-    """k independent samples (temperature 1, seeds seed..seed+k-1), batched together by the engine. An
-    engine failure is raised, never turned into an empty candidate."""
+    """k independent samples (temperature 1, seeds seed..seed+k-1), batched together by the engine.
+
+    An empty answer is not RRHF data (responses must be non-empty), so EOS is held back for the first token
+    and a candidate whose text is still empty (only whitespace) is drawn again with the next seeds, up to
+    SAMPLING_ATTEMPTS times. An engine failure is raised, never turned into an empty candidate."""
     from wombat_core.engine import GenerationRequest, SamplingParams
 
-    streams = [  # all k submitted before any is read, so they decode as one batch
-        engine.generate(GenerationRequest(f"candidate-{seed}-{i}", tuple(prompt_ids),
-                                          SamplingParams(temperature=1.0, max_new_tokens=max_new_tokens, seed=seed + i)))
-        for i in range(k)
-    ]  # fmt: skip
-    return ["".join(event.text for batch in stream for event in batch).strip() for stream in streams]
+    texts, pending = [""] * k, list(range(k))
+    for attempt in range(SAMPLING_ATTEMPTS):
+        streams = {  # all submitted before any is read, so they decode as one batch
+            i: engine.generate(GenerationRequest(f"candidate-{seed}-{i}-{attempt}", tuple(prompt_ids),
+                                                 SamplingParams(temperature=1.0, max_new_tokens=max_new_tokens,
+                                                                min_new_tokens=1, seed=seed + i + attempt * k)))
+            for i in pending
+        }  # fmt: skip
+        for i, stream in streams.items():
+            texts[i] = "".join(event.text for batch in stream for event in batch).strip()
+        pending = [i for i in pending if not texts[i]]
+        if not pending:
+            return texts
+    raise FailedPrecondition(
+        f"{len(pending)} of {k} sampled candidates stayed empty after {SAMPLING_ATTEMPTS} draws each: the policy "
+        "ends its answers at once; check the model or raise max_new_tokens"
+    )
 
 
 @torch.inference_mode()
@@ -131,8 +149,12 @@ def diverse_beam_search(
     outputs: list[list[int]] = [[] for _ in range(num_groups)]
     done = [False] * num_groups
     position = len(prompt_ids)
-    for _ in range(max_new_tokens):
+    for step in range(max_new_tokens):
         logprobs = torch.log_softmax(logits.float(), -1)
+        if step == 0:
+            logprobs[:, eos] = float(
+                "-inf"
+            )  # an empty candidate is not RRHF data: every group says something
         chosen_counts = torch.zeros(logprobs.shape[-1], device=device)
         tokens = []
         for group in range(num_groups):

@@ -1,0 +1,74 @@
+"""The CPU kernel swap (oneDNN packed weights, shared-input projections, fused RMSNorm) computes what the
+plain Hugging Face model computes."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from tests.models import tiny_config
+from wombat_core.engine.cpu_kernels import PackedLinear, Projection, supported, use_packed_kernels
+
+
+@pytest.fixture(scope="module")
+def plain():
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(tiny_config(vocab_size=300, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                                        num_key_value_heads=2)).eval()  # fmt: skip
+
+
+def test_packed_model_gives_the_plain_models_logits(plain):
+    packed = copy.deepcopy(plain)
+    assert use_packed_kernels(packed)
+    assert isinstance(packed.lm_head, PackedLinear) and isinstance(
+        packed.model.layers[0].self_attn.k_proj, Projection
+    )
+    torch.manual_seed(1)
+    ids = torch.randint(0, 300, (3, 17))
+    mask = torch.ones(3, 17, dtype=torch.long)
+    mask[1, :5] = 0  # a left-padded row
+    with torch.no_grad():
+        expected = plain(input_ids=ids, attention_mask=mask).logits
+        got = packed(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_the_swap_applies_only_where_it_is_made_for(plain):
+    assert supported(plain)
+    assert not supported(copy.deepcopy(plain).half())  # float16 matmuls are not what oneDNN packs here
+    with_bias = copy.deepcopy(plain)
+    with_bias.model.layers[0].self_attn.q_proj = torch.nn.Linear(64, 64, bias=True)
+    assert not supported(with_bias) and not use_packed_kernels(with_bias)
+
+
+def test_threads_sharing_one_packed_model_get_their_own_results(plain):
+    """The engine thread and another (a test's reference run, a scorer) may run the same model at once."""
+    import threading
+
+    packed = copy.deepcopy(plain)
+    use_packed_kernels(packed)
+    torch.manual_seed(2)
+    inputs = [torch.randint(0, 300, (1 + n, 5 + n)) for n in range(4)]
+    with torch.no_grad():
+        expected = [plain(input_ids=ids).logits for ids in inputs]
+    failures = []
+
+    def run(ids: torch.Tensor, reference: torch.Tensor) -> None:
+        with torch.no_grad():
+            for _ in range(20):
+                try:
+                    if not torch.allclose(packed(input_ids=ids).logits, reference, rtol=1e-5, atol=1e-5):
+                        failures.append(f"{tuple(ids.shape)}: wrong logits")
+                except RuntimeError as exc:  # another thread's projection, of another shape
+                    failures.append(f"{tuple(ids.shape)}: {exc}")
+
+    threads = [threading.Thread(target=run, args=pair) for pair in zip(inputs, expected, strict=True)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert failures == []
