@@ -21,7 +21,7 @@ protos: venv
 	$(PY) protos/generate.py
 
 lint-protos: venv
-	cd protos && ../$(VENV)/bin/buf lint
+	cd protos && ../$(VENV)/bin/buf lint && ../$(VENV)/bin/buf breaking --against releases/v0.1.0.binpb
 
 lint: venv
 	$(VENV)/bin/ruff check wombat_core services clients tests benchmarks protos/generate.py
@@ -38,6 +38,7 @@ demo: venv
 	$(VENV)/bin/wombat demo --workdir $(DEMO_DIR)
 
 bench: venv
+	@$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev,bench]' 2> >(grep -v "is ignored: it is neither" >&2)
 	$(PY) benchmarks/materialize.py
 	$(PY) benchmarks/inference.py
 	$(PY) benchmarks/rrhf.py

@@ -9,14 +9,15 @@ over the workloads of the inference issue:
   (a) 1 stream x 128 new tokens
   (b) 16 concurrent x 128 new tokens, short Alpaca prompts (~40 tokens)
   (c) 16 concurrent x 256 new tokens, ~200-token prompts
-  (d) churn: 32 requests of mixed prompt and output lengths arriving over time through 16 slots
+  (d) churn: 32 requests of mixed output lengths (32 to 256 tokens) arriving over time through 16 slots
 
 and prints tok/s, TTFT p50/p95 and the ratios the issue sets goals for. Every system decodes greedily and
 ignores EOS, so all generate the same number of tokens. Concurrent gRPC callers are independent: each
 starts at a random offset within one request's duration (as uncoordinated clients do) and sends requests
-back to back; aggregate tok/s counts the window in which every caller has a request open. The service
-and the in-process baselines never run at the same time. Single-stream figures are the best of three
-alternating runs (this machine's speed drifts). `--profile` adds torch.profiler tables of one decode step
+back to back, all on one asyncio loop and channel as a backend service would (the client's CPU comes out
+of the same cores); aggregate tok/s counts the window in which every caller has a request open. Every
+system runs in its own process and never at the same time as another. Single-stream figures are the best
+of three turns taken in alternation (this machine's speed drifts). `--profile` adds torch.profiler tables of one decode step
 at batch 1 and 16.
 
     python benchmarks/inference.py [--model .demo/models/smollm2-135m] [--rounds 3] [--profile]
@@ -25,13 +26,13 @@ at batch 1 and 16.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import random
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -148,99 +149,72 @@ def grpc_callers(
 ) -> dict:
     """`callers` independent callers, each starting at a random offset in [0, spread) and sending `rounds`
     requests back to back. Aggregate tok/s counts the window in which every caller has a request open."""
-    from clients.inference import InferenceClient, prompt, sampling
-
-    params = sampling(temperature=0, max_new_tokens=new_tokens, ignore_eos=True)
-    ttfts: list[float] = []
-    arrivals: list[tuple[float, int]] = []  # (time, tokens) of every streamed message
-    spans: list[tuple[float, float]] = []
-    lock = threading.Lock()
-    rng = random.Random(1234)
-    offsets = [rng.uniform(0, spread) for _ in range(callers)]
-
-    def caller(index: int, start_at: float) -> None:
-        with InferenceClient(address, timeout=900) as client:
-            time.sleep(max(0.0, start_at - time.perf_counter()))
-            opened = time.perf_counter()
-            for r in range(rounds):
-                text = texts[(index + r * callers) % len(texts)]
-                begin, first = time.perf_counter(), None
-                for response in client.generate(prompt(text, format="raw"), params):
-                    now = time.perf_counter()
-                    if first is None and response.token_ids:
-                        first = now - begin
-                    with lock:
-                        arrivals.append((now, len(response.token_ids)))
-                with lock:
-                    ttfts.append(first)
-            with lock:
-                spans.append((opened, time.perf_counter()))
-
-    started = time.perf_counter()
-    threads = [threading.Thread(target=caller, args=(i, started + offsets[i])) for i in range(callers)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    finished = time.perf_counter()
-    window_start, window_end = max(s for s, _ in spans), min(e for _, e in spans)
-    steady = sum(n for t, n in arrivals if window_start <= t <= window_end)
-    total = sum(n for _, n in arrivals)
-    tok_s = (
-        steady / (window_end - window_start) if window_end > window_start else total / (finished - started)
-    )
-    return {"tok_s": tok_s, "tok_s_overall": total / (finished - started), "ttft": ttfts}
+    return asyncio.run(_callers(address, [(texts, rounds, new_tokens, spread)] * callers, window="all open"))
 
 
-def grpc_churn(address: str, short: list[str], long: list[str], requests: int, gap: float) -> dict:
-    """`requests` requests of mixed prompt and output lengths, one arriving every `gap` seconds, each on its
-    own connection, so that requests join and leave the batch all the time. Aggregate tok/s counts the
-    window in which at least SLOTS requests are in the system (every slot could be busy)."""
-    from clients.inference import InferenceClient, prompt, sampling
-
+def grpc_churn(address: str, texts: list[str], requests: int, gap: float) -> dict:
+    """`requests` requests of mixed output lengths, one arriving every `gap` seconds, so that requests join
+    and leave the batch all the time. Aggregate tok/s counts the window in which at least SLOTS requests
+    are in the system (every slot could be busy)."""
     rng = random.Random(99)
-    plan = [(rng.choice(short + long), rng.choice((32, 64, 128, 256))) for _ in range(requests)]
-    arrivals: list[tuple[float, int]] = []
-    spans: list[tuple[float, float]] = []
-    ttfts: list[float] = []
-    lock = threading.Lock()
+    plan = [
+        ([rng.choice(texts)], 1, rng.choice((32, 64, 128, 256)), -(0.5 + i * gap)) for i in range(requests)
+    ]
+    return asyncio.run(_callers(address, plan, window="slots full"))
 
-    def one(text: str, new_tokens: int, start_at: float) -> None:
+
+async def _callers(address: str, plan: list[tuple], window: str) -> dict:
+    """Runs the callers of `plan` on one asyncio loop and one channel, as a backend service would (the
+    client's CPU comes out of the same two cores as the server's, so it should be spent sparingly). Each
+    entry: (texts, rounds, new tokens, start) where start >= 0 is a random offset in [0, start) and a
+    negative start is an exact offset. Returns tok/s over `window`, and TTFTs."""
+    from clients.inference import AsyncInferenceClient, prompt, sampling
+
+    rng = random.Random(1234)
+    arrivals: list[tuple[float, int]] = []  # (time, tokens) of every streamed message
+    spans: list[tuple[float, float]] = []  # each caller's first request sent, last one finished
+    ttfts: list[float] = []
+
+    async def caller(
+        client, index: int, texts: list[str], rounds: int, new_tokens: int, start: float
+    ) -> None:
         params = sampling(temperature=0, max_new_tokens=new_tokens, ignore_eos=True)
-        with InferenceClient(address, timeout=900) as client:
-            time.sleep(max(0.0, start_at - time.perf_counter()))
+        await asyncio.sleep(-start if start < 0 else rng.uniform(0, start))
+        opened = time.perf_counter()
+        for r in range(rounds):
             begin, first = time.perf_counter(), None
-            for response in client.generate(prompt(text, format="raw"), params):
+            async for response in client.generate(
+                prompt(texts[(index + r) % len(texts)], format="raw"), params
+            ):
                 now = time.perf_counter()
                 if first is None and response.token_ids:
                     first = now - begin
-                with lock:
-                    arrivals.append((now, len(response.token_ids)))
-            with lock:
-                ttfts.append(first)
-                spans.append((begin, time.perf_counter()))
+                arrivals.append((now, len(response.token_ids)))
+            ttfts.append(first)
+        spans.append((opened, time.perf_counter()))
 
-    started = time.perf_counter() + 0.5
-    threads = [
-        threading.Thread(target=one, args=(text, n, started + i * gap)) for i, (text, n) in enumerate(plan)
-    ]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    # Walk the start/end events in time order; the window is from the moment SLOTS requests are in the
-    # system to the moment fewer are.
-    events = sorted([(b, 1) for b, _ in spans] + [(e, -1) for _, e in spans])
-    inside, window_start, window_end = 0, None, None
-    for moment, change in events:
-        inside += change
-        if inside >= SLOTS and window_start is None:
-            window_start = moment
-        if inside < SLOTS and window_start is not None:
-            window_end = moment
-            break
-    tokens = sum(n for t, n in arrivals if window_start <= t <= window_end)
-    return {"tok_s": tokens / (window_end - window_start), "ttft": ttfts}
+    async with AsyncInferenceClient(address, timeout=900) as client:
+        started = time.perf_counter()
+        await asyncio.gather(*(caller(client, i, *entry) for i, entry in enumerate(plan)))
+        finished = time.perf_counter()
+    if window == "all open":
+        window_start, window_end = max(s for s, _ in spans), min(e for _, e in spans)
+    else:  # walk the start and end events in time order: from SLOTS requests in the system to fewer
+        events = sorted([(b, 1) for b, _ in spans] + [(e, -1) for _, e in spans])
+        inside, window_start, window_end = 0, None, None
+        for moment, change in events:
+            inside += change
+            if inside >= SLOTS and window_start is None:
+                window_start = moment
+            if inside < SLOTS and window_start is not None:
+                window_end = moment
+                break
+    total = sum(n for _, n in arrivals)
+    if window_start is not None and window_end is not None and window_end > window_start:
+        tok_s = sum(n for t, n in arrivals if window_start <= t <= window_end) / (window_end - window_start)
+    else:
+        tok_s = total / (finished - started)
+    return {"tok_s": tok_s, "tok_s_overall": total / (finished - started), "ttft": ttfts}
 
 
 # --- profile ----------------------------------------------------------------------------------------
@@ -264,19 +238,49 @@ def profile_steps(model_dir: Path) -> None:
         runner.set_last_tokens(0, logits.argmax(-1))
         for _ in range(5):
             runner.set_last_tokens(0, runner.decode().argmax(-1))
+        started = time.perf_counter()
+        for _ in range(20):
+            runner.set_last_tokens(0, runner.decode().argmax(-1))
+        print(f"\ndecode step at batch {rows}: {(time.perf_counter() - started) / 20 * 1000:.1f} ms")
         with torch.profiler.profile() as profiler:
             for _ in range(10):
                 runner.set_last_tokens(0, runner.decode().argmax(-1))
-        print(f"\ndecode step at batch {rows} (10 steps):")
         print(profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=10))
 
 
 # --- main -------------------------------------------------------------------------------------------
 
 
-def baseline(system: str, model_dir: Path) -> dict:
-    """One in-process system on workloads (a) best of three, (b) and (c); run in its own process, so that
-    no two systems' thread pools share the cores (two OpenMP teams in one process slow both)."""
+def settle() -> None:
+    """Idles after a system's run: OpenMP workers spin for a while after their last parallel region (Intel's
+    runtime 200 ms by default), and the next system must not share the cores with them."""
+    time.sleep(1.0)
+
+
+class Baseline:
+    """One in-process system (HF generate, or CTranslate2 in one precision) in a process of its own, so that
+    no two systems' thread pools share the cores (two OpenMP teams in one process slow both). It stays
+    up and runs one workload per request, so that the systems can take turns within the same minutes."""
+
+    def __init__(self, system: str, model_dir: Path):
+        self.system = system
+        self.process = subprocess.Popen([sys.executable, __file__, "--model", str(model_dir), "--baseline", system],
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)  # fmt: skip
+
+    def run(self, workload: str) -> dict:
+        self.process.stdin.write(workload + "\n")
+        self.process.stdin.flush()
+        result = json.loads(self.process.stdout.readline())
+        settle()
+        return result
+
+    def close(self) -> None:
+        self.process.stdin.close()
+        self.process.wait(60)
+
+
+def serve_baseline(system: str, model_dir: Path) -> None:
+    """The worker side of `Baseline`: reads workload names (a, b, c) from stdin, prints JSON results."""
     import torch
 
     from wombat_core.engine.loading import load_for_serving
@@ -295,14 +299,10 @@ def baseline(system: str, model_dir: Path) -> dict:
                                           compute_type=quantization, intra_threads=cores)  # fmt: skip
         run = lambda texts, new_tokens: ct2_run(generator, loaded.tokenizer, texts, new_tokens)  # noqa: E731
     run(short[:1], 4)  # warm-up
-    single = max((run(short[:1], 128) for _ in range(3)), key=lambda r: r["tok_s"])
-    return {"a": single, "b": run(short, 128), "c": run(long, 256)}
-
-
-def run_baseline(system: str, model_dir: Path) -> dict:
-    output = subprocess.run([sys.executable, __file__, "--model", str(model_dir), "--baseline", system],
-                            check=True, capture_output=True, text=True).stdout  # fmt: skip
-    return json.loads(output.strip().splitlines()[-1])
+    workloads = {"a": (short[:1], 128), "b": (short, 128), "c": (long, 256)}
+    for line in sys.stdin:
+        texts, new_tokens = workloads[line.strip()]
+        print(json.dumps(run(texts, new_tokens)), flush=True)
 
 
 def main() -> None:
@@ -315,7 +315,7 @@ def main() -> None:
     parser.add_argument("--baseline", help=argparse.SUPPRESS)  # internal: one in-process system, JSON out
     args = parser.parse_args()
     if args.baseline:
-        print(json.dumps(baseline(args.baseline, args.model)))
+        serve_baseline(args.baseline, args.model)
         return
     if not args.model.exists():
         from wombat_core.demo_model import prepare_demo_model
@@ -329,28 +329,36 @@ def main() -> None:
     short, long = prompts(tokenizer, long=False), prompts(tokenizer, long=True)
     long_tokens = statistics.mean(len(tokenizer(t)["input_ids"]) for t in long)
     results: dict[str, dict] = {}
-    for system in ("hf", "ct2-float32", "ct2-int8"):
-        for workload, value in run_baseline(system, args.model).items():
-            results[f"{workload}/{system}"] = value
+
+    def keep_best(key: str, value: dict) -> None:
+        if key not in results or value["tok_s"] > results[key]["tok_s"]:
+            results[key] = value
 
     log = ROOT / ".demo" / "bench-inference.log"
     service = ServiceProcess(["inference", "--model", str(args.model), "--port", "0", "--metrics-port", "-1",
                               "--max-batch-size", str(SLOTS), "--max-queue", "64", "--dtype", "float32"], log)  # fmt: skip
+    baselines = [Baseline(system, args.model) for system in ("hf", "ct2-float32", "ct2-int8")]
     try:
         address = f"127.0.0.1:{service.port}"
-        results["a/grpc"] = max(
-            (grpc_callers(address, short, 1, 2, 128, 0.0) for _ in range(3)), key=lambda r: r["tok_s"]
-        )
+        for _ in range(3):  # single streams take turns, best of three each
+            for baseline in baselines:
+                keep_best(f"a/{baseline.system}", baseline.run("a"))
+            keep_best("a/grpc", grpc_callers(address, short, 1, 2, 128, 0.0))
+            settle()
         for workload, texts, new_tokens in (("b", short, 128), ("c", long, 256)):
+            for baseline in baselines:
+                results[f"{workload}/{baseline.system}"] = baseline.run(workload)
             one_request = new_tokens / results["a/grpc"]["tok_s"]
             results[f"{workload}/grpc"] = grpc_callers(
                 address, texts, SLOTS, args.rounds, new_tokens, spread=one_request
             )
-        # Churn: a request every 150 ms fills the 16 slots within seconds; then requests keep leaving
-        # (after 32 to 256 tokens) and the waiting ones take their place.
-        results["d/grpc"] = grpc_churn(address, short, long, 32, gap=0.15)
+        # Churn: (b)'s prompts with output lengths from 32 to 256 tokens, a request every 150 ms: the 16 slots
+        # fill within seconds, then requests keep leaving and the waiting ones take their places.
+        results["d/grpc"] = grpc_churn(address, short, 32, gap=0.15)
     finally:
         service.stop()
+        for baseline in baselines:
+            baseline.close()
 
     labels = {
         "a/hf": "(a) HF generate", "a/ct2-float32": "(a) CTranslate2 fp32", "a/ct2-int8": "(a) CTranslate2 int8",

@@ -16,6 +16,8 @@ from types import EllipsisType
 from typing import ClassVar
 
 import grpc
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 
 from wombat_core.errors import InvalidArgument
 
@@ -33,6 +35,9 @@ class ChannelSettings:
     client_cert_file: Path | None = None  # mTLS
     client_key_file: Path | None = None
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    # The name the server's TLS certificate must carry, when `address` is an IP address (a gateway that
+    # dials each pod behind a headless Service by IP verifies them by the Service's name).
+    server_name: str | None = None
 
     def __post_init__(self) -> None:
         if (self.client_cert_file is None) != (self.client_key_file is None):
@@ -72,6 +77,8 @@ class ChannelSettings:
         ]
         if service_config:
             options += [("grpc.service_config", service_config), ("grpc.enable_retries", 1)]
+        if self.server_name and self.ca_file is not None:
+            options.append(("grpc.ssl_target_name_override", self.server_name))
         return options
 
     def credentials(self) -> grpc.ChannelCredentials:
@@ -154,3 +161,17 @@ class AsyncServiceClient(_Client):
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+
+def error_info(rpc_error: grpc.RpcError) -> error_details_pb2.ErrorInfo | None:
+    """The google.rpc.ErrorInfo a Wombat server attached to a failed call (its `reason` and `metadata`, see
+    the protos), or None. Works for sync and asyncio errors alike."""
+    try:
+        status = rpc_status.from_call(rpc_error)
+    except (AttributeError, ValueError):  # not a call, or details that disagree with the status code
+        return None
+    for detail in status.details if status is not None else ():
+        info = error_details_pb2.ErrorInfo()
+        if detail.Unpack(info):
+            return info
+    return None

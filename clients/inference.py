@@ -1,7 +1,7 @@
 """Sync and asyncio clients for the inference service.
 
 Generation is never retried automatically: a retry after tokens were streamed would duplicate output.
-Tokenize and ModelInfo are idempotent and retried on UNAVAILABLE (for example while a replica warms up).
+Tokenize, ModelInfo and GetLoad are idempotent and retried on UNAVAILABLE (for example while a replica warms up).
 Every call takes a deadline (`timeout`, seconds); the server stops generating when it passes.
 """
 
@@ -23,13 +23,16 @@ def prompt(
     input: str = "",  # noqa: A002
     messages: Sequence[tuple[str, str]] = (),
     truncate_left_tokens: int | None = None,
+    token_ids: Sequence[int] = (),
 ) -> pb.PromptInput:
-    """Builds a PromptInput; format None uses the server's default (alpaca for Wombat models)."""
+    """Builds a PromptInput; format None uses the server's default (alpaca for Wombat models). A prompt of
+    `token_ids` is used as it is, without template or tokenisation."""
     message = pb.PromptInput(
         format=FORMATS[format] if format else pb.PROMPT_FORMAT_UNSPECIFIED,
         text=text,
         input=input,
         messages=[pb.ChatMessage(role=r, content=c) for r, c in messages],
+        token_ids=token_ids,
     )
     if truncate_left_tokens is not None:
         message.truncate_left_tokens = truncate_left_tokens
@@ -44,7 +47,7 @@ def sampling(**fields) -> pb.SamplingParams:
 class InferenceClient(ServiceClient):
     SERVICE = pb.DESCRIPTOR.services_by_name["InferenceService"].full_name
     STUB = inference_pb2_grpc.InferenceServiceStub
-    RETRYABLE = ("Tokenize", "ModelInfo")
+    RETRYABLE = ("Tokenize", "ModelInfo", "GetLoad")
 
     def generate(
         self, prompt_input: pb.PromptInput, params: pb.SamplingParams | None = None
@@ -60,8 +63,11 @@ class InferenceClient(ServiceClient):
     def tokenize(self, prompt_input: pb.PromptInput) -> pb.TokenizeResponse:
         return self.stub.Tokenize(pb.TokenizeRequest(prompt=prompt_input), **self._call())
 
-    def model_info(self) -> pb.ModelInfoResponse:
-        return self.stub.ModelInfo(pb.ModelInfoRequest(), **self._call())
+    def model_info(self, timeout: float | None = None) -> pb.ModelInfoResponse:
+        return self.stub.ModelInfo(pb.ModelInfoRequest(), **self._call(timeout))
+
+    def get_load(self, timeout: float | None = None) -> pb.GetLoadResponse:
+        return self.stub.GetLoad(pb.GetLoadRequest(), **self._call(timeout))
 
 
 class AsyncInferenceClient(AsyncServiceClient):
@@ -84,5 +90,8 @@ class AsyncInferenceClient(AsyncServiceClient):
     async def tokenize(self, prompt_input: pb.PromptInput) -> pb.TokenizeResponse:
         return await self.stub.Tokenize(pb.TokenizeRequest(prompt=prompt_input), **self._call())
 
-    async def model_info(self) -> pb.ModelInfoResponse:
-        return await self.stub.ModelInfo(pb.ModelInfoRequest(), **self._call())
+    async def model_info(self, timeout: float | None = None) -> pb.ModelInfoResponse:
+        return await self.stub.ModelInfo(pb.ModelInfoRequest(), **self._call(timeout))
+
+    async def get_load(self, timeout: float | None = None) -> pb.GetLoadResponse:
+        return await self.stub.GetLoad(pb.GetLoadRequest(), **self._call(timeout))

@@ -52,6 +52,11 @@ def test_service_targets_start_real_commands_on_their_default_ports():
         defaults = {p.name: p.default for p in command.params}
         exposed = {int(port) for line in lines if line.startswith("EXPOSE") for port in line.split()[1:]}
         assert exposed == {defaults["port"], defaults["metrics_port"]}, service
+    gateway = stages["gateway"]
+    assert json.loads(next(line for line in gateway if line.startswith("ENTRYPOINT")).split(" ", 1)[1]) == [
+        "wombat", "serve", "gateway"]  # fmt: skip
+    exposed = {int(port) for line in gateway if line.startswith("EXPOSE") for port in line.split()[1:]}
+    assert exposed == {next(p.default for p in serve.commands["gateway"].params if p.name == "port")}
 
 
 def test_images_run_as_a_non_root_user():

@@ -24,7 +24,8 @@ KUBERNETES_VERSION = "1.33.0"  # the oldest version we support; deploy/README.md
 OVERLAYS = ["overlays/gpu", "overlays/cpu-dev", "overlays/gpu-kuberay"]
 KUSTOMIZATIONS = ["base", *OVERLAYS, "kuberay", "jobs/recover-wombat-7b"]
 PLAIN_FILES = ["kuberay/rayjob-train.yaml"]  # applied with `kubectl create -f`
-SERVICES = ("materializer", "inference", "rrhf")
+SERVICES = ("materializer", "inference", "rrhf")  # the gRPC services
+ALL_SERVICES = (*SERVICES, "gateway")  # and the HTTP gateway
 PRESTOP_AND_MARGIN_SECONDS = 10 + 5
 
 
@@ -161,7 +162,7 @@ def test_configmap_keys_are_real_serve_options_and_parse(overlay, monkeypatch):
     """Each key is WOMBAT_SERVE_<SERVICE>_<OPTION>; click reads it as that option. Parsing the whole
     ConfigMap with the real CLI proves the values are accepted too."""
     objects = render(overlay)
-    for service in SERVICES:
+    for service in ALL_SERVICES:
         command = _serve_command(service)
         prefix = f"WOMBAT_SERVE_{service.upper()}_"
         data = _config(objects, service)
@@ -229,7 +230,7 @@ def _mounted_dirs(pod: dict, container: dict) -> dict[str, dict]:
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_secrets_and_files_named_in_the_config_are_mounted(overlay):
     objects = render(overlay)
-    for service in SERVICES:
+    for service in ALL_SERVICES:
         data = _config(objects, service)
         pod = _deployment(objects, service)["spec"]["template"]["spec"]
         mounts = _mounted_dirs(pod, pod["containers"][0])
@@ -300,10 +301,10 @@ def test_rrhf_joins_the_ray_cluster_the_kuberay_overlay_creates():
 
 def test_gpu_overlay_gives_inference_and_rrhf_a_gpu_and_hardens_every_pod():
     objects = render("overlays/gpu")
-    for service in SERVICES:
+    for service in ALL_SERVICES:
         pod = _deployment(objects, service)["spec"]["template"]["spec"]
         gpus = pod["containers"][0]["resources"]["limits"].get("nvidia.com/gpu")
-        assert gpus == (None if service == "materializer" else 1), service
+        assert gpus == (None if service in ("materializer", "gateway") else 1), service
         assert pod["securityContext"]["runAsNonRoot"] is True
         assert pod["automountServiceAccountToken"] is False
         for container in [*pod.get("initContainers", []), *pod["containers"]]:
@@ -312,7 +313,8 @@ def test_gpu_overlay_gives_inference_and_rrhf_a_gpu_and_hardens_every_pod():
             assert context["allowPrivilegeEscalation"] is False
             assert context["capabilities"]["drop"] == ["ALL"]
     for kind in ("ServiceAccount", "NetworkPolicy", "PodDisruptionBudget", "Service"):
-        assert set(_by_kind(objects, kind)) >= {f"wombat-{s}" for s in SERVICES}, kind
+        assert set(_by_kind(objects, kind)) >= {f"wombat-{s}" for s in ALL_SERVICES}, kind
+    assert set(_by_kind(objects, "HorizontalPodAutoscaler")) == {"wombat-inference", "wombat-gateway"}
     hpa = _by_kind(objects, "HorizontalPodAutoscaler")["wombat-inference"]
     names = [
         m.get("pods", m.get("resource", {})).get("metric", {}).get("name") for m in hpa["spec"]["metrics"]
@@ -327,8 +329,44 @@ def test_hpa_scales_on_a_metric_the_inference_server_exports():
     from services.inference.metrics import InferenceMetrics
 
     registry = CollectorRegistry()
-    InferenceMetrics(registry)
+    InferenceMetrics(registry, "model")
     exported = {m.name for m in registry.collect()}
     hpa = _by_kind(render("base"), "HorizontalPodAutoscaler")["wombat-inference"]
     pods_metric = next(m for m in hpa["spec"]["metrics"] if m["type"] == "Pods")
     assert pods_metric["pods"]["metric"]["name"] in exported
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_gateway_port_probes_drain_and_route_to_the_inference_pods(overlay):
+    objects = render(overlay)
+    data = _config(objects, "gateway")
+    pod = _deployment(objects, "gateway")["spec"]["template"]
+    container = pod["spec"]["containers"][0]
+    port = int(data["WOMBAT_SERVE_GATEWAY_PORT"])
+    assert {p["name"]: p["containerPort"] for p in container["ports"]} == {"http": port}
+    for probe in ("startupProbe", "readinessProbe"):
+        assert container[probe]["httpGet"] == {"path": "/health", "port": "http"}
+    assert pod["metadata"]["annotations"]["prometheus.io/port"] == str(port)  # /metrics on the same port
+    drain = float(data["WOMBAT_SERVE_GATEWAY_DRAIN_SECONDS"])
+    pre_stop = container["lifecycle"]["preStop"]["sleep"]["seconds"]
+    assert pod["spec"]["terminationGracePeriodSeconds"] >= pre_stop + drain + 10
+    # The upstream is the headless Service over the inference pods, on the inference gRPC port.
+    upstream = data["WOMBAT_SERVE_GATEWAY_UPSTREAM"]
+    match = re.fullmatch(r"dns:///([\w-]+):(\d+)", upstream)
+    assert match, upstream
+    headless = _by_kind(objects, "Service")[match.group(1)]
+    assert headless["spec"]["clusterIP"] == "None"
+    assert headless["spec"]["selector"] == {"app.kubernetes.io/name": "wombat-inference"}
+    assert int(match.group(2)) == int(_config(objects, "inference")["WOMBAT_SERVE_INFERENCE_PORT"])
+    # The inference NetworkPolicy admits the gateway's pods; the gateway may reach inference and DNS.
+    inference_policy = _by_kind(objects, "NetworkPolicy")["wombat-inference"]
+    admitted = [
+        rule["from"][0].get("podSelector", {}).get("matchLabels", {})
+        for rule in inference_policy["spec"]["ingress"]
+    ]
+    assert any(labels.items() <= pod["metadata"]["labels"].items() for labels in admitted if labels)
+    egress = _by_kind(objects, "NetworkPolicy")["wombat-gateway"]["spec"]["egress"]
+    assert {"port": int(match.group(2))} in egress[0]["ports"]
+    # The token the inference pods check comes from the same Secret they read it from.
+    token = next(e for e in container["env"] if e["name"] == "WOMBAT_AUTH_TOKEN")
+    assert token["valueFrom"]["secretKeyRef"] == {"name": "wombat-auth", "key": "token"}

@@ -43,6 +43,36 @@ def test_buf_lint_is_clean():
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def test_buf_breaking_is_clean_against_the_last_release():
+    """protos/releases/ holds the buf image of each released contract (`buf build -o
+    releases/vX.Y.Z.binpb` at release); the contracts may only grow compatibly from the newest one."""
+    buf = shutil.which("buf", path=str(Path(sys.executable).parent)) or shutil.which("buf")
+    if buf is None:
+        pytest.fail("buf is not installed; it comes with the dev extra (buf-bin)")
+    releases = sorted(
+        (PROTOS / "releases").glob("v*.binpb"), key=lambda p: [int(x) for x in p.stem[1:].split(".")]
+    )
+    assert releases, "no released contract image under protos/releases"
+    result = subprocess.run(
+        [buf, "breaking", "--against", str(releases[-1])], cwd=PROTOS, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_buf_breaking_catches_a_removed_field(tmp_path):
+    """The check above can fail: a copy of the contracts with a field renumbered is reported."""
+    buf = shutil.which("buf", path=str(Path(sys.executable).parent)) or shutil.which("buf")
+    copy = tmp_path / "protos"
+    shutil.copytree(PROTOS, copy, ignore=shutil.ignore_patterns("*.py", "*.pyi", "__pycache__"))
+    proto = copy / "wombat" / "inference" / "v1" / "inference.proto"
+    proto.write_text(
+        proto.read_text().replace("optional float temperature = 1;", "optional float temperature = 99;")
+    )
+    result = subprocess.run([buf, "breaking", "--against", str(PROTOS / "releases" / "v0.1.0.binpb")], cwd=copy,
+                            capture_output=True, text=True)  # fmt: skip
+    assert result.returncode != 0 and "temperature" in result.stdout + result.stderr
+
+
 def test_every_service_has_a_versioned_package_and_unique_request_response_pairs():
     from wombat.inference.v1 import inference_pb2
     from wombat.materializer.v1 import materializer_pb2
@@ -50,7 +80,7 @@ def test_every_service_has_a_versioned_package_and_unique_request_response_pairs
 
     expected = {
         materializer_pb2: {"Materialize", "MakeDelta", "Convert", "Verify", "Describe", "ListModels"},
-        inference_pb2: {"Generate", "Complete", "Tokenize", "ModelInfo"},
+        inference_pb2: {"Generate", "Complete", "Tokenize", "ModelInfo", "GetLoad"},
         rrhf_pb2: {
             "Score",
             "Rank",

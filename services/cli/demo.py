@@ -1,4 +1,4 @@
-"""`make demo`: the whole Wombat lifecycle on SmolLM2-135M, through the three services as separate
+"""`make demo`: the whole Wombat lifecycle on SmolLM2-135M, through the four services as separate
 processes (a `LocalStack`, as `wombat up` runs them):
 
 1. prepare SmolLM2-135M (GGUF -> HF safetensors): the base;
@@ -7,7 +7,8 @@ processes (a `LocalStack`, as `wombat up` runs them):
 4. materialise base + delta through the materialiser;
 5. verify the manifest, and that the result equals the trained model in float16, value for value
    (-0.0 comes back as +0.0: base + delta cannot reproduce a zero's sign);
-6. serve the result with the inference service and stream an Alpaca-prompted answer;
+6. serve the result with the inference service and stream an Alpaca-prompted answer over gRPC, then the
+   same question through the OpenAI-compatible gateway with the official openai SDK (the same answer);
 7. rank candidate answers through the rrhf service, with the base and with the recovered model;
 8. print a summary table with timings and checksums.
 
@@ -52,6 +53,7 @@ class LifecycleResult:
     differences: list[str] = field(default_factory=list)
     manifest_ok: bool = False
     answer: str = ""
+    gateway_answer: str = ""  # the same greedy question through the gateway, with the openai SDK
     ranking: Table | None = None
 
     @property
@@ -61,6 +63,7 @@ class LifecycleResult:
             and not self.differences
             and self.trained_digest == self.recovered_digest
             and bool(self.answer.strip())
+            and self.gateway_answer == self.answer
         )
 
 
@@ -166,6 +169,19 @@ def run_lifecycle(workdir: Path, *, base_dir: Path | None = None, train_steps: i
             done("serve + stream", f"{final.usage.completion_tokens} tokens, first after "
                  f"{final.timings.time_to_first_token_seconds * 1000:.0f} ms")  # fmt: skip
 
+            render.console.print(
+                "    the same question through the OpenAI-compatible gateway (openai SDK, streaming)"
+            )
+            stack.specs["gateway"] = ServiceSpec(
+                "gateway", {"upstream": [stack.address("inference")], "port": 0, "drain_seconds": 10}
+            )
+            stack.start(["gateway"])
+            result.gateway_answer = _stream_through_gateway(stack.address("gateway"), max_new_tokens)
+            same = result.gateway_answer == result.answer
+            done(
+                "openai sdk via gateway", f"http://{stack.address('gateway')}/v1; same answer as gRPC: {same}"
+            )
+
             _say(7, "ranking candidate answers through the rrhf service")
             example = load_jsonl(data / "preferences.jsonl")[2]
             before = rrhf.rank(example.query, example.responses, model_path=BASE, alpaca_prompt=True)
@@ -174,6 +190,32 @@ def run_lifecycle(workdir: Path, *, base_dir: Path | None = None, train_steps: i
             best = {r.index: n for n, r in enumerate(after, start=1)}[0]
             done("rank", f"best-reward answer ranked {best} of {len(after)} by the recovered model")
     return result
+
+
+def _stream_through_gateway(address: str, max_tokens: int) -> str:
+    """One streaming chat completion with the official openai SDK, as any OpenAI client would send it."""
+    try:
+        import openai
+    except ImportError:
+        raise SystemExit(
+            "the demo streams through the gateway with the openai SDK: pip install openai"
+        ) from None
+
+    client = openai.OpenAI(base_url=f"http://{address}/v1", api_key="unused-locally")
+    model = client.models.list().data[0].id
+    render.console.print(f"[bold]openai> [/bold]chat.completions.create(model={model!r}, stream=True)")
+    stream = client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": DEMO_INSTRUCTION}], max_tokens=max_tokens,
+        temperature=0, stream=True,
+    )  # fmt: skip
+    pieces = []
+    for chunk in stream:
+        text = chunk.choices[0].delta.content if chunk.choices else None
+        if text:
+            render.console.print(text, end="", highlight=False, markup=False)
+            pieces.append(text)
+    render.console.print()
+    return "".join(pieces)
 
 
 def _train(rrhf, models: Path, steps: int, workers: int) -> None:
@@ -255,6 +297,8 @@ def run_demo(workdir: Path) -> int:
             problems.append("recovered tensors differ from the trained model's")
         if not result.answer.strip():
             problems.append("the streamed answer was empty")
+        if result.gateway_answer != result.answer:
+            problems.append("the answer through the gateway differs from the gRPC answer")
         render.console.print(f"[red]FAILED:[/red] {'; '.join(problems)}")
         return 1
     render.console.print(f"[green]OK:[/green] {RECOVERED} equals {TRAINED} in float16, value for value; "

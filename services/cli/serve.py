@@ -1,4 +1,4 @@
-"""`wombat serve materializer|inference|rrhf`: run one service until SIGTERM (the scaffold's lifecycle).
+"""`wombat serve materializer|inference|rrhf|gateway`: run one service until SIGTERM (the serve lifecycle).
 
 Every option can also come from the environment as WOMBAT_SERVE_<SERVICE>_<OPTION>, e.g.
 WOMBAT_SERVE_INFERENCE_MAX_BATCH_SIZE: Kubernetes ConfigMaps and `wombat up` configure services this way.
@@ -158,6 +158,61 @@ def serve_rrhf(
 
     _run(service, log_level, host, port, metrics_port, health_port, drain_seconds,
          tls_cert, tls_key, tls_client_ca, auth_token_file)  # fmt: skip
+
+
+@app.command("gateway")
+def serve_gateway(
+    upstream: Annotated[
+        list[str],
+        typer.Option(help="an inference replica, host:port; repeat for several (env: space-separated)"),
+    ],
+    port: Annotated[int, typer.Option(help="HTTP port (0 picks a free one)")] = 8000,
+    host: HostOpt = "0.0.0.0",
+    api_key_file: Annotated[
+        Path | None,
+        typer.Option(
+            help="file holding the API key callers send as 'Authorization: Bearer <key>' "
+            "(or $WOMBAT_GATEWAY_API_KEY); none: no key is checked"
+        ),
+    ] = None,  # fmt: skip
+    served_model_name: Annotated[
+        str | None, typer.Option(help="the model id callers use (default: the replicas' model name)")
+    ] = None,
+    balance: Annotated[str, typer.Option(help="least-loaded (GetLoad) or round-robin")] = "least-loaded",
+    default_max_tokens: Annotated[
+        int, typer.Option(help="max_tokens of a chat request that sets none")
+    ] = 512,
+    upstream_timeout: Annotated[float, typer.Option(help="seconds one generation may take")] = 600.0,
+    poll_seconds: Annotated[float, typer.Option(help="how often each replica's load is read")] = 0.5,
+    drain_seconds: DrainOpt = 30.0,
+    log_level: LogLevelOpt = "INFO",
+) -> None:
+    """Serve the OpenAI-compatible HTTP API over inference replicas (TLS and token to them from the
+    environment, as every client: $WOMBAT_AUTH_TOKEN, $WOMBAT_TLS_CA_FILE, ...)."""
+    from services.gateway.replicas import Balance
+    from services.gateway.server import API_KEY_ENV, GatewaySettings, serve
+    from services.scaffold.logs import configure_logging
+
+    balances = {b.value: b for b in Balance}
+    if balance not in balances:
+        fail(f"--balance must be {' or '.join(balances)}, got {balance}")
+    configure_logging(log_level)
+    key = api_key_file.read_text().strip() if api_key_file else os.environ.get(API_KEY_ENV) or None
+    settings = core(
+        lambda: GatewaySettings(
+            upstreams=tuple(upstream),
+            host=host,
+            port=port,
+            api_key=key,
+            served_model_name=served_model_name,
+            balance=balances[balance],
+            default_max_tokens=default_max_tokens,
+            drain_seconds=drain_seconds,
+            upstream_timeout=upstream_timeout,
+            poll_seconds=poll_seconds,
+        )
+    )
+    asyncio.run(serve(settings))
 
 
 def _run(make_service: Callable, log_level, *server_options) -> None:

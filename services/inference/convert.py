@@ -34,6 +34,7 @@ def prompt_spec(message: pb.PromptInput) -> PromptSpec:
         truncate_left_tokens=message.truncate_left_tokens
         if message.HasField("truncate_left_tokens")
         else None,
+        token_ids=tuple(message.token_ids),
     )
 
 
@@ -57,6 +58,7 @@ def logprobs(items: tuple[TokenLogprob, ...]) -> list[pb.TokenLogprob]:
         pb.TokenLogprob(
             token_id=item.token_id,
             logprob=item.logprob,
+            text=item.text,
             top=[pb.TopLogprob(token_id=t.token_id, text=t.text, logprob=t.logprob) for t in item.top],
         )
         for item in items
@@ -88,6 +90,8 @@ def complete_response(events: list[StreamEvent]) -> pb.CompleteResponse:
 
 def _fill_final(message, event: StreamEvent) -> None:
     message.finish_reason = _FINISH[event.finish_reason]
+    if event.seed is not None:
+        message.seed = event.seed
     if event.usage:
         message.usage.CopyFrom(
             pb.Usage(

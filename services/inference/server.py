@@ -93,7 +93,9 @@ class InferenceService(Service):
 
     def __init__(self, settings: InferenceSettings):
         self.settings = settings
-        self.servicer = InferenceServicer(settings.default_format, settings.max_batch_size)
+        self.servicer = InferenceServicer(
+            settings.default_format, settings.max_batch_size, settings.max_queue
+        )
 
     def registrations(self) -> list[ServiceRegistration]:
         return [
@@ -106,7 +108,7 @@ class InferenceService(Service):
         ]
 
     def register_metrics(self, registry: CollectorRegistry) -> None:
-        self.servicer.metrics = InferenceMetrics(registry)
+        self.servicer.metrics = InferenceMetrics(registry, self.settings.model_dir.name)
 
     async def load(self) -> None:
         loaded, engine = await asyncio.to_thread(load_engine, self.settings)

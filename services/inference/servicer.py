@@ -26,9 +26,9 @@ from wombat_core.errors import Unavailable
 
 
 class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
-    def __init__(self, default_format: PromptFormat, max_batch_size: int):
+    def __init__(self, default_format: PromptFormat, max_batch_size: int, max_queue: int):
         self.default_format = default_format
-        self.max_batch_size = max_batch_size
+        self.max_batch_size, self.max_queue = max_batch_size, max_queue
         self.loaded: LoadedModel | None = None
         self.engine: Engine | None = None
         self.metrics: InferenceMetrics | None = None
@@ -74,6 +74,18 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             default_prompt_format=convert.FORMAT_TO_PROTO[self.default_format],
             eos_token_id=engine.eos_token_ids[0] if engine.eos_token_ids else -1,
             max_batch_size=self.max_batch_size,
+            eos_token_ids=engine.eos_token_ids,
+        )
+
+    async def GetLoad(self, request: pb.GetLoadRequest, context) -> pb.GetLoadResponse:
+        _, engine = self._ready()
+        stats = engine.stats()
+        return pb.GetLoadResponse(
+            waiting_requests=stats.waiting,
+            running_requests=stats.running + stats.prefilling,
+            max_batch_size=self.max_batch_size,
+            max_waiting_requests=self.max_queue,
+            kv_cache_usage=stats.kv_cache_usage,
         )
 
     async def _run(

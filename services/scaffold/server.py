@@ -34,6 +34,12 @@ LIVENESS_SERVICE = "wombat.liveness"
 READY_PATTERN = re.compile(r"WOMBAT_READY port=(\d+) metrics_port=(\S+)")
 
 
+def announce(port: int, metrics_port: int | None, state: str = "READY") -> None:
+    """Prints WOMBAT_<state> with the ports: what supervisors (`wombat up`, tests) wait for. READY matches
+    READY_PATTERN. Every service prints it from here, the HTTP gateway included."""
+    print(f"WOMBAT_{state} port={port} metrics_port={metrics_port}", flush=True)
+
+
 @dataclass(frozen=True)
 class ServiceRegistration:
     """A servicer to add: its full proto name (for health and reflection) and the generated add function."""
@@ -74,8 +80,7 @@ class WombatServer:
         log.info("serving %s (metrics port %s)", ", ".join(self.service_names), self.metrics_port)
 
     def announce(self, port: int, state: str = "READY") -> None:
-        """Prints WOMBAT_<state> with the ports (READY matches READY_PATTERN)."""
-        print(f"WOMBAT_{state} port={port} metrics_port={self.metrics_port}", flush=True)
+        announce(port, self.metrics_port, state)
 
     async def set_serving(self, serving: bool = True) -> None:
         self._state.ready = serving

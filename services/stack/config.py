@@ -17,9 +17,9 @@ from pathlib import Path
 
 from wombat_core.errors import InvalidArgument, NotFound
 
-SERVICES = ("materializer", "rrhf", "inference")  # start order; stopped in reverse
+SERVICES = ("materializer", "rrhf", "inference", "gateway")  # start order; stopped in reverse
 PATH_OPTIONS = {"model", "model_root", "data_root", "state_dir", "tls_cert", "tls_key", "tls_client_ca",
-                "auth_token_file"}  # fmt: skip
+                "auth_token_file", "api_key_file"}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -36,6 +36,9 @@ class ServiceSpec:
             flag = "--" + key.replace("_", "-")
             if isinstance(value, bool):
                 args.append(flag if value else "--no-" + flag[2:])
+            elif isinstance(value, list):  # a repeatable option, e.g. the gateway's upstream = ["a", "b"]
+                for item in value:
+                    args += [flag, str(item)]
             else:
                 args += [flag, str(value)]
         return args
@@ -71,5 +74,7 @@ def load_stack_config(
             check(spec)
         specs[name] = spec
     if not specs:
-        raise InvalidArgument(f"{path} names no service; add a [materializer], [inference] or [rrhf] table")
+        raise InvalidArgument(
+            f"{path} names no service; add a [materializer], [inference], [rrhf] or [gateway] table"
+        )
     return specs

@@ -17,10 +17,11 @@ def test_shortened_lifecycle_recovers_the_trained_model_and_streams_an_answer(de
     result = run_lifecycle(workdir, base_dir=base, train_steps=2, workers=1, max_new_tokens=24)
     assert [name for name, _, _ in result.stages] == [
         "prepare base", "start services", "rrhf train", "make delta", "materialise", "verify",
-        "serve + stream", "rank",
+        "serve + stream", "openai sdk via gateway", "rank",
     ]  # fmt: skip
     assert result.manifest_ok and result.differences == []
     assert result.trained_digest == result.recovered_digest
     assert result.answer.strip()
+    assert result.gateway_answer == result.answer  # the openai SDK through the gateway: the same text
     assert result.ok
     assert read_state(workdir) is None  # every service stopped, the stack record removed

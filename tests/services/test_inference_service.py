@@ -11,6 +11,7 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from clients.base import error_info
 from clients.inference import AsyncInferenceClient, InferenceClient, prompt, sampling
 from tests.conftest import ServerThread, rpc_error
 from tests.engine_fixtures import save_cycling_model, save_servable_tiny_model
@@ -142,6 +143,28 @@ def test_tokenize_and_model_info(client):
     assert info.name == "tiny-wombat" and info.context_length == 256 and info.vocab_size == 401
     assert info.default_prompt_format == pb.PROMPT_FORMAT_ALPACA and info.max_batch_size == 4
     assert info.dtype == "float32" and info.device == "cpu" and info.eos_token_id == 2
+    assert list(info.eos_token_ids) == [2]
+
+
+def test_a_prompt_of_token_ids_is_used_as_it_is(client, reference):
+    ids = list(client.tokenize(prompt("Name three colours.")).token_ids)
+    result = client.complete(prompt(token_ids=ids), GREEDY)
+    assert list(result.token_ids) == reference("Name three colours.", 16)
+    assert result.usage.prompt_tokens == len(ids)
+    tokenized = client.tokenize(prompt(token_ids=ids))
+    assert list(tokenized.token_ids) == ids and tokenized.rendered.endswith("### Response:")
+
+
+def test_the_seed_used_is_returned_and_reproduces_the_output(client):
+    params = dict(temperature=1.0, max_new_tokens=12, ignore_eos=True)
+    drawn = client.complete(prompt("Write a word."), sampling(**params))
+    assert drawn.HasField("seed")
+    again = client.complete(prompt("Write a word."), sampling(**params, seed=drawn.seed))
+    assert again.seed == drawn.seed and list(again.token_ids) == list(drawn.token_ids)
+    streamed = list(client.generate(prompt("Write a word."), sampling(**params, seed=drawn.seed)))
+    assert streamed[-1].seed == drawn.seed
+    assert not any(r.HasField("seed") for r in streamed[:-1])
+    assert [t for r in streamed for t in r.token_ids] == list(drawn.token_ids)
 
 
 @pytest.mark.parametrize(
@@ -159,6 +182,8 @@ def test_tokenize_and_model_info(client):
         (prompt("x", format="raw", input="y"), sampling(), "`input` is only for the alpaca format"),
         (prompt("word " * 400, format="raw"), sampling(), "the model's context is 256"),
         (prompt("x", truncate_left_tokens=0), sampling(), "truncate_left_tokens must be >= 1"),
+        (prompt("x", token_ids=[5]), sampling(), "a prompt given as token_ids takes no format, text"),
+        (prompt(token_ids=[5, 401]), sampling(), "prompt token_ids must be < the vocabulary size 401"),
     ],
     ids=lambda value: None,
 )
@@ -166,6 +191,13 @@ def test_invalid_requests_get_invalid_argument(client, prompt_input, params, mes
     error = rpc_error(lambda: client.complete(prompt_input, params))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert message in error.details()
+    assert error_info(error).reason == "INVALID_ARGUMENT"
+
+
+def test_invalid_sampling_names_the_field_in_error_info(client):
+    error = rpc_error(lambda: client.complete(prompt("x"), sampling(top_p=1.5)))
+    info = error_info(error)
+    assert info.domain == "wombat" and info.metadata["field"] == "top_p"
 
 
 def test_left_truncation_is_explicit(client):
@@ -213,12 +245,22 @@ def test_full_queue_is_resource_exhausted_immediately(long_context_dir):
             queued = client.generate(prompt("b"), long)
             while thread.servicer.engine.stats().waiting == 0:
                 time.sleep(0.005)
+            load = client.get_load()
+            assert (load.running_requests, load.waiting_requests) == (1, 1)
+            assert (load.max_batch_size, load.max_waiting_requests) == (1, 1)
+            assert 0 < load.kv_cache_usage < 1
             started = time.monotonic()
             error = rpc_error(lambda: client.complete(prompt("c"), long))
             assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "retry" in error.details()
             assert time.monotonic() - started < 1.0
+            info = error_info(error)
+            assert info.reason == "RESOURCE_EXHAUSTED" and info.metadata["retry_after_seconds"] == "1"
             running.cancel()
             queued.cancel()
+            while thread.servicer.engine.stats().running or thread.servicer.engine.stats().waiting:
+                time.sleep(0.005)
+            idle = client.get_load()
+            assert (idle.running_requests, idle.waiting_requests, idle.kv_cache_usage) == (0, 0, 0)
     finally:
         thread.stop()
 
@@ -277,17 +319,43 @@ def test_metrics_move_with_every_request(server, client):
     # One interval per token after the first, however the tokens were grouped into messages.
     assert moved[("wombat_inference_inter_token_seconds_count", ())] == 4
     assert moved[("wombat_inference_inter_token_seconds_sum", ())] > 0
+    assert moved[("wombat_inference_prompt_tokens_total", ())] > 20
+    assert moved[("wombat_inference_request_prompt_tokens_count", ())] == 1
+    assert moved[("wombat_inference_e2e_request_latency_seconds_count", ())] == 1
+
+
+def test_vllm_named_metrics_move_with_the_same_values(server, client):
+    model = (("model_name", "tiny-wombat"),)
+    before = _metrics(server)
+    result = client.complete(prompt("Say hello."), sampling(temperature=0, max_new_tokens=5, ignore_eos=True))
+    moved = _moved(
+        server, before, {("vllm:request_success_total", (*model, ("finished_reason", "length"))): 1}
+    )
+    assert moved[("vllm:request_success_total", (("finished_reason", "length"), *model))] == 1
+    assert moved[("vllm:generation_tokens_total", model)] == 5
+    assert moved[("vllm:prompt_tokens_total", model)] == result.usage.prompt_tokens
+    assert moved[("vllm:request_prompt_tokens_sum", model)] == result.usage.prompt_tokens
+    assert moved[("vllm:time_to_first_token_seconds_count", model)] == 1
+    assert moved[("vllm:inter_token_latency_seconds_count", model)] == 4
+    assert moved[("vllm:e2e_request_latency_seconds_count", model)] == 1
+    assert moved[("vllm:e2e_request_latency_seconds_sum", model)] > 0
 
 
 def test_load_gauges_follow_a_running_request(server, client):
     running, waiting = ("wombat_inference_running_sequences", ()), ("wombat_inference_queue_depth", ())
+    model = (("model_name", "tiny-wombat"),)
+    vllm_running, vllm_waiting = ("vllm:num_requests_running", model), ("vllm:num_requests_waiting", model)
+    kv, vllm_kv = ("wombat_inference_kv_cache_usage", ()), ("vllm:kv_cache_usage_perc", model)
     idle = _metrics(server)
-    assert idle[running] == 0 and idle[waiting] == 0
+    assert idle[running] == idle[waiting] == idle[vllm_running] == idle[vllm_waiting] == 0
+    assert idle[kv] == idle[vllm_kv] == 0
     stream = client.generate(
         prompt("Say hello."), sampling(temperature=0, max_new_tokens=4000, ignore_eos=True)
     )
     next(stream)
-    assert _metrics(server)[running] == 1
+    busy = _metrics(server)
+    assert busy[running] == busy[vllm_running] == 1
+    assert 0 < busy[kv] and busy[vllm_kv] == pytest.approx(busy[kv], abs=0.01)
     stream.cancel()
     moved = _moved(
         server, idle, {("wombat_inference_requests_finished_total", (("reason", "cancelled"),)): 1}

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from services.scaffold.errors import error_info
+from clients.base import error_info
 from tests.conftest import rpc_error
 from tests.models import load_state, naive_apply, save_tiny_llama
 from wombat.materializer.v1 import materializer_pb2 as pb

@@ -25,6 +25,7 @@ import queue
 import secrets
 import threading
 import time
+import weakref
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -114,6 +115,9 @@ class Engine:
         self._running: list[_Sequence] = []  # in row order: row i of the runner and the sampler
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._mailboxes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Mailbox] = (
+            weakref.WeakKeyDictionary()
+        )
         # Called on the engine thread with every request's final event (cancellations included): metrics.
         self.on_finish: Callable[[StreamEvent], None] | None = None
 
@@ -156,7 +160,8 @@ class Engine:
             if len(self._waiting) >= self.config.max_queue + max(0, free_slots):
                 raise ResourceExhausted(
                     f"the server is at capacity ({len(self._waiting)} requests waiting, "
-                    f"{len(self._running)} running); retry with backoff"
+                    f"{len(self._running)} running); retry with backoff",
+                    metadata={"retry_after_seconds": "1"},
                 )
             self._waiting.append(sequence)
             self._lock.notify_all()
@@ -188,8 +193,10 @@ class Engine:
         """`generate()` for asyncio code; call it on the event loop. Use `contextlib.aclosing` (or read to
         the end): a consumer that is cancelled or stops early cancels the request at once."""
         loop = asyncio.get_running_loop()
+        with self._lock:
+            mailbox = self._mailboxes.get(loop) or self._mailboxes.setdefault(loop, _Mailbox(loop))
         inbox: asyncio.Queue[StreamEvent] = asyncio.Queue()
-        self.submit(request, lambda event: loop.call_soon_threadsafe(inbox.put_nowait, event))
+        self.submit(request, lambda event: mailbox.post(inbox, event))
 
         async def events() -> AsyncIterator[list[StreamEvent]]:
             finished = False
@@ -342,7 +349,7 @@ class Engine:
             if not sequence.first_token:
                 sequence.first_token = now
             reason, text = self._advance(sequence, token)
-            token_logprobs = (self._with_top_text(logprob),) if logprob else ()
+            token_logprobs = (self._with_texts(logprob),) if logprob else ()
             if reason is None:
                 events.append(
                     (sequence, StreamEvent(sequence.id, (token,), text, token_logprobs, emitted_at=now))
@@ -372,11 +379,10 @@ class Engine:
             return FinishReason.LENGTH, text + sequence.detokenizer.flush()
         return None, text
 
-    def _with_top_text(self, logprob: TokenLogprob) -> TokenLogprob:
-        if not logprob.top:
-            return logprob
+    def _with_texts(self, logprob: TokenLogprob) -> TokenLogprob:
+        """Each token's own text (OpenAI's logprobs name tokens by text); only for requests that asked."""
         top = tuple(type(t)(t.token_id, self.tokenizer.decode([t.token_id]), t.logprob) for t in logprob.top)
-        return TokenLogprob(logprob.token_id, logprob.logprob, top)
+        return TokenLogprob(logprob.token_id, logprob.logprob, top, self.tokenizer.decode([logprob.token_id]))
 
     def _retire(self, rows: list[int]) -> None:
         """Rows leave: the runner, the sampler and this list apply the same compaction moves."""
@@ -409,7 +415,8 @@ class Engine:
             completion_tokens=len(sequence.generated),
             truncated_prompt_tokens=sequence.request.truncated_prompt_tokens,
         )
-        return StreamEvent(sequence.id, token_ids, text, logprobs, reason, usage, timings, emitted_at=now)
+        return StreamEvent(sequence.id, token_ids, text, logprobs, reason, usage, timings, emitted_at=now,
+                           seed=sequence.seed)  # fmt: skip
 
     def _deliver(self, sequence: _Sequence, event: StreamEvent) -> None:
         sequence.sink(event)
@@ -426,6 +433,31 @@ class Engine:
         self.runner.move_rows([], 0)  # no running rows; the cache's contents no longer matter
         for sequence in victims:
             sequence.sink(StreamEvent(sequence.id, (), "", error=error))
+
+
+class _Mailbox:
+    """Hands events from the engine thread to one event loop: every event of a step travels in one wake-up
+    of the loop (one `call_soon_threadsafe`), not one per request, which matters with many streams."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self._lock = threading.Lock()
+        self._pending: list[tuple[asyncio.Queue, StreamEvent]] = []
+        self._scheduled = False
+
+    def post(self, inbox: asyncio.Queue, event: StreamEvent) -> None:
+        with self._lock:
+            self._pending.append((inbox, event))
+            if self._scheduled:
+                return
+            self._scheduled = True
+        self.loop.call_soon_threadsafe(self._flush)
+
+    def _flush(self) -> None:
+        with self._lock:
+            pending, self._pending, self._scheduled = self._pending, [], False
+        for inbox, event in pending:
+            inbox.put_nowait(event)
 
 
 def _ends(batch: list[StreamEvent]) -> bool:

@@ -9,6 +9,7 @@ from wombat_core.errors import InvalidArgument
 from wombat_core.prompts import alpaca_prompt
 
 MAX_PROMPT_CHARS = 1_000_000
+MAX_PROMPT_TOKEN_IDS = 1_000_000
 CHAT_ROLES = ("system", "user", "assistant")
 
 
@@ -25,8 +26,23 @@ class PromptSpec:
     input: str = ""
     messages: tuple[tuple[str, str], ...] = ()
     truncate_left_tokens: int | None = None
+    # A prompt given as token ids is used as it is: no template, no tokenisation (vLLM's TokensPrompt).
+    token_ids: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
+        if self.token_ids:
+            if self.format is not None or self.text or self.input or self.messages:
+                raise InvalidArgument(
+                    "a prompt given as token_ids takes no format, text, input or messages; send one or the other",
+                    metadata={"field": "prompt"},
+                )
+            if len(self.token_ids) > MAX_PROMPT_TOKEN_IDS:
+                raise InvalidArgument(
+                    f"prompt token_ids may hold at most {MAX_PROMPT_TOKEN_IDS} ids, got {len(self.token_ids)}",
+                    metadata={"field": "prompt"},
+                )
+            if min(self.token_ids) < 0:
+                raise InvalidArgument("prompt token_ids must be >= 0", metadata={"field": "prompt"})
         size = len(self.text) + len(self.input) + sum(len(c) for _, c in self.messages)
         if size > MAX_PROMPT_CHARS:
             raise InvalidArgument(f"prompt must be at most {MAX_PROMPT_CHARS} characters, got {size}")
@@ -69,8 +85,17 @@ def render(spec: PromptSpec, tokenizer, default: PromptFormat) -> tuple[str, boo
 
 
 def encode(spec: PromptSpec, tokenizer, default: PromptFormat) -> EncodedPrompt:
-    text, add_special = render(spec, tokenizer, default)
-    ids = tokenizer(text, add_special_tokens=add_special)["input_ids"]
+    if spec.token_ids:
+        ids = list(spec.token_ids)
+        if max(ids) >= len(tokenizer):
+            raise InvalidArgument(
+                f"prompt token_ids must be < the vocabulary size {len(tokenizer)}, got {max(ids)}",
+                metadata={"field": "prompt"},
+            )
+        text = tokenizer.decode(ids)
+    else:
+        text, add_special = render(spec, tokenizer, default)
+        ids = tokenizer(text, add_special_tokens=add_special)["input_ids"]
     truncated = 0
     if spec.truncate_left_tokens is not None and len(ids) > spec.truncate_left_tokens:
         # The reference keeps the last 100 prompt tokens; here the number is the caller's choice.

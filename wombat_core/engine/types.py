@@ -35,6 +35,7 @@ class TokenLogprob:
     token_id: int
     logprob: float
     top: tuple[TopLogprob, ...] = ()
+    text: str = ""  # the token decoded on its own
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,7 @@ class StreamEvent:
     timings: Timings | None = None
     error: Exception | None = field(default=None, compare=False)
     emitted_at: float = field(default=0.0, compare=False)  # time.monotonic() when the engine made it
+    seed: int | None = None  # on the last event: the seed the request sampled with (its own or drawn)
 
     @property
     def finished(self) -> bool:

@@ -27,6 +27,15 @@ if _version_not_supported:
 
 class InferenceServiceStub:
     """Generation service for one loaded model.
+
+    Errors carry a google.rpc.Status with a google.rpc.ErrorInfo (domain "wombat") in the trailers; read it
+    with grpcio-status (`rpc_status.from_call`). Its `reason` is one of:
+    INVALID_ARGUMENT (INVALID_ARGUMENT): the request is wrong; metadata "field" names the field, for
+    example "temperature", "max_new_tokens" or "prompt".
+    RESOURCE_EXHAUSTED (RESOURCE_EXHAUSTED): the waiting queue is full; retry later or on another replica
+    (GetLoad tells which is least loaded). Metadata "retry_after_seconds" is a hint.
+    UNAVAILABLE (UNAVAILABLE): the model is still loading or the server is draining; retry another replica.
+    INTERNAL (INTERNAL): a bug; the message names the request id to find in the server log.
     """
 
     def __init__(self, channel):
@@ -55,10 +64,24 @@ class InferenceServiceStub:
                 request_serializer=wombat_dot_inference_dot_v1_dot_inference__pb2.ModelInfoRequest.SerializeToString,
                 response_deserializer=wombat_dot_inference_dot_v1_dot_inference__pb2.ModelInfoResponse.FromString,
                 _registered_method=True)
+        self.GetLoad = channel.unary_unary(
+                '/wombat.inference.v1.InferenceService/GetLoad',
+                request_serializer=wombat_dot_inference_dot_v1_dot_inference__pb2.GetLoadRequest.SerializeToString,
+                response_deserializer=wombat_dot_inference_dot_v1_dot_inference__pb2.GetLoadResponse.FromString,
+                _registered_method=True)
 
 
 class InferenceServiceServicer:
     """Generation service for one loaded model.
+
+    Errors carry a google.rpc.Status with a google.rpc.ErrorInfo (domain "wombat") in the trailers; read it
+    with grpcio-status (`rpc_status.from_call`). Its `reason` is one of:
+    INVALID_ARGUMENT (INVALID_ARGUMENT): the request is wrong; metadata "field" names the field, for
+    example "temperature", "max_new_tokens" or "prompt".
+    RESOURCE_EXHAUSTED (RESOURCE_EXHAUSTED): the waiting queue is full; retry later or on another replica
+    (GetLoad tells which is least loaded). Metadata "retry_after_seconds" is a hint.
+    UNAVAILABLE (UNAVAILABLE): the model is still loading or the server is draining; retry another replica.
+    INTERNAL (INTERNAL): a bug; the message names the request id to find in the server log.
     """
 
     def Generate(self, request, context):
@@ -90,6 +113,14 @@ class InferenceServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetLoad(self, request, context):
+        """Reports how busy this replica is, for routers and gateways that pick the least-loaded one. Cheap:
+        it reads counters and never waits for the engine. A draining or loading replica answers UNAVAILABLE.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_InferenceServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -113,6 +144,11 @@ def add_InferenceServiceServicer_to_server(servicer, server):
                     request_deserializer=wombat_dot_inference_dot_v1_dot_inference__pb2.ModelInfoRequest.FromString,
                     response_serializer=wombat_dot_inference_dot_v1_dot_inference__pb2.ModelInfoResponse.SerializeToString,
             ),
+            'GetLoad': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetLoad,
+                    request_deserializer=wombat_dot_inference_dot_v1_dot_inference__pb2.GetLoadRequest.FromString,
+                    response_serializer=wombat_dot_inference_dot_v1_dot_inference__pb2.GetLoadResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'wombat.inference.v1.InferenceService', rpc_method_handlers)
@@ -123,6 +159,15 @@ def add_InferenceServiceServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class InferenceService:
     """Generation service for one loaded model.
+
+    Errors carry a google.rpc.Status with a google.rpc.ErrorInfo (domain "wombat") in the trailers; read it
+    with grpcio-status (`rpc_status.from_call`). Its `reason` is one of:
+    INVALID_ARGUMENT (INVALID_ARGUMENT): the request is wrong; metadata "field" names the field, for
+    example "temperature", "max_new_tokens" or "prompt".
+    RESOURCE_EXHAUSTED (RESOURCE_EXHAUSTED): the waiting queue is full; retry later or on another replica
+    (GetLoad tells which is least loaded). Metadata "retry_after_seconds" is a hint.
+    UNAVAILABLE (UNAVAILABLE): the model is still loading or the server is draining; retry another replica.
+    INTERNAL (INTERNAL): a bug; the message names the request id to find in the server log.
     """
 
     @staticmethod
@@ -223,6 +268,33 @@ class InferenceService:
             '/wombat.inference.v1.InferenceService/ModelInfo',
             wombat_dot_inference_dot_v1_dot_inference__pb2.ModelInfoRequest.SerializeToString,
             wombat_dot_inference_dot_v1_dot_inference__pb2.ModelInfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetLoad(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/wombat.inference.v1.InferenceService/GetLoad',
+            wombat_dot_inference_dot_v1_dot_inference__pb2.GetLoadRequest.SerializeToString,
+            wombat_dot_inference_dot_v1_dot_inference__pb2.GetLoadResponse.FromString,
             options,
             channel_credentials,
             insecure,
