@@ -10,6 +10,7 @@ over the workloads of the inference issue:
   (b) 16 concurrent x 128 new tokens, short Alpaca prompts (~40 tokens)
   (c) 16 concurrent x 256 new tokens, ~200-token prompts
   (d) churn: 32 requests of mixed output lengths (32 to 256 tokens) arriving over time through 16 slots
+  (e) 16 concurrent streaming callers through the OpenAI-compatible gateway vs straight to gRPC
 
 and prints tok/s, TTFT p50/p95 and the ratios the issue sets goals for. Every system decodes greedily and
 ignores EOS, so all generate the same number of tokens. Concurrent gRPC callers are independent: each
@@ -217,6 +218,115 @@ async def _callers(address: str, plan: list[tuple], window: str) -> dict:
     return {"tok_s": tok_s, "tok_s_overall": total / (finished - started), "ttft": ttfts}
 
 
+async def _http_callers(base_url: str, model: str, texts: list[str], callers: int, rounds: int,
+                        new_tokens: int, spread: float) -> dict:  # fmt: skip
+    """The callers of `grpc_callers` (the same random start offsets), as OpenAI clients of the gateway:
+    streaming /v1/completions over one HTTP connection pool (httpx, parsing the SSE lines, as the SDKs
+    do). tok/s over the whole run."""
+    try:  # the HTTP client the installed openai SDK is built on: httpx, or its successor httpx2
+        import httpx2 as httpx
+    except ImportError:
+        import httpx
+
+    ttfts: list[float] = []
+    tokens = 0
+
+    rng = random.Random(1234)
+
+    async def caller(http, index: int) -> None:
+        nonlocal tokens
+        await asyncio.sleep(rng.uniform(0, spread))
+        for r in range(rounds):
+            body = {"model": model, "prompt": texts[(index + r) % len(texts)], "max_tokens": new_tokens,
+                    "temperature": 0, "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
+            begin, first = time.perf_counter(), None
+            async with http.stream("POST", f"{base_url}/v1/completions", json=body) as response:
+                response.raise_for_status()
+                async for line in response.aiter_lines():
+                    if not line.startswith("data: {"):
+                        continue
+                    chunk = json.loads(line[6:])
+                    # The first token's chunk (its text may be empty: the detokenizer can hold a token's
+                    # text back until the next one), as the gRPC callers count the first token's message.
+                    if first is None and chunk["choices"]:
+                        first = time.perf_counter() - begin
+                    if chunk.get("usage"):
+                        tokens += chunk["usage"]["completion_tokens"]
+            ttfts.append(first)
+
+    limits = httpx.Limits(max_connections=callers * 2, max_keepalive_connections=callers * 2)
+    async with httpx.AsyncClient(timeout=None, limits=limits) as http:
+        started = time.perf_counter()
+        await asyncio.gather(*(caller(http, i) for i in range(callers)))
+        finished = time.perf_counter()
+    return {"tok_s": tokens / (finished - started), "ttft": ttfts, "seconds": finished - started}
+
+
+async def _alternating(
+    address: str, url: str, model: str, texts: list[str], requests: int
+) -> tuple[dict, dict]:
+    """One request at a time, alternating straight to gRPC and through the gateway (so both meet the same
+    engine state): TTFT to the first token's message or chunk, 8 tokens each."""
+    try:
+        import httpx2 as httpx
+    except ImportError:
+        import httpx
+    from clients.inference import AsyncInferenceClient, prompt, sampling
+
+    direct, through = [], []
+    async with AsyncInferenceClient(address, timeout=300) as client, httpx.AsyncClient(timeout=None) as http:
+        for n in range(requests):
+            text = texts[n % len(texts)]
+            begin, first = time.perf_counter(), None
+            async for response in client.generate(prompt(text, format="raw"),
+                                                  sampling(temperature=0, max_new_tokens=8, ignore_eos=True)):  # fmt: skip
+                first = first or (time.perf_counter() - begin if response.token_ids else None)
+            direct.append(first)
+            body = {"model": model, "prompt": text, "max_tokens": 8, "temperature": 0, "ignore_eos": True,
+                    "stream": True}  # fmt: skip
+            begin, first = time.perf_counter(), None
+            async with http.stream("POST", f"{url}/v1/completions", json=body) as response:
+                async for line in response.aiter_lines():
+                    if line.startswith("data: {") and json.loads(line[6:])["choices"]:
+                        first = first or time.perf_counter() - begin
+            through.append(first)
+    return {"tok_s": 0.0, "ttft": direct[2:]}, {"tok_s": 0.0, "ttft": through[2:]}
+
+
+def gateway_vs_direct(
+    address: str,
+    gateway_pid: int,
+    gateway_port: int,
+    model: str,
+    texts: list[str],
+    rounds: int,
+    spread: float,
+) -> dict:
+    """(e): (b)'s 16 callers straight to gRPC, then the same callers (same start offsets) through the
+    gateway; tok/s over the whole run, TTFT to the first token's message or chunk. Also one caller at a time
+    (10 requests each way), where nothing competes with the gateway for the CPU, and the gateway's own
+    CPU time per relayed token."""
+    import psutil
+
+    url = f"http://127.0.0.1:{gateway_port}"
+    plan = [(texts, rounds, 128, spread)] * SLOTS
+    direct = asyncio.run(_callers(address, plan, window="all open"))
+    settle()
+    gateway_cpu = psutil.Process(gateway_pid)
+    before = sum(gateway_cpu.cpu_times()[:2])
+    through = asyncio.run(_http_callers(url, model, texts, SLOTS, rounds, 128, spread))
+    cpu_per_token = (sum(gateway_cpu.cpu_times()[:2]) - before) / (through["tok_s"] * through["seconds"])
+    settle()
+    single_direct, single_through = asyncio.run(_alternating(address, url, model, texts, 12))
+    return {
+        "e/grpc": {"tok_s": direct["tok_s_overall"], "ttft": direct["ttft"]},
+        "e/gateway": through,
+        "e1/grpc": single_direct,
+        "e1/gateway": single_through,
+        "gateway_cpu_ms_per_token": cpu_per_token * 1000,
+    }
+
+
 # --- profile ----------------------------------------------------------------------------------------
 
 
@@ -312,6 +422,7 @@ def main() -> None:
     parser.add_argument("--model", type=Path, default=ROOT / ".demo" / "models" / "smollm2-135m")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--workloads", default="abcde", help="which of a-e to run (default all)")
     parser.add_argument("--baseline", help=argparse.SUPPRESS)  # internal: one in-process system, JSON out
     args = parser.parse_args()
     if args.baseline:
@@ -337,15 +448,20 @@ def main() -> None:
     log = ROOT / ".demo" / "bench-inference.log"
     service = ServiceProcess(["inference", "--model", str(args.model), "--port", "0", "--metrics-port", "-1",
                               "--max-batch-size", str(SLOTS), "--max-queue", "64", "--dtype", "float32"], log)  # fmt: skip
-    baselines = [Baseline(system, args.model) for system in ("hf", "ct2-float32", "ct2-int8")]
+    systems = ("hf", "ct2-float32", "ct2-int8") if set(args.workloads) & set("abc") else ()
+    baselines = [Baseline(system, args.model) for system in systems]
     try:
         address = f"127.0.0.1:{service.port}"
-        for _ in range(3):  # single streams take turns, best of three each
-            for baseline in baselines:
-                keep_best(f"a/{baseline.system}", baseline.run("a"))
-            keep_best("a/grpc", grpc_callers(address, short, 1, 2, 128, 0.0))
-            settle()
+        want = set(args.workloads)
+        if want & set("abc"):  # (a)'s single-stream rate also sizes (b) and (c)'s caller spread
+            for _ in range(3):  # single streams take turns, best of three each
+                for baseline in baselines:
+                    keep_best(f"a/{baseline.system}", baseline.run("a"))
+                keep_best("a/grpc", grpc_callers(address, short, 1, 2, 128, 0.0))
+                settle()
         for workload, texts, new_tokens in (("b", short, 128), ("c", long, 256)):
+            if workload not in want:
+                continue
             for baseline in baselines:
                 results[f"{workload}/{baseline.system}"] = baseline.run(workload)
             one_request = new_tokens / results["a/grpc"]["tok_s"]
@@ -354,7 +470,21 @@ def main() -> None:
             )
         # Churn: (b)'s prompts with output lengths from 32 to 256 tokens, a request every 150 ms: the 16 slots
         # fill within seconds, then requests keep leaving and the waiting ones take their places.
-        results["d/grpc"] = grpc_churn(address, short, 32, gap=0.15)
+        if "d" in want:
+            results["d/grpc"] = grpc_churn(address, short, 32, gap=0.15)
+        for baseline in baselines:  # the peers are done: give the gateway their cores' share back
+            baseline.close()
+        baselines = []
+        if "e" in want:
+            gateway = ServiceProcess(["gateway", "--upstream", address, "--port", "0"],
+                                     ROOT / ".demo" / "bench-gateway.log")  # fmt: skip
+            try:
+                settle()
+                one_request = 128 / results["a/grpc"]["tok_s"] if "a/grpc" in results else 2.5
+                results.update(gateway_vs_direct(address, gateway.process.pid, gateway.port, args.model.name,
+                                                 short, args.rounds, one_request))  # fmt: skip
+            finally:
+                gateway.stop()
     finally:
         service.stop()
         for baseline in baselines:
@@ -368,19 +498,30 @@ def main() -> None:
         "c/hf": "(c) HF static batch 16", "c/ct2-float32": "(c) CTranslate2 fp32 batch 16",
         "c/ct2-int8": "(c) CTranslate2 int8 batch 16", "c/grpc": "(c) gRPC, 16 streams",
         "d/grpc": "(d) gRPC, churn (32 through 16)",
+        "e/grpc": "(e) 16 streams straight to gRPC", "e/gateway": "(e) 16 streams via the gateway",
+        "e1/grpc": "(e) 1 at a time straight (TTFT only)", "e1/gateway": "(e) 1 at a time via gateway",
     }  # fmt: skip
     cores = len(os.sched_getaffinity(0))
     print(f"\nSmolLM2-135M, float32 on {cores} CPU cores; (c) prompts ~{long_tokens:.0f} tokens")
     print(f"{'':34}{'tok/s':>9}{'TTFT p50 ms':>13}{'TTFT p95 ms':>13}")
     for key, label in labels.items():
+        if key not in results:
+            continue
         r = results[key]
         p50, p95 = percentile(r["ttft"], 0.5) * 1000, percentile(r["ttft"], 0.95) * 1000
         print(f"{label:34}{r['tok_s']:9.1f}{p50:13.0f}{p95:13.0f}")
 
-    def ratio(a: str, b: str) -> float:
-        return results[a]["tok_s"] / results[b]["tok_s"]
+    def ratio(a: str, b: str) -> float | None:
+        return results[a]["tok_s"] / results[b]["tok_s"] if a in results and b in results else None
 
-    ttft = percentile(results["b/grpc"]["ttft"], 0.5) / percentile(results["a/grpc"]["ttft"], 0.5)
+    def ttft_p50(key: str) -> float | None:
+        return percentile(results[key]["ttft"], 0.5) if key in results else None
+
+    ttft = ttft_p50("b/grpc") / ttft_p50("a/grpc") if "b/grpc" in results else None
+    overhead = (ttft_p50("e/gateway") - ttft_p50("e/grpc")) * 1000 if "e/gateway" in results else None
+    single_overhead = (
+        (ttft_p50("e1/gateway") - ttft_p50("e1/grpc")) * 1000 if "e1/gateway" in results else None
+    )
     rows = [
         ("gRPC single stream / CTranslate2 fp32, (a)", ratio("a/grpc", "a/ct2-float32"), ">= 0.8"),
         ("gRPC 16 streams / CTranslate2 fp32 batch 16, (b)", ratio("b/grpc", "b/ct2-float32"), ">= 1.0"),
@@ -389,12 +530,18 @@ def main() -> None:
         ("gRPC 16 streams / HF static batch 16, (c)", ratio("c/grpc", "c/hf"), ">= 1.5"),
         ("(d) churn aggregate / (b)", ratio("d/grpc", "b/grpc"), ">= 0.8"),
         ("TTFT p50, 16 streams / single stream, (b)", ttft, "<= 1.5"),
+        ("(e) gateway / direct gRPC, 16 streams, tok/s", ratio("e/gateway", "e/grpc"), ">= 0.95"),
+        ("(e) gateway TTFT p50 overhead, ms", overhead, "<= 10"),
+        ("(e) the same, one stream at a time, ms", single_overhead, ""),
+        ("(e) gateway CPU per relayed token, ms", results.get("gateway_cpu_ms_per_token"), ""),
     ]
     print(f"\n{'ratio (this run)':52}{'value':>7}  goal")
     for name, value, goal in rows:
-        print(f"{name:52}{value:7.2f}  {goal}")
-    print(f"  (gRPC single stream / HF generate: {ratio('a/grpc', 'a/hf'):.2f}; "
-          f"CTranslate2 int8 / fp32 at 16: {ratio('b/ct2-int8', 'b/ct2-float32'):.2f})")  # fmt: skip
+        if value is not None:
+            print(f"{name:52}{value:7.2f}  {goal}")
+    if "a/hf" in results and "b/ct2-int8" in results:
+        print(f"  (gRPC single stream / HF generate: {ratio('a/grpc', 'a/hf'):.2f}; "
+              f"CTranslate2 int8 / fp32 at 16: {ratio('b/ct2-int8', 'b/ct2-float32'):.2f})")  # fmt: skip
     if args.profile:
         profile_steps(args.model)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -13,6 +14,13 @@ import torch
 
 from services.stack import ServiceProcess
 from tests.models import derive_finetuned, save_tiny_llama
+
+
+def interruptible() -> None:
+    """preexec_fn for a child that a test interrupts with SIGINT: a shell that runs `make test` in the
+    background without job control starts it with SIGINT ignored, and Python keeps an inherited SIG_IGN
+    (no KeyboardInterrupt), which is not what a user at a terminal has."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 class ServerThread:

@@ -282,7 +282,7 @@ async def _generate(state, request: Request, body, prompt, params, shape) -> Res
         events = _sse(shape.chunks(identity, messages(), include_usage))
         return StreamingResponse(events, media_type="text/event-stream", headers=headers)
     async with contextlib.aclosing(messages()) as stream:
-        return JSONResponse(await shape.collect(identity, stream), headers=headers)
+        return JSONResponse(await _collect(shape, identity, stream), headers=headers)
 
 
 async def _sse(chunks: AsyncIterator[dict]) -> AsyncIterator[str]:
@@ -306,18 +306,23 @@ class _Identity:
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
 
 
+async def _collect(shape, identity: _Identity, messages: AsyncIterator[pb.GenerateResponse]) -> dict:
+    """A non-streaming response: the whole stream gathered, in the shape's object."""
+    texts, logprobs, final = [], [], None
+    async for message in messages:
+        texts.append(message.text)
+        logprobs.extend(message.logprobs)
+        final = message
+    return shape.whole(identity, "".join(texts), logprobs, final)
+
+
 class _CompletionShape:
     """/v1/completions: `text_completion` objects, legacy logprobs."""
 
     prefix = "cmpl"
 
-    async def collect(self, identity: _Identity, messages: AsyncIterator[pb.GenerateResponse]) -> dict:
-        texts, logprobs, final = [], [], None
-        async for message in messages:
-            texts.append(message.text)
-            logprobs.extend(message.logprobs)
-            final = message
-        choice = {"index": 0, "text": "".join(texts), "finish_reason": convert.FINISH_REASONS[final.finish_reason],
+    def whole(self, identity: _Identity, text: str, logprobs: list, final: pb.GenerateResponse) -> dict:
+        choice = {"index": 0, "text": text, "finish_reason": convert.FINISH_REASONS[final.finish_reason],
                   "logprobs": convert.completion_logprobs(logprobs, 0) if logprobs else None}  # fmt: skip
         return {**identity.fields("text_completion"), "choices": [choice], "usage": convert.usage(final),
                 "seed": final.seed}  # fmt: skip
@@ -343,13 +348,8 @@ class _ChatShape:
 
     prefix = "chatcmpl"
 
-    async def collect(self, identity: _Identity, messages: AsyncIterator[pb.GenerateResponse]) -> dict:
-        texts, logprobs, final = [], [], None
-        async for message in messages:
-            texts.append(message.text)
-            logprobs.extend(message.logprobs)
-            final = message
-        choice = {"index": 0, "message": {"role": "assistant", "content": "".join(texts)},
+    def whole(self, identity: _Identity, text: str, logprobs: list, final: pb.GenerateResponse) -> dict:
+        choice = {"index": 0, "message": {"role": "assistant", "content": text},
                   "finish_reason": convert.FINISH_REASONS[final.finish_reason],
                   "logprobs": convert.chat_logprobs(logprobs) if logprobs else None}  # fmt: skip
         return {**identity.fields("chat.completion"), "choices": [choice], "usage": convert.usage(final),

@@ -13,6 +13,7 @@ import psutil
 import pytest
 
 from services.stack import read_state
+from tests.conftest import interruptible
 
 pytestmark = pytest.mark.slow
 
@@ -23,7 +24,8 @@ def test_interrupted_demo_stops_every_service(demo_workdir, tmp_path, sig):
     (workdir / "models").mkdir(parents=True)
     shutil.copytree(demo_workdir / "models" / "smollm2-135m", workdir / "models" / "smollm2-135m")
     demo = subprocess.Popen([sys.executable, "-m", "services.cli", "demo", "--workdir", str(workdir)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=interruptible)  # fmt: skip
     deadline, state = time.monotonic() + 300, None
     while time.monotonic() < deadline and demo.poll() is None:
         state = read_state(workdir)

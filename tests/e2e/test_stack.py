@@ -15,6 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.cli.serve import check_serve_options
 from services.stack import load_stack_config, read_state
+from tests.conftest import interruptible
 from wombat_core.errors import InvalidArgument, NotFound
 
 
@@ -108,7 +109,8 @@ def test_up_detached_then_down(tmp_path):
 def _start_foreground(tmp_path):
     config = _config(tmp_path)
     supervisor = subprocess.Popen([sys.executable, "-m", "services.cli", "up", "--config", str(config)],
-                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                  preexec_fn=interruptible)  # fmt: skip
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         state = read_state(tmp_path / ".wombat")
@@ -151,6 +153,9 @@ def test_the_shipped_stack_config_is_valid():
 
     config = Path(__file__).resolve().parents[2] / "deploy" / "local" / "stack.toml"
     specs = load_stack_config(config, check=check_serve_options)
-    assert set(specs) == {"materializer", "inference", "rrhf"}
+    assert set(specs) == {"materializer", "inference", "rrhf", "gateway"}
     ports = [spec.options["port"] for spec in specs.values()]
-    assert len(set(ports)) == 3 and 0 not in ports  # fixed, distinct: clients need to know them
+    assert len(set(ports)) == 4 and 0 not in ports  # fixed, distinct: clients need to know them
+    # The gateway fronts the stack's own inference service.
+    assert specs["gateway"].options["upstream"] == [f"127.0.0.1:{specs['inference'].options['port']}"]
+    assert specs["gateway"].argv()[2:4] == ["--upstream", f"127.0.0.1:{specs['inference'].options['port']}"]
