@@ -128,6 +128,15 @@ def test_kuberay_resources_carry_the_required_fields_and_valid_pod_templates():
     for name, job in _by_kind(_objects("kuberay/rayjob-train.yaml"), "RayJob").items():
         _require(job["spec"], ["entrypoint", "rayClusterSpec"], f"RayJob/{name}")
         assert job["spec"]["submissionMode"] in {"K8sJobMode", "HTTPMode", "InteractiveMode", "SidecarMode"}
+        submitter = job["spec"]["submitterPodTemplate"]  # hardened: KubeRay's default one is not
+        _validate(
+            {
+                "apiVersion": "v1",
+                "kind": "PodTemplate",
+                "metadata": {"name": "submitter"},
+                "template": submitter,
+            }
+        )
 
 
 def test_kuberay_ray_version_is_the_one_the_images_install():
@@ -370,3 +379,87 @@ def test_gateway_port_probes_drain_and_route_to_the_inference_pods(overlay):
     # The token the inference pods check comes from the same Secret they read it from.
     token = next(e for e in container["env"] if e["name"] == "WOMBAT_AUTH_TOKEN")
     assert token["valueFrom"]["secretKeyRef"] == {"name": "wombat-auth", "key": "token"}
+
+
+def _pod_specs(node, where: str = ""):
+    """Every pod spec inside an object, however deep: Deployments, Jobs, and the templates embedded in
+    KubeRay's RayCluster and RayJob (head, worker groups, the submitter pod)."""
+    if isinstance(node, dict):
+        if isinstance(node.get("containers"), list):
+            yield where, node
+        for key, value in node.items():
+            yield from _pod_specs(value, f"{where}.{key}")
+    elif isinstance(node, list):
+        for index, value in enumerate(node):
+            yield from _pod_specs(value, f"{where}[{index}]")
+
+
+# The Pod Security Standard "restricted" (Kubernetes 1.33), plus what deploy/README promises on top:
+# a read-only root filesystem, with /tmp writable from an emptyDir.
+RESTRICTED_VOLUME_TYPES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim",
+                           "projected", "secret"}  # fmt: skip
+
+
+def _restricted_violations(pod: dict) -> list[str]:
+    found = []
+    pod_context = pod.get("securityContext", {})
+    for flag in ("hostNetwork", "hostPID", "hostIPC"):
+        if pod.get(flag):
+            found.append(flag)
+    for volume in pod.get("volumes", []):
+        kinds = set(volume) - {"name"}
+        if not kinds <= RESTRICTED_VOLUME_TYPES:
+            found.append(f"volume {volume['name']}: {kinds - RESTRICTED_VOLUME_TYPES}")
+    volumes = {v["name"]: v for v in pod.get("volumes", [])}
+    for container in [*pod.get("initContainers", []), *pod["containers"]]:
+        name, context = container["name"], container.get("securityContext", {})
+
+        def effective(key: str, context=context):
+            return context.get(key, pod_context.get(key))
+
+        if context.get("privileged"):
+            found.append(f"{name}: privileged")
+        if context.get("allowPrivilegeEscalation") is not False:
+            found.append(f"{name}: allowPrivilegeEscalation must be false")
+        capabilities = context.get("capabilities", {})
+        if "ALL" not in capabilities.get("drop", []):
+            found.append(f"{name}: capabilities.drop must include ALL")
+        if set(capabilities.get("add", [])) - {"NET_BIND_SERVICE"}:
+            found.append(f"{name}: adds capabilities {capabilities['add']}")
+        if effective("runAsNonRoot") is not True:
+            found.append(f"{name}: runAsNonRoot must be true")
+        if effective("runAsUser") == 0:
+            found.append(f"{name}: runs as uid 0")
+        if (effective("seccompProfile") or {}).get("type") not in ("RuntimeDefault", "Localhost"):
+            found.append(f"{name}: seccompProfile must be RuntimeDefault or Localhost")
+        if any(port.get("hostPort") for port in container.get("ports", [])):
+            found.append(f"{name}: hostPort")
+        if context.get("readOnlyRootFilesystem") is not True:
+            found.append(f"{name}: readOnlyRootFilesystem must be true")
+        elif not any(m["mountPath"] == "/tmp" and "emptyDir" in volumes.get(m["name"], {})
+                     for m in container.get("volumeMounts", [])):  # fmt: skip
+            found.append(f"{name}: a read-only root needs an emptyDir at /tmp")
+    return found
+
+
+def test_every_pod_in_every_object_meets_the_restricted_profile():
+    checked = 0
+    for source in [*KUSTOMIZATIONS, *PLAIN_FILES]:
+        for obj in _objects(source):
+            for where, pod in _pod_specs(obj.get("spec", {}), f"{obj['kind']}/{obj['metadata']['name']}"):
+                assert _restricted_violations(pod) == [], f"{source}: {where}"
+                checked += 1
+    # Deployments, init-containered pods, the recover Job, RayCluster head and workers, RayJob head,
+    # workers and submitter: all of them were found.
+    assert checked >= 12
+
+
+def test_the_restricted_check_catches_a_violation():
+    pod = next(p for _, p in _pod_specs(_objects("kuberay/rayjob-train.yaml")[0]["spec"]))
+    broken = yaml.safe_load(yaml.safe_dump(pod))
+    broken["containers"][0]["securityContext"].pop("readOnlyRootFilesystem")
+    broken["securityContext"].pop("seccompProfile")
+    broken["volumes"].append({"name": "host", "hostPath": {"path": "/"}})
+    found = _restricted_violations(broken)
+    assert any("readOnlyRootFilesystem" in f for f in found) and any("seccompProfile" in f for f in found)
+    assert any("hostPath" in f for f in found)

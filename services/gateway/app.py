@@ -253,10 +253,16 @@ async def _generate(state, request: Request, body, prompt, params, shape) -> Res
     request_id = request.headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex
     fields = {**convert.OPENAI_FIELDS, "prompt": "messages" if isinstance(shape, _ChatShape) else "prompt",
               "top_logprobs": "top_logprobs" if isinstance(shape, _ChatShape) else "logprobs"}  # fmt: skip
-    replica, call, first = await _open(state, prompt, params, request_id, fields)
-    state.metrics.ttft.labels(route).observe(time.monotonic() - started)
+    # Counted from arrival, so a drain also waits for requests still waiting for their first token.
     state.in_flight += 1
     state.metrics.in_flight.inc()
+    try:
+        replica, call, first = await _open(state, prompt, params, request_id, fields)
+    except BaseException:
+        state.in_flight -= 1
+        state.metrics.in_flight.dec()
+        raise
+    state.metrics.ttft.labels(route).observe(time.monotonic() - started)
     replica.in_flight += 1
     watcher = asyncio.create_task(_cancel_on_disconnect(request, call))
 
