@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 DEMO_DIR ?= .demo
 
-.PHONY: venv test test-fast demo protos lint-protos lint bench clean
+.PHONY: venv test test-fast demo protos lint-protos lint bench images image-test clean
 
 # The venv is (re)installed when it is missing or pyproject.toml changed.
 $(STAMP): pyproject.toml
@@ -27,9 +27,10 @@ lint: venv
 	$(VENV)/bin/ruff check wombat_core services clients tests benchmarks protos/generate.py
 	$(VENV)/bin/ruff format --check wombat_core services clients tests benchmarks protos/generate.py
 
-# Runs everything, slow tests included. pytest exits 5 when it collects no tests, which fails the target.
+# Runs everything, slow tests included (not the image tests: they need podman, see image-test). pytest
+# exits 5 when it collects no tests, which fails the target.
 test: venv lint-protos lint
-	$(PY) -m pytest tests
+	$(PY) -m pytest tests -m "not images"
 
 test-fast: venv
 	$(PY) -m pytest tests -m "not slow"
@@ -43,6 +44,16 @@ bench: venv
 	$(PY) benchmarks/inference.py
 	$(PY) benchmarks/rrhf.py
 	$(PY) benchmarks/reliability.py
+
+# The service images, built with podman from deploy/docker/Dockerfile (deploy/images.sh: a debootstrap
+# base, this machine's wheels and runtime flags). Needs podman, buildah, runc and debootstrap.
+images:
+	deploy/images.sh build
+
+# Runs each image as its pod runs it (read-only, uid 10001, no capabilities) and uses it from the host.
+# Fails, never skips, without podman.
+image-test: venv images
+	$(PY) -m pytest tests/images -m images -s -p no:cacheprovider
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache

@@ -7,13 +7,15 @@
 #                             imported as localhost/wombat-python:3.11-bookworm
 #   deploy/images.sh build    the CPU targets materializer, inference, rrhf and gateway on that base
 #   deploy/images.sh sizes    prints each image's size
+#   deploy/images.sh run ARGS podman run with this machine's runtime and limits (make image-test uses it)
 #
 # Why each knob (this development machine; a normal Docker host needs none of them):
 # - no registry is reachable, so the base comes from Debian's packages through debootstrap;
 # - crun refuses this host's hybrid cgroups: containers run with runc;
 # - the host cannot raise RLIMIT_NOFILE, and podman's default asks for more than it has: --ulimit;
 # - builds run with --isolation chroot and the host's network (pip reaches PyPI and the CPU torch wheel
-#   this machine keeps under /opt/wheels, mounted read-only into the build);
+#   this machine keeps under /opt/wheels, mounted read-only into the build), trusting the host's CA
+#   bundle and pip.conf (a TLS-inspecting proxy), also mounted read-only for the build only;
 # Requirements: apt-get install podman buildah runc debootstrap (Debian). Run as root.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -59,12 +61,18 @@ build() {
   local torch_args="--index-url https://download.pytorch.org/whl/cpu"
   if [ -d "$WHEELS" ] && ls "$WHEELS"/torch-*.whl >/dev/null 2>&1; then
     mount=(--volume "$(realpath "$WHEELS"):/wheels:ro")
-    torch_args="--no-index --find-links /wheels"
+    torch_args="--find-links /wheels"  # its 2.13.0+cpu sorts above PyPI's 2.13.0 (the CUDA build)
+  fi
+  # A machine behind a TLS-inspecting proxy (this one) trusts its CA in the system bundle and points pip
+  # at it in /etc/pip.conf: the build sees both, read-only, and the images keep neither.
+  if [ -f /etc/pip.conf ]; then
+    mount+=(--volume /etc/pip.conf:/etc/pip.conf:ro
+            --volume /etc/ssl/certs/ca-certificates.crt:/etc/ssl/certs/ca-certificates.crt:ro)
   fi
   for target in $TARGETS; do
     echo "building wombat-$target:$TAG"
     "${PODMAN[@]}" build --isolation chroot --network host "${ULIMITS[@]}" "${mount[@]}" \
-      --build-arg PYTHON_IMAGE="$BASE_IMAGE" --build-arg TORCH_PIP_ARGS="$torch_args" \
+      --build-arg VARIANT=cpu --build-arg PYTHON_IMAGE="$BASE_IMAGE" --build-arg TORCH_PIP_ARGS="$torch_args" \
       -f deploy/docker/Dockerfile --target "$target" -t "wombat-$target:$TAG" .
   done
 }
@@ -75,9 +83,15 @@ sizes() {
   done
 }
 
+run() {
+  need podman
+  exec "${PODMAN[@]}" run "${ULIMITS[@]}" "$@"
+}
+
 case "${1:-build}" in
   base) base ;;
   build) build ;;
   sizes) sizes ;;
-  *) echo "usage: deploy/images.sh base|build|sizes" >&2; exit 2 ;;
+  run) shift; run "$@" ;;
+  *) echo "usage: deploy/images.sh base|build|sizes|run" >&2; exit 2 ;;
 esac

@@ -463,3 +463,18 @@ def test_the_restricted_check_catches_a_violation():
     found = _restricted_violations(broken)
     assert any("readOnlyRootFilesystem" in f for f in found) and any("seccompProfile" in f for f in found)
     assert any("hostPath" in f for f in found)
+
+
+def test_the_emptydirs_are_where_the_image_test_lets_the_containers_write():
+    """`make image-test` runs each image with a read-only root and tmpfs only at these paths; the pods'
+    emptyDirs must be the same (Ray's shared memory aside), or an image passes there and fails in a pod."""
+    from tests.images.conftest import WRITABLE
+
+    for source in [*KUSTOMIZATIONS, *PLAIN_FILES]:
+        for obj in _objects(source):
+            for where, pod in _pod_specs(obj.get("spec", {}), f"{obj['kind']}/{obj['metadata']['name']}"):
+                volumes = {v["name"]: v for v in pod.get("volumes", [])}
+                for container in [*pod.get("initContainers", []), *pod["containers"]]:
+                    scratch = {m["mountPath"] for m in container.get("volumeMounts", [])
+                               if "emptyDir" in volumes[m["name"]] and m["mountPath"] != "/dev/shm"}  # fmt: skip
+                    assert scratch == set(WRITABLE), f"{source}: {where} {container['name']}"

@@ -58,6 +58,25 @@ def write_file_atomically(path: Path, data: str | bytes) -> None:
     fsync_path(path.parent)
 
 
+def _readable(path: Path, *, directory: bool = False) -> None:
+    """The permissions a plainly created file or directory gets (0644 / 0755 under the umask). Some
+    writers (safetensors' save_file, hence transformers' save_pretrained) create 0600 files, and a model
+    that only its writer's uid can read breaks a server running as another user on the same store."""
+    path.chmod((0o755 if directory else 0o644) & ~_umask())
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it (os.umask can only be read by setting it, which
+    would race with other threads creating files)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    return 0o022
+
+
 class AtomicOutputDir:
     """Context manager for one job's output. Write into `.path`, then call `commit(...)`."""
 
@@ -112,6 +131,7 @@ class AtomicOutputDir:
             if digest is None or digest.size_bytes != path.stat().st_size:
                 digest = FileDigest(relative, path.stat().st_size, sha256_file(path))
             files.append(digest)
+            _readable(path)
             fsync_path(path)
         manifest = Manifest(
             kind=manifest_without_files.kind,
@@ -122,6 +142,7 @@ class AtomicOutputDir:
         manifest_path = self.path / MANIFEST_NAME
         manifest_path.write_text(manifest.to_json())
         fsync_path(manifest_path)
+        _readable(self.path, directory=True)
         fsync_path(self.path)
         os.rename(self.path, self.target)
         fsync_path(self.target.parent)

@@ -76,3 +76,20 @@ def test_symlink_escaping_the_root_is_denied(tmp_path):
         confined.resolve("missing", must_exist=True)
     assert confined.resolve("new/dir") == root.resolve() / "new" / "dir"
     assert os.path.isdir(confined.root)
+
+
+def test_committed_output_is_readable_by_other_users_however_it_was_written(tmp_path):
+    """A file written 0600 (as safetensors' save_file does) is committed 0644: a server running as
+    another user on the same model store can read it."""
+    import stat
+
+    from wombat_core.atomic import AtomicOutputDir
+    from wombat_core.manifest import Manifest, ManifestKind
+
+    with AtomicOutputDir(tmp_path / "model") as output:
+        private = output.path / "model.safetensors"
+        private.write_bytes(b"weights")
+        private.chmod(0o600)
+        output.commit(Manifest(kind=ManifestKind.CONVERT, inputs=(), options={}, files=()))
+    assert stat.S_IMODE((tmp_path / "model" / "model.safetensors").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "model").stat().st_mode) == 0o755
