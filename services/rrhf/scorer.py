@@ -15,7 +15,8 @@ from pathlib import Path
 
 import ray
 
-from wombat_core.errors import InvalidArgument, ResourceExhausted
+from wombat_core import errors
+from wombat_core.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, WombatError
 from wombat_core.rrhf.scoring import ScoreItem
 
 log = logging.getLogger(__name__)
@@ -38,12 +39,19 @@ class ScorerActor:
         if not torch.cuda.is_available():
             torch.set_num_threads(os.cpu_count() or 1)
         self.method = method
-        if method == "reward_model":
-            self.reward = RewardModel.load(Path(model_dir))
-        else:
-            loaded = load_for_serving(Path(model_dir))
-            self.model, self.tokenizer = loaded.model, loaded.tokenizer
-            self.tokenizer.padding_side = "right"
+        # A model that cannot load (no tokenizer, a bad checkpoint) is the caller's to fix: the error is
+        # kept and reported by ready(). Raised here, Ray would turn it into ActorDiedError, which keeps
+        # only the message, and the caller would see INTERNAL.
+        self.load_error: tuple[str, str, str] | None = None
+        try:
+            if method == "reward_model":
+                self.reward = RewardModel.load(Path(model_dir))
+            else:
+                loaded = load_for_serving(Path(model_dir))
+                self.model, self.tokenizer = loaded.model, loaded.tokenizer
+                self.tokenizer.padding_side = "right"
+        except WombatError as exc:
+            self.load_error = (type(exc).__name__, exc.message, exc.reason)
 
     def score(self, items: list[ScoreItem]) -> list[list[float] | str]:
         """Scores per item; an item that cannot be scored (say, too long) yields its error message instead,
@@ -71,8 +79,9 @@ class ScorerActor:
             return results
         return policy_scores(self.model, self.tokenizer, items)
 
-    def ready(self) -> bool:
-        return True
+    def ready(self) -> tuple[str, str, str] | None:
+        """None once the model is loaded; else (error class name, message, reason) of why it did not."""
+        return self.load_error
 
 
 @dataclass
@@ -101,7 +110,15 @@ class ScorerPool:
         return self._pending
 
     async def wait_ready(self) -> None:
-        await asyncio.gather(*(actor.ready.remote() for actor in self.actors))
+        """Raises the suite's own error (FAILED_PRECONDITION for a model without a tokenizer, ...) when a
+        replica could not load the model."""
+        for failure in await asyncio.gather(*(actor.ready.remote() for actor in self.actors)):
+            if failure is not None:
+                name, message, reason = failure
+                cls = getattr(errors, name, None)
+                if not (isinstance(cls, type) and issubclass(cls, WombatError)):
+                    cls = FailedPrecondition
+                raise cls(message, reason=reason)
 
     async def score(self, item: ScoreItem) -> list[float]:
         if self._pending >= self.max_pending:

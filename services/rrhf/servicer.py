@@ -14,7 +14,13 @@ from services.rrhf.scorer import ScorerPool
 from wombat.rrhf.v1 import rrhf_pb2 as pb
 from wombat.rrhf.v1 import rrhf_pb2_grpc
 from wombat_core.checkpoint.layout import Checkpoint
-from wombat_core.errors import AlreadyExists, FailedPrecondition, InvalidArgument, ResourceExhausted
+from wombat_core.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    ResourceExhausted,
+    WombatError,
+)
 from wombat_core.paths import ConfinedRoot
 from wombat_core.rrhf.data import load_jsonl, validate_records
 from wombat_core.rrhf.scoring import ScoreItem
@@ -52,7 +58,13 @@ class RrhfServicer(rrhf_pb2_grpc.RrhfServiceServicer):
         length_penalty = options.length_penalty if options.HasField("length_penalty") else 1.0
         item = ScoreItem(query, tuple(responses), length_penalty, options.alpaca_prompt)  # validates
         pool = self._pool(convert.scoring_method(options.method), options.model_path)
-        await pool.wait_ready()
+        try:
+            await pool.wait_ready()
+        except WombatError:
+            # Forget a model that could not load, so a later call after the fix loads it afresh.
+            self._pools = {key: value for key, value in self._pools.items() if value is not pool}
+            await pool.close()
+            raise
         return await pool.score(item)
 
     def _pool(self, method: str, model_path: str) -> ScorerPool:

@@ -12,6 +12,7 @@ import pytest
 
 from tests.conftest import ServerThread, rpc_error
 from tests.engine_fixtures import save_reward_models, save_servable_tiny_model
+from tests.models import save_tiny_llama
 from wombat.rrhf.v1 import rrhf_pb2 as pb
 from wombat.rrhf.v1 import rrhf_pb2_grpc
 from wombat_core.rrhf.scoring import ScoreItem, policy_scores
@@ -27,6 +28,7 @@ def roots(tmp_path_factory):
     data.mkdir()
     save_servable_tiny_model(models / "policy")
     save_reward_models(models, models / "policy")
+    save_tiny_llama(models / "no-tokenizer", seed=3)  # weights only: cannot score
     shutil.copy(SHIPPED, data / "preferences.jsonl")
     return models, data
 
@@ -344,3 +346,15 @@ def test_metrics_show_jobs_by_state_and_scores_in_progress(server, stub):
         for state in ("pending", "running", "succeeded", "failed", "cancelled"):
             value = registry.get_sample_value("wombat_rrhf_jobs", {"kind": kind, "state": state})
             assert value == counts.get((kind, state), 0), (kind, state)
+
+
+def test_a_model_that_cannot_load_is_failed_precondition_not_internal(stub):
+    """The scorer actor's load error crosses Ray as the suite's own error (not ActorDiedError), and the
+    pool is forgotten so a fixed model would load on the next call."""
+    options = pb.ScoringOptions(model_path="no-tokenizer")
+    for _ in range(2):  # the second call loads afresh and fails the same way
+        error = rpc_error(
+            lambda: stub.Score(pb.ScoreRequest(query="q", responses=["a"], options=options), timeout=120)
+        )
+        assert error.code() == grpc.StatusCode.FAILED_PRECONDITION, error.details()
+        assert "tokenizer" in error.details()
