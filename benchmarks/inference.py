@@ -218,15 +218,21 @@ async def _callers(address: str, plan: list[tuple], window: str) -> dict:
     return {"tok_s": tok_s, "tok_s_overall": total / (finished - started), "ttft": ttfts}
 
 
+def _httpx():
+    """The HTTP client the installed openai SDK is built on: httpx, or its successor httpx2."""
+    try:
+        import httpx2 as httpx
+    except ImportError:
+        import httpx
+    return httpx
+
+
 async def _http_callers(base_url: str, model: str, texts: list[str], callers: int, rounds: int,
                         new_tokens: int, spread: float) -> dict:  # fmt: skip
     """The callers of `grpc_callers` (the same random start offsets), as OpenAI clients of the gateway:
     streaming /v1/completions over one HTTP connection pool (httpx, parsing the SSE lines, as the SDKs
     do). tok/s over the whole run."""
-    try:  # the HTTP client the installed openai SDK is built on: httpx, or its successor httpx2
-        import httpx2 as httpx
-    except ImportError:
-        import httpx
+    httpx = _httpx()
 
     ttfts: list[float] = []
     tokens = 0
@@ -267,10 +273,7 @@ async def _alternating(
 ) -> tuple[dict, dict]:
     """One request at a time, alternating straight to gRPC and through the gateway (so both meet the same
     engine state): TTFT to the first token's message or chunk, 8 tokens each."""
-    try:
-        import httpx2 as httpx
-    except ImportError:
-        import httpx
+    httpx = _httpx()
     from clients.inference import AsyncInferenceClient, prompt, sampling
 
     direct, through = [], []

@@ -66,6 +66,9 @@ class GatewayState:
 def create_app(state: GatewayState) -> FastAPI:
     app = FastAPI(title="Wombat OpenAI-compatible gateway", docs_url=None, redoc_url=None)
     app.state.gateway = state
+    # Read from the gateway's own state at scrape time, so there is nothing to keep in step.
+    state.metrics.in_flight.set_function(lambda: state.in_flight)
+    state.metrics.replicas_up.set_function(lambda: state.pool.replicas_up)
 
     @app.exception_handler(OpenAIError)
     async def openai_error(request: Request, exc: OpenAIError) -> JSONResponse:
@@ -99,21 +102,20 @@ def create_app(state: GatewayState) -> FastAPI:
             return OpenAIError(503, "the gateway is shutting down").response()
         if not state.ready or not state.pool.any_up:
             return OpenAIError(503, "no inference replica is ready yet").response()
-        return JSONResponse({"status": "ok", "replicas_up": sum(r.up for r in state.pool.replicas)})
+        return JSONResponse({"status": "ok", "replicas_up": state.pool.replicas_up})
 
     @app.get("/metrics")
     async def metrics() -> Response:
-        state.metrics.replicas_up.set(sum(r.up for r in state.pool.replicas))
         return Response(generate_latest(state.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models")
     async def models(request: Request) -> JSONResponse:
-        _admit(state, request, generation=False)
+        _admit(state, request)
         return JSONResponse({"object": "list", "data": [_model_card(state)]})
 
     @app.get("/v1/models/{model_id}")
     async def model(model_id: str, request: Request) -> JSONResponse:
-        _admit(state, request, generation=False)
+        _admit(state, request)
         _check_model(state, model_id)
         return JSONResponse(_model_card(state))
 
@@ -168,7 +170,7 @@ class _CountRequests:
             self.metrics.duration.labels(route).observe(time.monotonic() - started)
 
 
-def _admit(state: GatewayState, request: Request, *, generation: bool = True) -> None:
+def _admit(state: GatewayState, request: Request) -> None:
     """The API key (constant-time comparison), then the lifecycle: 503 while loading or draining."""
     if state.api_key is not None:
         header = request.headers.get("authorization", "")
@@ -251,16 +253,13 @@ async def _generate(state, request: Request, body, prompt, params, shape) -> Res
     started = time.monotonic()
     route = request.url.path
     request_id = request.headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex
-    fields = {**convert.OPENAI_FIELDS, "prompt": "messages" if isinstance(shape, _ChatShape) else "prompt",
-              "top_logprobs": "top_logprobs" if isinstance(shape, _ChatShape) else "logprobs"}  # fmt: skip
+    fields = shape.field_names
     # Counted from arrival, so a drain also waits for requests still waiting for their first token.
     state.in_flight += 1
-    state.metrics.in_flight.inc()
     try:
         replica, call, first = await _open(state, prompt, params, request_id, fields)
     except BaseException:
         state.in_flight -= 1
-        state.metrics.in_flight.dec()
         raise
     state.metrics.ttft.labels(route).observe(time.monotonic() - started)
     replica.in_flight += 1
@@ -279,7 +278,6 @@ async def _generate(state, request: Request, body, prompt, params, shape) -> Res
             call.cancel()  # a no-op after the stream ended; otherwise frees the replica's slot
             replica.in_flight -= 1
             state.in_flight -= 1
-            state.metrics.in_flight.dec()
 
     identity = _Identity(f"{shape.prefix}-{request_id}", int(time.time()), state.model_name)
     headers = {REQUEST_ID_HEADER: request_id}
@@ -326,6 +324,8 @@ class _CompletionShape:
     """/v1/completions: `text_completion` objects, legacy logprobs."""
 
     prefix = "cmpl"
+    # Contract field names (ErrorInfo "field") as a caller of this endpoint knows them.
+    field_names = {**convert.OPENAI_FIELDS, "prompt": "prompt", "top_logprobs": "logprobs"}
 
     def whole(self, identity: _Identity, text: str, logprobs: list, final: pb.GenerateResponse) -> dict:
         choice = {"index": 0, "text": text, "finish_reason": convert.FINISH_REASONS[final.finish_reason],
@@ -353,6 +353,7 @@ class _ChatShape:
     """/v1/chat/completions: `chat.completion` objects and `chat.completion.chunk` deltas."""
 
     prefix = "chatcmpl"
+    field_names = {**convert.OPENAI_FIELDS, "prompt": "messages", "top_logprobs": "top_logprobs"}
 
     def whole(self, identity: _Identity, text: str, logprobs: list, final: pb.GenerateResponse) -> dict:
         choice = {"index": 0, "message": {"role": "assistant", "content": text},

@@ -123,8 +123,13 @@ class ReplicaPool:
             await replica.client.close()
 
     @property
+    def replicas_up(self) -> int:
+        """Replicas that answered the last poll (retired ones left out)."""
+        return sum(r.up and not r.retired for r in self.replicas)
+
+    @property
     def any_up(self) -> bool:
-        return any(r.up and not r.retired for r in self.replicas)
+        return self.replicas_up > 0
 
     def candidates(self) -> list[Replica]:
         """Replicas to try for one request, best first; replicas last seen down come last (they may be

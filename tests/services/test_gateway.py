@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import socket
 import subprocess
@@ -10,6 +11,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 
 import openai
 import pytest
@@ -59,12 +61,16 @@ def _sdk(gateway_port: int) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"http://127.0.0.1:{gateway_port}/v1", api_key="unused", max_retries=0)
 
 
-def _occupy(replica: ServerThread):
-    """Takes the replica's only slot with a long generation; returns the stream (cancel it to free)."""
-    client = InferenceClient(replica.address, timeout=120)
-    stream = client.generate(prompt("x"), LONG)
-    next(stream)
-    return client, stream
+@contextlib.contextmanager
+def _occupied(replica: ServerThread) -> Iterator[None]:
+    """Holds the replica's only slot with a long generation for the block."""
+    with InferenceClient(replica.address, timeout=120) as client:
+        stream = client.generate(prompt("x"), LONG)
+        next(stream)
+        try:
+            yield
+        finally:
+            stream.cancel()
 
 
 def _wait_for_load(replica: ServerThread, running: int) -> None:
@@ -88,16 +94,14 @@ def _replica_requests(gateway: ServiceProcess) -> dict:
 def test_least_loaded_sends_requests_to_the_idle_replica(replicas, tmp_path):
     busy, idle = replicas
     gateway = _gateway(tmp_path, busy.address, idle.address)
-    client, stream = _occupy(busy)
     try:
-        time.sleep(0.3)
-        sdk = _sdk(gateway.port)
-        for _ in range(4):
-            sdk.completions.create(model=MODEL, prompt="hello", max_tokens=2, temperature=0)
-        assert _replica_requests(gateway) == {idle.address: 4}
+        with _occupied(busy):
+            time.sleep(0.3)
+            sdk = _sdk(gateway.port)
+            for _ in range(4):
+                sdk.completions.create(model=MODEL, prompt="hello", max_tokens=2, temperature=0)
+            assert _replica_requests(gateway) == {idle.address: 4}
     finally:
-        stream.cancel()
-        client.close()
         gateway.stop()
 
 
@@ -106,29 +110,24 @@ def test_round_robin_fails_over_from_a_full_replica(replicas, tmp_path):
     before any token, and the gateway tries the next replica instead of failing the caller."""
     busy, idle = replicas
     gateway = _gateway(tmp_path, busy.address, idle.address, extra=("--balance", "round-robin"))
-    client, stream = _occupy(busy)
     try:
-        sdk = _sdk(gateway.port)
-        for _ in range(4):
-            assert sdk.completions.create(model=MODEL, prompt="hi", max_tokens=2, temperature=0).choices
-        assert _replica_requests(gateway) == {idle.address: 4}
+        with _occupied(busy):
+            sdk = _sdk(gateway.port)
+            for _ in range(4):
+                assert sdk.completions.create(model=MODEL, prompt="hi", max_tokens=2, temperature=0).choices
+            assert _replica_requests(gateway) == {idle.address: 4}
     finally:
-        stream.cancel()
-        client.close()
         gateway.stop()
 
 
 def test_every_replica_full_is_rate_limit_error(replicas, tmp_path):
     gateway = _gateway(tmp_path, *(r.address for r in replicas))
-    held = [_occupy(r) for r in replicas]
     try:
-        with pytest.raises(openai.RateLimitError) as caught:
-            _sdk(gateway.port).completions.create(model=MODEL, prompt="hi", max_tokens=2)
-        assert caught.value.response.headers["retry-after"] == "1"
+        with _occupied(replicas[0]), _occupied(replicas[1]):
+            with pytest.raises(openai.RateLimitError) as caught:
+                _sdk(gateway.port).completions.create(model=MODEL, prompt="hi", max_tokens=2)
+            assert caught.value.response.headers["retry-after"] == "1"
     finally:
-        for client, stream in held:
-            stream.cancel()
-            client.close()
         gateway.stop()
 
 
