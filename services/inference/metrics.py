@@ -93,7 +93,7 @@ class InferenceMetrics:
 
     def watch(self, engine: Engine) -> None:
         self.queue_depth.set_function(lambda: engine.stats().waiting)
-        self.running.set_function(lambda: (stats := engine.stats()).running + stats.prefilling)
+        self.running.set_function(lambda: engine.stats().in_batch)
         self.kv_cache_usage.set_function(lambda: engine.stats().kv_cache_usage)
         engine.on_finish = self._finished
 

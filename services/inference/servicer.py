@@ -82,7 +82,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         stats = engine.stats()
         return pb.GetLoadResponse(
             waiting_requests=stats.waiting,
-            running_requests=stats.running + stats.prefilling,
+            running_requests=stats.in_batch,
             max_batch_size=self.max_batch_size,
             max_waiting_requests=self.max_queue,
             kv_cache_usage=stats.kv_cache_usage,

@@ -97,6 +97,11 @@ class EngineStats:
     decode_steps: int = 0  # since start: a clock for "freed within one step"
     kv_cache_usage: float = 0.0  # fraction of the allocated KV-cache columns that running rows hold
 
+    @property
+    def in_batch(self) -> int:
+        """Requests holding a batch slot, being prefilled or decoded (what vLLM calls running)."""
+        return self.running + self.prefilling
+
 
 class Engine:
     def __init__(self, model: torch.nn.Module, tokenizer, config: EngineConfig):
