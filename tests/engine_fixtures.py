@@ -40,10 +40,10 @@ def train_llama_like_spm(directory: Path, vocab_size: int = 400) -> Path:
 
 
 def save_servable_tiny_model(
-    directory: Path, *, seed: int = 0, context: int = 256, pad_token: bool = True
+    directory: Path, *, seed: int = 0, context: int = 256, pad_token: bool = True, **config_overrides
 ) -> Path:
     """Random LLaMA (float32, context 256 by default) plus the sentencepiece tokenizer, with a [PAD] token
-    unless `pad_token` is false."""
+    unless `pad_token` is false; `config_overrides` go to the LlamaConfig (e.g. a GPU-kernel head size)."""
     from transformers import LlamaForCausalLM
 
     from wombat_core.tokenizer import PAD_TOKEN, load_tokenizer
@@ -54,9 +54,8 @@ def save_servable_tiny_model(
     if pad_token:
         tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
     torch.manual_seed(seed)
-    config = tiny_config(
-        vocab_size=len(tokenizer), max_position_embeddings=context, bos_token_id=1, eos_token_id=2
-    )
+    config = tiny_config(vocab_size=len(tokenizer), max_position_embeddings=context, bos_token_id=1, eos_token_id=2,
+                         **config_overrides)  # fmt: skip
     model = LlamaForCausalLM(config)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(directory)

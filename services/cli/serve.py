@@ -73,8 +73,29 @@ def serve_inference(
     ] = "auto",
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N")] = "auto",
     cpu_threads: Annotated[
-        int | None, typer.Option(help="the engine's threads on CPU (default: every core the process may use)")
+        int | None,
+        typer.Option(
+            help="the engine's threads on CPU (default: the pod's CPU quota, or every core it may use)"
+        ),
     ] = None,
+    engine: Annotated[
+        str,
+        typer.Option(
+            help="auto (vllm where CUDA and the vllm package are present, else wombat), wombat or vllm"
+        ),
+    ] = "auto",
+    max_model_len: Annotated[
+        int | None, typer.Option(help="caps the context (prompt + output tokens) below the model's own")
+    ] = None,
+    gpu_memory_utilization: Annotated[
+        float,
+        typer.Option(
+            help="share of the GPU's memory for weights, KV cache and activations (KV preallocated)"
+        ),
+    ] = 0.9,
+    max_new_tokens_limit: Annotated[
+        int, typer.Option(help="largest max_new_tokens a request may ask")
+    ] = 4096,
     default_format: Annotated[
         str, typer.Option(help="prompt format when a request leaves it unset: raw, alpaca or chat")
     ] = "alpaca",
@@ -85,15 +106,26 @@ def serve_inference(
     auth_token_file: AuthTokenOpt = None,
     log_level: LogLevelOpt = "INFO",
 ) -> None:
-    """Serve token-streaming generation with continuous batching."""
-    from services.inference.server import InferenceService, InferenceSettings
+    """Serve token-streaming generation with continuous batching (the in-house engine or vLLM)."""
+    from services.inference.server import EngineKind, InferenceService, InferenceSettings
     from wombat_core.engine.prompting import PromptFormat
 
     formats = {f.value: f for f in PromptFormat}
     if default_format not in formats:
         fail(f"--default-format must be raw, alpaca or chat, got {default_format}")
+    engines = {e.value: e for e in EngineKind}
+    if engine not in engines:
+        fail(f"--engine must be auto, wombat or vllm, got {engine}")
+    if max_model_len is not None and max_model_len < 2:
+        fail(f"--max-model-len must be >= 2, got {max_model_len}")
+    if not 0 < gpu_memory_utilization <= 1:
+        fail(f"--gpu-memory-utilization must be in (0, 1], got {gpu_memory_utilization}")
     settings = InferenceSettings(
         model_dir=model,
+        engine=engines[engine],
+        max_model_len=max_model_len,
+        gpu_memory_utilization=gpu_memory_utilization,
+        max_new_tokens_limit=max_new_tokens_limit,
         dtype=dtype,
         device=device,
         default_format=formats[default_format],

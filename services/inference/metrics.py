@@ -5,9 +5,13 @@ scrape (Gateway API Inference Extension, llm-d, KEDA and HPA recipes written for
 `model_name` as vLLM labels it. Where the value differs in meaning from vLLM's, the difference is:
 
 - `vllm:num_requests_running` counts requests in the running batch, being prefilled or decoded (as vLLM).
-- `vllm:kv_cache_usage_perc` is a fraction in [0, 1] (vLLM's too, despite the name) of the preallocated
-  per-slot KV cache that running requests hold. vLLM pages its cache in blocks, we preallocate one row
-  per slot (wombat_core/engine/kv_cache.py), so ours reaches 1 only when every slot holds a full context.
+- `vllm:kv_cache_usage_perc` is a fraction in [0, 1] (vLLM's too, despite the name). With the vLLM
+  backend it is vLLM's own figure (paged blocks in use). With the in-house engine it is the share of the
+  per-slot KV cache that running requests hold (wombat_core/engine/kv_cache.py): it reaches 1 only when
+  every slot holds a full context.
+
+The same series come from both engine backends: vLLM's own Prometheus logger is not installed, so no
+series is registered twice; what the vLLM backend adds is read from vLLM's scheduler stats.
 - `vllm:request_success_total{finished_reason}` uses vLLM's reasons: "stop" (EOS, a stop string or stop
   token), "length", and "abort" (cancelled: the client went away or its deadline passed).
 - `vllm:inter_token_latency_seconds`, `vllm:time_to_first_token_seconds` and
@@ -21,7 +25,8 @@ from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from wombat_core.engine import Engine, StreamEvent
+from wombat_core.engine import StreamEvent
+from wombat_core.engine.backend import EngineBackend
 from wombat_core.engine.types import FinishReason
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, float("inf"))
@@ -91,11 +96,11 @@ class InferenceMetrics:
         )  # fmt: skip
         self.model_name = model_name
 
-    def watch(self, engine: Engine) -> None:
-        self.queue_depth.set_function(lambda: engine.stats().waiting)
-        self.running.set_function(lambda: engine.stats().in_batch)
-        self.kv_cache_usage.set_function(lambda: engine.stats().kv_cache_usage)
-        engine.on_finish = self._finished
+    def watch(self, backend: EngineBackend) -> None:
+        self.queue_depth.set_function(lambda: backend.stats().waiting)
+        self.running.set_function(lambda: backend.stats().in_batch)
+        self.kv_cache_usage.set_function(lambda: backend.stats().kv_cache_usage)
+        backend.set_on_finish(self._finished)
 
     def _finished(self, event: StreamEvent) -> None:
         """Engine thread, every request's last event (prometheus_client is thread-safe)."""

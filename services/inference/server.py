@@ -1,12 +1,16 @@
 """`wombat serve inference`: the inference service as a scaffold `Service`.
 
-It listens at once (NOT_SERVING), then loads the weights, starts the engine and warms it up, then serves.
+It listens at once (NOT_SERVING), then starts its engine backend (the in-house engine or vLLM, see
+wombat_core/engine/backend.py), warms it up, then serves. When the engine dies, `wait_until_failed`
+returns and the lifecycle reports NOT_SERVING on every health name and exits non-zero, for Kubernetes to
+restart the pod.
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
+import enum
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,32 +21,32 @@ from services.inference.metrics import InferenceMetrics
 from services.inference.servicer import InferenceServicer
 from services.scaffold import Service, ServiceRegistration
 from wombat.inference.v1 import inference_pb2, inference_pb2_grpc
-from wombat_core.engine import Engine, EngineConfig, GenerationRequest, SamplingParams
-from wombat_core.engine.loading import LoadedModel, load_for_serving
+from wombat_core.cpus import available_cpus
+from wombat_core.engine.backend import BackendSettings, EngineBackend, WombatBackend
 from wombat_core.engine.prompting import PromptFormat
+from wombat_core.engine.vllm_backend import VllmBackend, vllm_available
 
 SERVICE_NAME = inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name
+log = logging.getLogger(__name__)
 
-# Warm-up requests run every sampler path (greedy; seeded sampling with top-k/top-p/min-p, repetition
-# penalty and min-new-tokens), so a model or device that cannot sample fails before the pod says SERVING.
-WARM_UP = (
-    SamplingParams(temperature=0, max_new_tokens=2),
-    SamplingParams(
-        temperature=0.7,
-        top_k=20,
-        top_p=0.9,
-        min_p=0.01,
-        repetition_penalty=1.1,
-        min_new_tokens=2,
-        max_new_tokens=2,
-        seed=0,
-    ),  # fmt: skip
-)
+
+class EngineKind(enum.Enum):
+    AUTO = "auto"  # vLLM where CUDA and vllm are present, else the in-house engine
+    WOMBAT = "wombat"
+    VLLM = "vllm"
+
+
+def resolve_engine(kind: EngineKind, device: str) -> EngineKind:
+    if kind is not EngineKind.AUTO:
+        return kind
+    gpu = device != "cpu" and torch.cuda.is_available()
+    return EngineKind.VLLM if gpu and vllm_available() else EngineKind.WOMBAT
 
 
 @dataclass(frozen=True)
 class InferenceSettings:
     model_dir: Path
+    engine: EngineKind = EngineKind.AUTO
     dtype: str = "auto"
     device: str = "auto"
     default_format: PromptFormat = PromptFormat.ALPACA
@@ -50,42 +54,39 @@ class InferenceSettings:
     max_queue: int = 64
     max_prefill_tokens: int = 512
     max_new_tokens_limit: int = 4096
-    cpu_threads: int | None = (
-        None  # the engine's intra-op threads on CPU; None: every core this process may use
-    )
+    max_model_len: int | None = None  # caps the model's context on both backends (vLLM's name)
+    gpu_memory_utilization: float = 0.9
+    cpu_threads: int | None = None  # the engine's intra-op threads on CPU; None: the pod's CPU quota
+
+    def backend_settings(self) -> BackendSettings:
+        return BackendSettings(
+            model_dir=self.model_dir,
+            dtype=self.dtype,
+            device=self.device,
+            max_batch_size=self.max_batch_size,
+            max_queue=self.max_queue,
+            max_prefill_tokens=self.max_prefill_tokens,
+            max_new_tokens_limit=self.max_new_tokens_limit,
+            max_model_len=self.max_model_len,
+            gpu_memory_utilization=self.gpu_memory_utilization,
+            cpu_threads=self.cpu_threads or available_cpus(),
+        )
 
 
-def load_engine(settings: InferenceSettings) -> tuple[LoadedModel, Engine]:
-    """Loads the weights, starts the engine and runs the warm-up generations through it.
-
-    Loading runs single-threaded and the engine thread gets the cores: one multi-threaded OpenMP team per
-    process (EngineConfig.cpu_threads says why)."""
-    torch.set_num_threads(1)
-    loaded = load_for_serving(
-        settings.model_dir, dtype=settings.dtype, device=settings.device, packed_kernels=True
-    )
-    engine = Engine(
-        loaded.model,
-        loaded.tokenizer,
-        EngineConfig(
-            max_batch_size=settings.max_batch_size,
-            max_queue=settings.max_queue,
-            max_prefill_tokens=settings.max_prefill_tokens,
-            context_length=loaded.context_length,
-            max_new_tokens_limit=settings.max_new_tokens_limit,
-            cpu_threads=settings.cpu_threads or len(os.sched_getaffinity(0)),
-        ),
-    )
-    engine.start()
+async def start_backend(settings: InferenceSettings) -> EngineBackend:
+    """Starts the chosen backend and runs the warm-up generations through it."""
+    kind = resolve_engine(settings.engine, settings.device)
+    log.info("engine: %s", kind.value)
+    if kind is EngineKind.VLLM:
+        backend: EngineBackend = await VllmBackend.load(settings.backend_settings())
+    else:
+        backend = await asyncio.to_thread(WombatBackend.load, settings.backend_settings())
     try:
-        prompt = tuple(loaded.tokenizer("warm-up")["input_ids"]) or (0,)
-        for number, params in enumerate(WARM_UP):
-            for _ in engine.generate(GenerationRequest(f"warm-up-{number}", prompt, params)):
-                pass
-    except Exception:
-        engine.stop()
+        await backend.warm_up()
+    except BaseException:
+        await backend.stop()
         raise
-    return loaded, engine
+    return backend
 
 
 class InferenceService(Service):
@@ -93,9 +94,7 @@ class InferenceService(Service):
 
     def __init__(self, settings: InferenceSettings):
         self.settings = settings
-        self.servicer = InferenceServicer(
-            settings.default_format, settings.max_batch_size, settings.max_queue
-        )
+        self.servicer = InferenceServicer(settings.default_format)
 
     def registrations(self) -> list[ServiceRegistration]:
         return [
@@ -111,9 +110,13 @@ class InferenceService(Service):
         self.servicer.metrics = InferenceMetrics(registry, self.settings.model_dir.name)
 
     async def load(self) -> None:
-        loaded, engine = await asyncio.to_thread(load_engine, self.settings)
-        self.servicer.attach(loaded, engine)
+        self.servicer.attach(await start_backend(self.settings))
+
+    async def wait_until_failed(self) -> BaseException:
+        while self.servicer.backend is None:  # not loaded yet: nothing can have failed
+            await asyncio.sleep(0.1)
+        return await self.servicer.backend.wait_until_failed()
 
     async def close(self) -> None:
-        if self.servicer.engine is not None:
-            await asyncio.to_thread(self.servicer.engine.stop)
+        if self.servicer.backend is not None:
+            await self.servicer.backend.stop()

@@ -55,6 +55,7 @@ class ServingState:
     def __init__(self) -> None:
         self.ready = False
         self.draining = False
+        self.failed = False  # the service died while serving (its pod is about to restart)
         self.in_flight = 0
 
 
@@ -70,9 +71,10 @@ class _CallState:
         request_id_var.set(self.request_id)
         self.metrics.in_flight.labels(self.method).inc()
         self.state.in_flight += 1
-        if self.state.draining:
+        if self.state.draining or self.state.failed:
             self.code = grpc.StatusCode.UNAVAILABLE
-            await context.abort(self.code, "the server is shutting down; retry on another replica")
+            reason = "has failed and is restarting" if self.state.failed else "is shutting down"
+            await context.abort(self.code, f"the server {reason}; retry on another replica")
         if not self.state.ready:
             self.code = grpc.StatusCode.UNAVAILABLE
             await context.abort(

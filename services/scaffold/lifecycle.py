@@ -11,6 +11,11 @@ that may take minutes (weights, a warm-up, a Ray cluster) and a `close()` that r
    get the grace period;
 4. stop the server, then `close()` — also when loading failed.
 
+A service that dies while serving (its `wait_until_failed()` returns: an inference engine's step loop
+failed) turns every health name NOT_SERVING, liveness included, so that Kubernetes restarts the pod and
+routers stop sending to it; `serve()` then stops at once and raises ServiceFailed, and the process exits
+non-zero. Nothing keeps a dead pod SERVING.
+
 `start_service()` is steps 1–2 for a process that hosts a service itself (tests, `wombat train`
 without --server), where nothing reads the ready line.
 """
@@ -26,8 +31,15 @@ from prometheus_client import CollectorRegistry
 
 from services.scaffold.config import ServerConfig
 from services.scaffold.server import ServiceRegistration, WombatServer, create_server
+from wombat_core.errors import Unavailable
 
 log = logging.getLogger(__name__)
+
+
+class ServiceFailed(Unavailable):
+    """The service died while serving; the process must exit non-zero for its supervisor to restart it."""
+
+    reason = "SERVICE_FAILED"
 
 
 class Service:
@@ -48,6 +60,11 @@ class Service:
     async def close(self) -> None:
         """Releases what `load()` and the servicers acquired; runs after the server stopped."""
 
+    async def wait_until_failed(self) -> BaseException:
+        """Returns when the service can no longer serve (what killed it); by default it never does."""
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
 
 async def start_service(
     config: ServerConfig, service: Service, *, load: bool = True
@@ -60,6 +77,7 @@ async def start_service(
     if load:
         await service.load()
         await server.set_serving(True)
+    server.watch_for_failure(service.wait_until_failed())
     return server, port
 
 
@@ -73,6 +91,8 @@ async def serve(config: ServerConfig, service: Service) -> None:
         log.info("%s ready on port %d", service.name, port)
         server.announce(port)
         await run_until_signalled(server)
+        if server.failure is not None:
+            raise ServiceFailed(f"{service.name} failed while serving: {server.failure}")
     finally:
         await server.stop(0)  # at once if loading failed; a no-op after a drain
         await service.close()
@@ -86,9 +106,13 @@ async def run_until_signalled(server: WombatServer) -> None:
         loop.add_signal_handler(sig, stop_requested.set)
     waiter = asyncio.create_task(server.wait_for_termination())
     stopper = asyncio.create_task(stop_requested.wait())
-    await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
-    if stop_requested.is_set():
+    failed = asyncio.create_task(server.failed.wait())
+    await asyncio.wait({waiter, stopper, failed}, return_when=asyncio.FIRST_COMPLETED)
+    if server.failure is not None:
+        log.error("the service failed: stopping at once (%s)", server.failure)
+        await server.stop(0)
+    elif stop_requested.is_set():
         log.info("signal received: draining for up to %.0fs", server.config.drain_grace_seconds)
         await server.stop()
-    waiter.cancel()
-    stopper.cancel()
+    for task in (waiter, stopper, failed):
+        task.cancel()

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 import grpc
@@ -64,6 +64,9 @@ class WombatServer:
         self._metrics_http = None
         self._state = state
         self._stopping = False
+        self.failure: BaseException | None = None  # what killed the service, once it died
+        self.failed = asyncio.Event()
+        self._failure_watch: asyncio.Task | None = None
 
     async def start(self) -> None:
         # Health answers NOT_SERVING for every service until the service calls set_serving().
@@ -90,6 +93,25 @@ class WombatServer:
         for name in ["", *self.service_names]:
             await self.health.set(name, status)
 
+    def watch_for_failure(self, failure: Awaitable[BaseException]) -> None:
+        """Reports the service dead (`fail`) when `failure` completes (the service's wait_until_failed)."""
+
+        async def watch() -> None:
+            await self.fail(await failure)
+
+        self._failure_watch = asyncio.get_running_loop().create_task(watch())
+
+    async def fail(self, error: BaseException) -> None:
+        """The service cannot serve any more: every health name, liveness included, says NOT_SERVING (the
+        kubelet restarts the pod, routers drop it) and new calls get UNAVAILABLE."""
+        log.error("the service died: %s", error)
+        self.failure = error
+        self._state.failed, self._state.ready = True, False
+        not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ["", *self.service_names, LIVENESS_SERVICE]:
+            await self.health.set(name, not_serving)
+        self.failed.set()
+
     @property
     def draining(self) -> bool:
         return self._state.draining
@@ -100,9 +122,12 @@ class WombatServer:
         if self._stopping:
             return  # a second stop (the lifecycle's cleanup after a drain) has nothing left to do
         self._stopping = True
+        if self._failure_watch is not None and not self._failure_watch.done():
+            self._failure_watch.cancel()
         grace = self.config.drain_grace_seconds if grace is None else grace
         self._state.draining = True
-        await self.set_serving(False)
+        if self.failure is None:  # a dead service keeps its liveness NOT_SERVING
+            await self.set_serving(False)
         deadline = asyncio.get_running_loop().time() + grace
         while self._state.in_flight > 0 and asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(0.02)

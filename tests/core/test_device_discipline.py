@@ -20,7 +20,7 @@ from torch._subclasses.fake_tensor import FakeTensorDeviceMismatchError, FakeTen
 from tests.models import tiny_config
 from wombat_core.engine.kv_cache import compaction_moves
 from wombat_core.engine.runner import ModelRunner
-from wombat_core.engine.sampler import BatchSampler
+from wombat_core.engine.sampler import BatchSampler, SamplingRow
 from wombat_core.engine.sampling import SamplingParams
 
 VOCAB = 64
@@ -75,7 +75,8 @@ def test_prefill_sampling_decode_and_leaving_stay_on_the_models_device(fake):
         logits = runner.prefill_chunk(group, max_tokens=12)
         first = runner.complete_group(group, [0, 1, 2])
         sampler.add_rows(
-            first, [(params, 7, prompt, (2,)) for params, prompt in zip(ROWS, PROMPTS, strict=True)]
+            first,
+            [SamplingRow(params, 7, prompt, (2,)) for params, prompt in zip(ROWS, PROMPTS, strict=True)],
         )
         outputs = [sampler.sample(logits, slice(first, first + 3))]
         runner.set_last_tokens(first, outputs[-1].tokens)
@@ -106,7 +107,7 @@ def test_a_stray_cpu_tensor_is_caught(fake):
         with pytest.raises(FakeTensorDeviceMismatchError):
             scores.index_fill(-1, torch.tensor([1, 2]), float("-inf"))  # the old per-row sampler did this
         sampler = BatchSampler(2, VOCAB, device)
-        sampler.add_rows(0, [(ROWS[2], 1, (1, 2), (2,)), (ROWS[2], 2, (1, 3), (2,))])
+        sampler.add_rows(0, [SamplingRow(ROWS[2], 1, (1, 2), (2,)), SamplingRow(ROWS[2], 2, (1, 3), (2,))])
         sampler.top_p = torch.full((2,), 0.5)  # as if a per-row parameter had been made on the CPU
         with pytest.raises(FakeTensorDeviceMismatchError):
             sampler.sample(scores, slice(0, 2))

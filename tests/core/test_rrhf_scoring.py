@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 
 from tests.engine_fixtures import save_reward_models, save_servable_tiny_model
 from wombat_core.engine.loading import load_for_serving
-from wombat_core.errors import FailedPrecondition
+from wombat_core.errors import FailedPrecondition, Unavailable
 from wombat_core.rrhf.candidates import diverse_beam_search
 from wombat_core.rrhf.scoring import RewardModel
 
@@ -131,8 +131,9 @@ def test_a_failed_candidate_fails_the_job_instead_of_an_empty_answer(models):
     config = CandidatesConfig(
         ("Name a colour.",), num_candidates=2, max_new_tokens=4, method=CandidateMethod.SAMPLING
     )
-    with pytest.raises(RuntimeError, match="device lost"):
+    with pytest.raises(Unavailable, match="device lost") as failure:  # the engine died of it
         generate_candidates(policy, reward, config)
+    assert isinstance(failure.value.__cause__, RuntimeError)
     working = SimpleNamespace(
         model=loaded.model, tokenizer=loaded.tokenizer, context_length=loaded.context_length
     )

@@ -17,7 +17,7 @@ from transformers import (
     TopPLogitsWarper,
 )
 
-from wombat_core.engine.sampler import BatchSampler, uniform
+from wombat_core.engine.sampler import BatchSampler, SamplingRow, uniform
 from wombat_core.engine.sampling import SamplingParams
 
 VOCAB = 64
@@ -62,7 +62,9 @@ ROWS = [  # one batch, every row its own parameters
 def sampler_with(rows: list[SamplingParams], seeds=None) -> BatchSampler:
     sampler = BatchSampler(len(rows), VOCAB, torch.device("cpu"))
     seeds = seeds or list(range(len(rows)))
-    sampler.add_rows(0, [(params, seed, PROMPT, EOS) for params, seed in zip(rows, seeds, strict=True)])
+    sampler.add_rows(
+        0, [SamplingRow(params, seed, PROMPT, EOS) for params, seed in zip(rows, seeds, strict=True)]
+    )
     return sampler
 
 
@@ -117,7 +119,7 @@ def test_draws_follow_the_processed_distribution():
     params = SamplingParams(temperature=0.8, top_k=10, top_p=0.9, min_p=0.05, seed=0)
     expected = hf_processors(params, len(PROMPT))(torch.tensor([PROMPT]), logits.clone())[0].softmax(-1)
     sampler = BatchSampler(1, vocab, torch.device("cpu"))
-    sampler.add_rows(0, [(params, 0, PROMPT, EOS)])
+    sampler.add_rows(0, [SamplingRow(params, 0, PROMPT, EOS)])
     counts = torch.zeros(vocab)
     for _ in range(draws):  # each draw is the row's next step: a fresh uniform
         counts[sampler.sample(logits, slice(0, 1)).tokens[0]] += 1

@@ -52,7 +52,7 @@ def _cancelled_count(thread) -> float:
 def test_a_disconnected_stream_frees_its_slot_within_one_decode_step(inference, monkeypatch):
     """From the moment the server learns the caller is gone, the sequence leaves the batch before the
     engine's next decode step (the step already running may finish)."""
-    engine = inference.servicer.engine
+    engine = inference.servicer.backend.engine
     cancelled_at: list[int] = []
     removed_at: list[int] = []
     original_cancel, original_apply = engine.cancel, engine._apply_cancellations  # noqa: SLF001
@@ -85,7 +85,7 @@ def test_a_disconnected_stream_frees_its_slot_within_one_decode_step(inference, 
 
 
 def test_deadline_during_prefill_frees_the_slot(inference):
-    engine = inference.servicer.engine
+    engine = inference.servicer.backend.engine
     saw_prefill = threading.Event()
 
     def watch() -> None:
@@ -113,7 +113,7 @@ def test_deadline_during_prefill_frees_the_slot(inference):
 
 
 def test_deadline_during_decode_frees_the_slot(inference):
-    engine = inference.servicer.engine
+    engine = inference.servicer.backend.engine
     received = []
     with InferenceClient(inference.address, timeout=1.0) as hurried:
         error = rpc_error(lambda: received.extend(hurried.generate(prompt("x"), LONG)))

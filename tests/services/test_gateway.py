@@ -75,7 +75,7 @@ def _occupied(replica: ServerThread) -> Iterator[None]:
 
 def _wait_for_load(replica: ServerThread, running: int) -> None:
     deadline = time.monotonic() + 10
-    while replica.servicer.engine.stats().running != running:
+    while replica.servicer.backend.stats().running != running:
         assert time.monotonic() < deadline
         time.sleep(0.01)
 

@@ -216,7 +216,7 @@ def _wait_for_free_slot(engine, limit: float = 2.0) -> float:
 
 def test_deadline_exceeded_and_cancel_free_the_slot(long_context_dir):
     thread = _server(long_context_dir, max_batch_size=1, max_queue=0)
-    engine = thread.servicer.engine
+    engine = thread.servicer.backend
     long = sampling(temperature=0, max_new_tokens=4000, ignore_eos=True)
     try:
         with InferenceClient(thread.address, timeout=0.3) as hurried:
@@ -243,7 +243,7 @@ def test_full_queue_is_resource_exhausted_immediately(long_context_dir):
             running = client.generate(prompt("a"), long)
             next(running)
             queued = client.generate(prompt("b"), long)
-            while thread.servicer.engine.stats().waiting == 0:
+            while thread.servicer.backend.stats().waiting == 0:
                 time.sleep(0.005)
             load = client.get_load()
             assert (load.running_requests, load.waiting_requests) == (1, 1)
@@ -257,7 +257,7 @@ def test_full_queue_is_resource_exhausted_immediately(long_context_dir):
             assert info.reason == "RESOURCE_EXHAUSTED" and info.metadata["retry_after_seconds"] == "1"
             running.cancel()
             queued.cancel()
-            while thread.servicer.engine.stats().running or thread.servicer.engine.stats().waiting:
+            while thread.servicer.backend.stats().running or thread.servicer.backend.stats().waiting:
                 time.sleep(0.005)
             idle = client.get_load()
             assert (idle.running_requests, idle.waiting_requests, idle.kv_cache_usage) == (0, 0, 0)
@@ -375,3 +375,82 @@ def test_async_client(server):
 
     streamed, completed, name = asyncio.run(main())
     assert streamed == completed and name == "tiny-wombat"
+
+
+def test_a_dead_engine_turns_every_health_name_not_serving(model_dir, monkeypatch):
+    """A step failure kills the engine: the stream in flight gets UNAVAILABLE, then readiness and liveness
+    both say NOT_SERVING (the kubelet restarts the pod) and new calls are refused at once."""
+    from services.scaffold.server import LIVENESS_SERVICE
+
+    thread = _server(model_dir, max_batch_size=2)
+    engine = thread.servicer.backend.engine
+    try:
+        with (
+            InferenceClient(thread.address, timeout=30) as client,
+            grpc.insecure_channel(thread.address) as channel,
+        ):
+            stream = client.generate(
+                prompt("x"), sampling(temperature=0, max_new_tokens=200, ignore_eos=True)
+            )
+            next(stream)
+
+            def broken():
+                raise RuntimeError("CUDA error: an illegal memory access was encountered (simulated)")
+
+            monkeypatch.setattr(engine.runner, "decode", broken)
+            error = rpc_error(lambda: list(stream))
+            assert error.code() == grpc.StatusCode.UNAVAILABLE and "engine failed" in error.details()
+            health = health_pb2_grpc.HealthStub(channel)
+            deadline = time.monotonic() + 5
+            names = ["", "wombat.inference.v1.InferenceService", LIVENESS_SERVICE]
+
+            def statuses():
+                return [
+                    health.Check(health_pb2.HealthCheckRequest(service=n), timeout=5).status for n in names
+                ]
+
+            while statuses() != [health_pb2.HealthCheckResponse.NOT_SERVING] * 3:
+                assert time.monotonic() < deadline, statuses()
+                time.sleep(0.02)
+            started = time.monotonic()
+            refused = rpc_error(lambda: client.complete(prompt("x"), GREEDY))
+            assert refused.code() == grpc.StatusCode.UNAVAILABLE and "failed" in refused.details()
+            assert time.monotonic() - started < 2
+    finally:
+        thread.stop()
+
+
+def test_tokenisation_runs_off_the_event_loop(server, client, monkeypatch):
+    import services.inference.servicer as servicer_module
+
+    threads: list[str] = []
+    encode = servicer_module.encode
+
+    def recording(*args, **kwargs):
+        threads.append(threading.current_thread().name)
+        return encode(*args, **kwargs)
+
+    monkeypatch.setattr(servicer_module, "encode", recording)
+    client.complete(prompt("Say hello."), sampling(temperature=0, max_new_tokens=2))
+    client.tokenize(prompt("Say hello."))
+    loop_thread = server.thread.name
+    assert len(threads) == 2 and loop_thread not in threads
+
+
+def test_max_model_len_caps_the_context(model_dir):
+    thread = _server(model_dir, max_model_len=40)
+    try:
+        with InferenceClient(thread.address, timeout=60) as client:
+            assert client.model_info().context_length == 40
+            ids = list(range(3, 33))  # 30 tokens: 10 more fit
+            result = client.complete(
+                prompt(token_ids=ids), sampling(temperature=0, max_new_tokens=100, ignore_eos=True)
+            )
+            assert result.finish_reason == pb.FINISH_REASON_LENGTH and result.usage.completion_tokens == 10
+            error = rpc_error(lambda: client.complete(prompt(token_ids=list(range(3, 43))), GREEDY))
+            assert (
+                error.code() == grpc.StatusCode.INVALID_ARGUMENT
+                and "the model's context is 40" in error.details()
+            )
+    finally:
+        thread.stop()

@@ -195,3 +195,23 @@ def test_liveness_stays_serving_while_draining(model_root):
             assert _health(channel, "wombat.liveness") == health_pb2.HealthCheckResponse.SERVING
     finally:
         server.stop()
+
+
+def test_a_service_that_dies_makes_serve_fail_so_the_process_exits_non_zero(model_root):
+    """The lifecycle: a service whose wait_until_failed() returns stops the server at once and `serve()`
+    raises ServiceFailed, which the CLI turns into a non-zero exit (services/cli/serve.py::_run)."""
+    import asyncio
+
+    from services.materializer.server import MaterializerService
+    from services.scaffold import ServerConfig, ServiceFailed, serve
+
+    class Dying(MaterializerService):
+        async def wait_until_failed(self) -> BaseException:
+            await asyncio.sleep(0.3)
+            return RuntimeError("CUDA error (simulated)")
+
+    config = ServerConfig(host="127.0.0.1", port=0, metrics_port=None)
+    started = time.monotonic()
+    with pytest.raises(ServiceFailed, match="failed while serving: CUDA error"):
+        asyncio.run(asyncio.wait_for(serve(config, Dying(model_root)), 20))
+    assert time.monotonic() - started < 10

@@ -5,8 +5,9 @@ sentencepiece's leading-space handling, so, as in TGI and vLLM, each step decode
 recent tokens twice (with and without the new ones) and emits only the difference, waiting while the
 window ends in an incomplete character (U+FFFD).
 
-Stop sequences are matched on the text; up to `longest stop - 1` characters are held back so a stop
-string that spans several tokens is never partly emitted.
+Stop sequences are matched on the text, at the earliest occurrence of any of them; up to
+`longest stop - 1` characters are held back so a stop string that spans several tokens is never partly
+emitted.
 """
 
 from __future__ import annotations
@@ -52,13 +53,13 @@ class IncrementalDetokenizer:
 
     def _release(self) -> tuple[str, bool]:
         search_from = max(0, self.emitted - self._holdback)
-        for stop in self.stop:
-            index = self.text.find(stop, search_from)
-            if index != -1:
-                self.text = self.text[:index]
-                chunk = self.text[self.emitted :]
-                self.emitted = len(self.text)
-                return chunk, True
+        # The earliest occurrence of any stop string ends the text, whichever comes first in the list.
+        found = [i for i in (self.text.find(stop, search_from) for stop in self.stop) if i != -1]
+        if found:
+            self.text = self.text[: min(found)]
+            chunk = self.text[self.emitted :]
+            self.emitted = len(self.text)
+            return chunk, True
         safe_end = len(self.text) - self._holdback if self.stop else len(self.text)
         if safe_end <= self.emitted:
             return "", False

@@ -14,7 +14,15 @@ the last running row. So joining or leaving copies that row only, never the batc
 each row's new key and value into its own column in place: nothing is concatenated per step.
 
 Capacity (columns per row) starts small and doubles when a row needs more, up to the model's context;
-that reallocation is the one whole-cache copy, and it happens a logarithmic number of times.
+that reallocation is the one whole-cache copy, and it happens a logarithmic number of times. Growth is
+all-or-nothing: every layer's new storage is allocated before any replaces the old, so a failed
+allocation (KVCacheFull) leaves the cache as it was and the rows in it running. On CUDA the runner
+allocates the full capacity at start instead (`initial_capacity`), sized against the memory budget, so
+an out-of-memory shows at start, not under live traffic.
+
+A row's columns are bounded by the capacity, but its left padding is not part of its context: a row
+about to write past the last column is shifted left by its padding (`unpad_row`), so every request can
+reach the model's full context whatever group it was prefilled in.
 
 The model's own attention reads the cache through `update()` (transformers' Cache interface): before
 each forward the runner says which rows and columns that forward writes and how many columns it attends
@@ -29,7 +37,36 @@ from dataclasses import dataclass
 import torch
 from transformers.cache_utils import Cache
 
+from wombat_core.errors import FailedPrecondition, ResourceExhausted
+
 INITIAL_CAPACITY = 256
+
+
+class KVCacheFull(ResourceExhausted):
+    """The KV cache could not grow: no memory for the columns a new group needs."""
+
+    reason = "KV_CACHE_FULL"
+
+
+def check_preallocation(*, slots: int, context: int, bytes_per_column: int, total_bytes: int, in_use_bytes: int,
+                        reserve_bytes: int, utilization: float) -> None:  # fmt: skip
+    """Refuses, at start, a cache of `slots` rows of `context` columns that does not fit the device's budget:
+    `utilization` of its memory, less what is in use (the weights, other processes) and `reserve_bytes` for
+    activations. The message names both figures and a configuration that fits (as vLLM does at start)."""
+    budget = int(total_bytes * utilization) - in_use_bytes - reserve_bytes
+    need = slots * context * bytes_per_column
+    if need <= budget:
+        return
+    gib = 2**30
+    fitting_slots = max(0, budget) // (context * bytes_per_column)
+    fitting_context = max(0, budget) // (slots * bytes_per_column)
+    raise FailedPrecondition(
+        f"the KV cache for {slots} slots x {context} tokens needs {need / gib:.2f} GiB, but only "
+        f"{max(0, budget) / gib:.2f} GiB remain within --gpu-memory-utilization {utilization} of "
+        f"{total_bytes / gib:.1f} GiB ({in_use_bytes / gib:.2f} GiB already in use, {reserve_bytes / gib:.2f} GiB "
+        f"kept for activations); set --max-batch-size {fitting_slots} or --max-model-len {fitting_context}, "
+        "or raise --gpu-memory-utilization"
+    )
 
 
 def compaction_moves(rows: int, leaving: list[int]) -> list[tuple[int, int]]:
@@ -54,11 +91,11 @@ class _Write:
 
 class KVCache(Cache):
     def __init__(self, *, layers: int, slots: int, kv_heads: int, head_dim: int, max_capacity: int,
-                 dtype: torch.dtype, device: torch.device):  # fmt: skip
+                 dtype: torch.dtype, device: torch.device, initial_capacity: int = INITIAL_CAPACITY):  # fmt: skip
         # transformers' Cache API without its per-layer objects: hybrid-model helpers read `layers`.
         self.layers: list = []
         self.slots, self.max_capacity = slots, max_capacity
-        self.capacity = min(INITIAL_CAPACITY, max_capacity)
+        self.capacity = min(initial_capacity, max_capacity)
         shape = (slots, kv_heads, self.capacity, head_dim)
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
@@ -76,12 +113,21 @@ class KVCache(Cache):
         while capacity < columns:
             capacity *= 2
         capacity = min(capacity, self.max_capacity)
-        for store in (self.keys, self.values):
-            for layer, old in enumerate(store):
-                grown = old.new_zeros((*old.shape[:2], capacity, old.shape[3]))
-                grown[:, :, : self.capacity] = old
-                store[layer] = grown
-        self.capacity = capacity
+        try:  # all layers' new storage first: a failure leaves the cache as it was
+            keys = [self._grown(old, capacity) for old in self.keys]
+            values = [self._grown(old, capacity) for old in self.values]
+        except (torch.OutOfMemoryError, RuntimeError) as exc:  # CUDA's OOM, or the CPU allocator's
+            need = self.slots * capacity * self.bytes_per_column()
+            raise KVCacheFull(
+                f"the KV cache could not grow from {self.capacity} to {capacity} columns per row "
+                f"({need / 2**30:.2f} GiB): out of memory; retry later, or ask for fewer max_new_tokens"
+            ) from exc
+        self.keys, self.values, self.capacity = keys, values, capacity
+
+    def _grown(self, old: torch.Tensor, capacity: int) -> torch.Tensor:
+        grown = old.new_zeros((*old.shape[:2], capacity, old.shape[3]))
+        grown[:, :, : self.capacity] = old
+        return grown
 
     def prepare_prefill(self, rows: slice, start: int, end: int) -> None:
         """The next forward is a prefill chunk: rows `rows`, columns [start, end) written for every row."""
@@ -100,6 +146,12 @@ class KVCache(Cache):
             for layer in store:
                 for destination, source in moves:
                     layer[destination, :, :columns] = layer[source, :, :columns]
+
+    def unpad_row(self, row: int, offset: int, end: int) -> None:
+        """Moves `row`'s columns [offset, end) to [0, end - offset): drops its left padding in place."""
+        for store in (self.keys, self.values):
+            for layer in store:
+                layer[row, :, : end - offset] = layer[row, :, offset:end].clone()  # overlapping ranges
 
     def bytes_per_column(self) -> int:
         """Bytes one column of one row takes over every layer, keys and values."""

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from wombat_core.engine.kv_cache import KVCache
+from wombat_core.engine.kv_cache import INITIAL_CAPACITY, KVCache, check_preallocation
 
 
 @dataclass
@@ -55,20 +55,36 @@ class PrefillGroup:
 
 
 class ModelRunner:
-    def __init__(self, model: torch.nn.Module, pad_token_id: int, slots: int, context_length: int):
+    def __init__(self, model: torch.nn.Module, pad_token_id: int, slots: int, context_length: int, *,
+                 memory_utilization: float = 0.9, max_prefill_tokens: int = 512):  # fmt: skip
         self.model, self.pad_token_id, self.slots = model, pad_token_id, slots
         parameter = next(model.parameters())
         self.device = parameter.device
         config = model.config
         heads = config.num_attention_heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        initial = INITIAL_CAPACITY
+        if self.device.type == "cuda":  # the whole cache now, within the budget: no OOM under live traffic
+            free, total = torch.cuda.mem_get_info(self.device)
+            itemsize = parameter.element_size()
+            activations = (
+                max_prefill_tokens * (2 * config.intermediate_size + 4 * config.hidden_size) * itemsize
+            )
+            check_preallocation(slots=slots, context=context_length, total_bytes=total, in_use_bytes=total - free,
+                                bytes_per_column=2 * config.num_hidden_layers * kv_heads * head_dim * itemsize,
+                                reserve_bytes=activations + 5 * slots * config.vocab_size * 8,
+                                utilization=memory_utilization)  # fmt: skip
+            initial = context_length
         self.cache = KVCache(
             layers=config.num_hidden_layers,
             slots=slots,
-            kv_heads=getattr(config, "num_key_value_heads", None) or heads,
-            head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
+            kv_heads=kv_heads,
+            head_dim=head_dim,
             max_capacity=context_length,
             dtype=parameter.dtype,
             device=self.device,
+            initial_capacity=initial,
         )
         # transformers 5.x renamed the forward's `past_key_values` to `cache`; use whichever it takes.
         self._cache_argument = (
@@ -76,8 +92,9 @@ class ModelRunner:
         )
         self.rows = 0  # the running rows are slots [0, rows)
         self.columns = [0] * slots  # host: the next column each row writes (a decode step adds one to all)
+        self.offsets = [0] * slots  # host: the first column of each row (its left padding)
         self._columns = torch.zeros(slots, dtype=torch.int64, device=self.device)  # the same, on the device
-        self._offsets = torch.zeros(slots, dtype=torch.int64, device=self.device)  # first column of each row
+        self._offsets = torch.zeros(slots, dtype=torch.int64, device=self.device)
         self._last_tokens = torch.zeros(
             slots, dtype=torch.int64, device=self.device
         )  # fed by the next decode
@@ -132,8 +149,8 @@ class ModelRunner:
         self.cache.move_rows([(d, s) for d, s in moves if d != s], group.length)
         offsets = [group.offsets[i] for i in keep]
         rows = slice(first, first + len(keep))
-        for row in range(rows.start, rows.stop):
-            self.columns[row] = group.length
+        for row, offset in zip(range(rows.start, rows.stop), offsets, strict=True):
+            self.columns[row], self.offsets[row] = group.length, offset
         self._columns[rows] = group.length
         self._offsets[rows] = torch.tensor(offsets, dtype=torch.int64).to(self.device)
         self.rows += len(keep)
@@ -151,6 +168,9 @@ class ModelRunner:
         """One step for every running row: feeds each row's last token at its own column; returns float32
         logits [rows, vocab]."""
         rows = self.rows
+        for row in range(rows):
+            if self.columns[row] >= self.cache.max_capacity:
+                self._unpad(row)
         columns = self._columns[:rows]
         attend = max(self.columns[:rows]) + 1
         self.cache.prepare_decode(rows, columns, attend)
@@ -168,6 +188,17 @@ class ModelRunner:
             self.columns[row] += 1
         return output.logits[:, -1, :].float()
 
+    def _unpad(self, row: int) -> None:
+        """A row at the last column drops its left padding: its context is its own tokens, not the group's
+        padding (the engine ends a request when prompt + output reach the context)."""
+        offset, end = self.offsets[row], self.columns[row]
+        if offset == 0:
+            raise RuntimeError(f"row {row} is at the cache's last column with no padding to drop")
+        self.cache.unpad_row(row, offset, end)
+        self.columns[row], self.offsets[row] = end - offset, 0
+        self._columns[row] -= offset
+        self._offsets[row] = 0
+
     # --- rows leaving ---------------------------------------------------------------------------------
 
     @torch.inference_mode()
@@ -176,7 +207,7 @@ class ModelRunner:
         if moves:
             self.cache.move_rows(moves, max(self.columns[source] for _, source in moves))
         for destination, source in moves:
-            self.columns[destination] = self.columns[source]
+            self.columns[destination], self.offsets[destination] = self.columns[source], self.offsets[source]
             for tensor in (self._columns, self._offsets, self._last_tokens):
                 tensor[destination] = tensor[source]
         self.rows = rows

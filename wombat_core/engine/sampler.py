@@ -15,6 +15,10 @@ generator object exists to be on the wrong device. A request without a seed gets
 
 Log-probabilities are reported under the model's own distribution (before penalties, temperature and
 filtering). The tokens (and log-probabilities, when a row asks) cross to the host in one transfer.
+
+A row whose logits hold NaN or +inf (an fp16 overflow, a broken checkpoint) gets the token -1
+(types.NON_FINITE) instead of whatever argmax or the CDF would pick from garbage: the output processor
+fails that request, the other rows are unaffected. The check rides in the same transfer.
 """
 
 from __future__ import annotations
@@ -24,9 +28,19 @@ from dataclasses import dataclass
 import torch
 
 from wombat_core.engine.sampling import SamplingParams
-from wombat_core.engine.types import TokenLogprob, TopLogprob
+from wombat_core.engine.types import NON_FINITE, TokenLogprob, TopLogprob
 
 _M32 = 0xFFFFFFFF
+
+
+@dataclass(frozen=True)
+class SamplingRow:
+    """What the sampler needs to know of a request when its row starts."""
+
+    params: SamplingParams
+    seed: int
+    prompt_token_ids: tuple[int, ...]  # for the repetition penalty
+    eos_token_ids: tuple[int, ...]  # held back while min_new_tokens is not reached (empty with ignore_eos)
 
 
 def _fmix32(x: torch.Tensor) -> torch.Tensor:
@@ -52,13 +66,14 @@ def uniform(seeds: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
 class SampleOutput:
     """The tokens of one step, still on the device; `to_host()` is the step's one transfer."""
 
-    tokens: torch.Tensor  # [rows] int64
-    packed_logprobs: torch.Tensor | None  # [rows, 2 + 2 * top]: token, its logprob, top logprobs, top ids
+    tokens: torch.Tensor  # [rows] int64: what the next decode step feeds (always a valid id)
+    reported: torch.Tensor  # [rows] int64: what the host sees: the token, or NON_FINITE for a broken row
+    packed_logprobs: torch.Tensor | None  # [rows, 2 + 2 * top]: reported, its logprob, top logprobs, top ids
     logprob_rows: tuple[int, ...]  # per row: how many top alternatives it asked for, or -1 for none
 
     def to_host(self) -> tuple[list[int], list[TokenLogprob | None]]:
         if self.packed_logprobs is None:
-            return self.tokens.tolist(), [None] * len(self.logprob_rows)
+            return self.reported.tolist(), [None] * len(self.logprob_rows)
         rows = self.packed_logprobs.tolist()
         tokens, logprobs = [], []
         for values, wanted in zip(rows, self.logprob_rows, strict=True):
@@ -96,32 +111,31 @@ class BatchSampler:
     # --- rows -----------------------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def add_rows(
-        self, first: int, rows: list[tuple[SamplingParams, int, tuple[int, ...], tuple[int, ...]]]
-    ) -> None:
-        """Rows first..first+len(rows)-1 start: (params, seed, prompt token ids, EOS ids) each."""
+    def add_rows(self, first: int, rows: list[SamplingRow]) -> None:
+        """Rows first..first+len(rows)-1 start."""
         end = first + len(rows)
-        params = [p for p, _, _, _ in rows]
+        params = [row.params for row in rows]
         values = {
-            "temperature": [p.temperature or 1.0 for p in params],  # greedy rows ignore it
+            "temperature": [1.0 if p.greedy else p.temperature for p in params],  # greedy rows ignore it
             "top_p": [p.top_p for p in params],
             "min_p": [p.min_p for p in params],
             "penalty": [p.repetition_penalty for p in params],
             "top_k": [min(p.top_k, self.vocab_size) for p in params],
             "min_new": [p.min_new_tokens for p in params],
-            "seeds": [seed for _, seed, _, _ in rows],
+            "seeds": [row.seed for row in rows],
             "greedy": [p.greedy for p in params],
         }
         for name, column in values.items():
             target = getattr(self, name)
             target[first:end] = torch.tensor(column, dtype=target.dtype).to(self.device)
         self.steps[first:end] = 0
-        for row, (p, _, prompt, eos) in enumerate(rows, start=first):
-            self.params[row], self.generated[row] = p, 0
-            penalised = prompt if p.repetition_penalty != 1.0 else None
-            self.seen = self._set_mask_row(self.seen, row, penalised)
-            held_back = (*eos, *p.stop_token_ids) if p.min_new_tokens else None
-            self.suppress = self._set_mask_row(self.suppress, row, held_back)
+        for index, row in enumerate(rows, start=first):
+            p = row.params
+            self.params[index], self.generated[index] = p, 0
+            penalised = row.prompt_token_ids if p.repetition_penalty != 1.0 else None
+            self.seen = self._set_mask_row(self.seen, index, penalised)
+            held_back = (*row.eos_token_ids, *p.stop_token_ids) if p.min_new_tokens else None
+            self.suppress = self._set_mask_row(self.suppress, index, held_back)
 
     def _set_mask_row(self, mask: torch.Tensor | None, row: int, token_ids: tuple[int, ...] | None):
         """Clears `row` of a [slots, vocab] mask (a slot's previous owner must not leak into it) and marks
@@ -186,7 +200,10 @@ class BatchSampler:
             self.generated[row] += 1
         if self.seen is not None:
             self.seen[rows].scatter_(1, tokens[:, None], True)
-        return self._output(logits, tokens, params)
+        # NaN anywhere, or +inf, in a row's logits: no token is trustworthy (argmax of NaN is arbitrary).
+        broken = logits.isnan().any(-1) | logits.isposinf().any(-1)
+        reported = tokens.masked_fill(broken, NON_FINITE)
+        return self._output(logits, tokens, reported, params)
 
     def _penalised(self, logits: torch.Tensor, rows: slice) -> torch.Tensor:
         """Repetition penalty and min-new-tokens suppression: Hugging Face's processors, batched."""
@@ -225,15 +242,18 @@ class BatchSampler:
             scores = scores.masked_fill(probabilities < floor, float("-inf"))
         return scores
 
-    def _output(
-        self, logits: torch.Tensor, tokens: torch.Tensor, params: list[SamplingParams]
-    ) -> SampleOutput:
+    def _output(self, logits: torch.Tensor, tokens: torch.Tensor, reported: torch.Tensor,
+                params: list[SamplingParams]) -> SampleOutput:  # fmt: skip
+        """`tokens` index the logits (always valid ids); `reported` is what the host sees (NON_FINITE for
+        a broken row)."""
         wanted = tuple(p.top_logprobs if p.logprobs else -1 for p in params)
         if max(wanted) < 0:
-            return SampleOutput(tokens, None, wanted)
+            return SampleOutput(tokens, reported, None, wanted)
         logprobs = torch.log_softmax(logits, -1)
         chosen = logprobs.gather(1, tokens[:, None])
         top = max(wanted)
         values, ids = logprobs.topk(top, dim=-1) if top else (chosen[:, :0], tokens[:, None][:, :0])
-        packed = torch.cat([tokens[:, None].double(), chosen.double(), values.double(), ids.double()], dim=1)
-        return SampleOutput(tokens, packed, wanted)
+        packed = torch.cat(
+            [reported[:, None].double(), chosen.double(), values.double(), ids.double()], dim=1
+        )
+        return SampleOutput(tokens, reported, packed, wanted)

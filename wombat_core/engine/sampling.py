@@ -15,11 +15,14 @@ MAX_STOP_SEQUENCES = 16
 MAX_STOP_CHARS = 256
 MAX_TOP_LOGPROBS = 20
 MAX_SEED = 2**63 - 1
+# A temperature below this is greedy (vLLM's _SAMPLING_EPS): dividing float32 logits by 1e-50 gives
+# infinities (or, as a float32 temperature, a division by zero), never a sharper distribution.
+GREEDY_BELOW = 1e-5
 
 
 @dataclass(frozen=True)
 class SamplingParams:
-    temperature: float = 1.0  # 0 means greedy
+    temperature: float = 1.0  # below GREEDY_BELOW (0 included) means greedy
     top_p: float = 1.0
     top_k: int = 0  # 0 disables
     min_p: float = 0.0
@@ -67,7 +70,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < GREEDY_BELOW
 
     def check_against_model(self, vocab_size: int, max_new_tokens_limit: int) -> None:
         bad = [t for t in self.stop_token_ids if t >= vocab_size]

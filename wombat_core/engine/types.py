@@ -6,6 +6,10 @@ import enum
 from dataclasses import dataclass, field
 
 from wombat_core.engine.sampling import SamplingParams
+from wombat_core.errors import InvalidArgument
+
+# The token the sampler reports for a row whose logits hold NaN or +inf; that request fails.
+NON_FINITE = -1
 
 
 class FinishReason(enum.Enum):
@@ -21,6 +25,27 @@ class GenerationRequest:
     prompt_token_ids: tuple[int, ...]
     params: SamplingParams
     truncated_prompt_tokens: int = 0
+
+    def check_against_model(self, *, vocab_size: int, context_length: int, max_new_tokens_limit: int) -> None:
+        """The checks that depend on the model, the same for every backend (and so are their messages).
+        `vocab_size` bounds every id: an id the tokenizer knows but the model's embedding does not would
+        be a device-side assert on CUDA, which kills the CUDA context."""
+        prompt = self.prompt_token_ids
+        self.params.check_against_model(vocab_size, max_new_tokens_limit)
+        if not prompt:
+            raise InvalidArgument("the prompt is empty after templating and tokenisation")
+        if len(prompt) >= context_length:
+            raise InvalidArgument(
+                f"the prompt has {len(prompt)} tokens but the model's context is {context_length}; "
+                "shorten it or set truncate_left_tokens",
+                metadata={"field": "prompt"},
+            )
+        bad = max(prompt) if max(prompt) >= vocab_size else min(prompt)
+        if not 0 <= bad < vocab_size:
+            raise InvalidArgument(
+                f"prompt token ids must be in [0, {vocab_size}) for this model, got {bad}",
+                metadata={"field": "prompt"},
+            )
 
 
 @dataclass(frozen=True)
