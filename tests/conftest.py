@@ -46,6 +46,10 @@ class ServerThread:
         """The rest of the lifecycle's start for a server built with `load=False`."""
         self.call(self.service.load())
         self.call(self.server.set_serving(True))
+        self.call(self._watch())
+
+    async def _watch(self) -> None:
+        self.server.watch_for_failure(self.service.wait_until_failed())
 
     def call(self, coroutine, timeout: float = 120):
         return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)

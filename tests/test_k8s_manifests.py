@@ -332,6 +332,25 @@ def test_gpu_overlay_gives_inference_and_rrhf_a_gpu_and_hardens_every_pod():
     assert any(m["type"] == "Resource" for m in hpa["spec"]["metrics"])  # the CPU fallback
 
 
+def test_gpu_inference_runs_vllm_with_a_memory_backed_shm():
+    """The gpu overlay serves with vLLM (the image's vllm variant): --engine vllm, its memory budget, and a
+    memory-backed /dev/shm (the runtime's default 64 MiB starves vLLM's inter-process tensors)."""
+    objects = render("overlays/gpu")
+    config = _config(objects, "inference")
+    assert config["WOMBAT_SERVE_INFERENCE_ENGINE"] == "vllm"
+    assert 0 < float(config["WOMBAT_SERVE_INFERENCE_GPU_MEMORY_UTILIZATION"]) <= 1
+    pod = _deployment(objects, "inference")["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert container["image"].endswith("-vllm")
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    shm = [m for m in container["volumeMounts"] if m["mountPath"] == "/dev/shm"]
+    assert len(shm) == 1 and volumes[shm[0]["name"]]["emptyDir"]["medium"] == "Memory"
+    base = _deployment(render("base"), "inference")["spec"]["template"]["spec"]["containers"][0]
+    assert not any(
+        m["mountPath"] == "/dev/shm" for m in base["volumeMounts"]
+    )  # CPU pods: the engine needs none
+
+
 def test_hpa_scales_on_a_metric_the_inference_server_exports():
     from prometheus_client import CollectorRegistry
 

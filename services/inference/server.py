@@ -113,8 +113,7 @@ class InferenceService(Service):
         self.servicer.attach(await start_backend(self.settings))
 
     async def wait_until_failed(self) -> BaseException:
-        while self.servicer.backend is None:  # not loaded yet: nothing can have failed
-            await asyncio.sleep(0.1)
+        assert self.servicer.backend is not None, "the lifecycle watches a service once it is loaded"
         return await self.servicer.backend.wait_until_failed()
 
     async def close(self) -> None:

@@ -4,13 +4,13 @@ Transport wiring only: it sits above `wombat_core` (which knows nothing of gRPC)
 """
 
 from services.scaffold.config import ServerConfig, TlsConfig
-from services.scaffold.lifecycle import Service, ServiceFailed, run_until_signalled, serve, start_service
+from services.scaffold.lifecycle import Service, ServiceDied, run_until_signalled, serve, start_service
 from services.scaffold.server import ServiceRegistration, WombatServer, create_server
 
 __all__ = [
     "ServerConfig",
     "Service",
-    "ServiceFailed",
+    "ServiceDied",
     "ServiceRegistration",
     "TlsConfig",
     "WombatServer",

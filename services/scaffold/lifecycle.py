@@ -13,7 +13,7 @@ that may take minutes (weights, a warm-up, a Ray cluster) and a `close()` that r
 
 A service that dies while serving (its `wait_until_failed()` returns: an inference engine's step loop
 failed) turns every health name NOT_SERVING, liveness included, so that Kubernetes restarts the pod and
-routers stop sending to it; `serve()` then stops at once and raises ServiceFailed, and the process exits
+routers stop sending to it; `serve()` then stops at once and raises ServiceDied, and the process exits
 non-zero. Nothing keeps a dead pod SERVING.
 
 `start_service()` is steps 1–2 for a process that hosts a service itself (tests, `wombat train`
@@ -36,10 +36,10 @@ from wombat_core.errors import Unavailable
 log = logging.getLogger(__name__)
 
 
-class ServiceFailed(Unavailable):
+class ServiceDied(Unavailable):
     """The service died while serving; the process must exit non-zero for its supervisor to restart it."""
 
-    reason = "SERVICE_FAILED"
+    reason = "SERVICE_DIED"
 
 
 class Service:
@@ -61,7 +61,8 @@ class Service:
         """Releases what `load()` and the servicers acquired; runs after the server stopped."""
 
     async def wait_until_failed(self) -> BaseException:
-        """Returns when the service can no longer serve (what killed it); by default it never does."""
+        """After `load()`: returns when the service can no longer serve (what killed it); by default it
+        never does."""
         await asyncio.Event().wait()
         raise AssertionError("unreachable")
 
@@ -77,7 +78,7 @@ async def start_service(
     if load:
         await service.load()
         await server.set_serving(True)
-    server.watch_for_failure(service.wait_until_failed())
+        server.watch_for_failure(service.wait_until_failed())
     return server, port
 
 
@@ -88,11 +89,12 @@ async def serve(config: ServerConfig, service: Service) -> None:
     try:
         await service.load()
         await server.set_serving(True)
+        server.watch_for_failure(service.wait_until_failed())
         log.info("%s ready on port %d", service.name, port)
         server.announce(port)
         await run_until_signalled(server)
         if server.failure is not None:
-            raise ServiceFailed(f"{service.name} failed while serving: {server.failure}")
+            raise ServiceDied(f"{service.name} failed while serving: {server.failure}")
     finally:
         await server.stop(0)  # at once if loading failed; a no-op after a drain
         await service.close()

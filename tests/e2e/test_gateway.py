@@ -24,14 +24,16 @@ MODEL = "smollm2-135m"
 LONG = {"ignore_eos": True}  # vLLM's extension field, sent with extra_body
 
 
-@pytest.fixture(scope="module")
-def stack(demo_workdir, tmp_path_factory):
+@pytest.fixture(scope="module", params=["wombat", pytest.param("vllm", marks=pytest.mark.vllm)])
+def stack(request, demo_workdir, tmp_path_factory):
     """One inference replica (one slot, no queue: a second concurrent request is refused at once) and one
-    gateway that checks an API key."""
+    gateway that checks an API key; the replica runs each engine backend in turn (vLLM in .venv-vllm)."""
     logs = tmp_path_factory.mktemp("gateway-logs")
     model = demo_workdir / "models" / MODEL
     inference = ServiceProcess(["inference", "--model", str(model), "--port", "0", "--metrics-port", "0",
-                                "--max-batch-size", "1", "--max-queue", "0"], logs / "inference.log")  # fmt: skip
+                                "--max-batch-size", "1", "--max-queue", "0", "--engine", request.param,
+                                "--dtype", "float32", "--device", "cpu"], logs / "inference.log",
+                               ready_timeout=300)  # fmt: skip
     key_file = logs / "api-key"
     key_file.write_text(API_KEY)
     try:

@@ -199,11 +199,11 @@ def test_liveness_stays_serving_while_draining(model_root):
 
 def test_a_service_that_dies_makes_serve_fail_so_the_process_exits_non_zero(model_root):
     """The lifecycle: a service whose wait_until_failed() returns stops the server at once and `serve()`
-    raises ServiceFailed, which the CLI turns into a non-zero exit (services/cli/serve.py::_run)."""
+    raises ServiceDied, which the CLI turns into a non-zero exit (services/cli/serve.py::_run)."""
     import asyncio
 
     from services.materializer.server import MaterializerService
-    from services.scaffold import ServerConfig, ServiceFailed, serve
+    from services.scaffold import ServerConfig, ServiceDied, serve
 
     class Dying(MaterializerService):
         async def wait_until_failed(self) -> BaseException:
@@ -212,6 +212,6 @@ def test_a_service_that_dies_makes_serve_fail_so_the_process_exits_non_zero(mode
 
     config = ServerConfig(host="127.0.0.1", port=0, metrics_port=None)
     started = time.monotonic()
-    with pytest.raises(ServiceFailed, match="failed while serving: CUDA error"):
+    with pytest.raises(ServiceDied, match="failed while serving: CUDA error"):
         asyncio.run(asyncio.wait_for(serve(config, Dying(model_root)), 20))
     assert time.monotonic() - started < 10

@@ -34,11 +34,12 @@ import os
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from wombat_core.engine.backend import BackendSettings, EngineBackend, ModelFacts
 from wombat_core.engine.engine import EngineStats
 from wombat_core.engine.loading import pick_device
+from wombat_core.engine.output import NonFiniteLogits
 from wombat_core.engine.sampling import SamplingParams
 from wombat_core.engine.types import (
     FinishReason,
@@ -82,7 +83,7 @@ class _Progress:
     seed: int
     first_token: float = 0.0
     generated: int = 0
-    token_ids: list[int] = field(default_factory=list)
+    queued: float = 0.0  # seconds vLLM's scheduler kept it waiting (from its request stats)
 
 
 class VllmBackend(EngineBackend):
@@ -207,7 +208,12 @@ class VllmBackend(EngineBackend):
         return prompt
 
     def _events(self, request: GenerationRequest, progress: _Progress, output) -> list[StreamEvent]:
-        completion = output.outputs[0]
+        completion, stats = output.outputs[0], getattr(output, "metrics", None)
+        if stats is not None and getattr(stats, "is_corrupted", False):  # vLLM saw NaN in this row's logits
+            raise NonFiniteLogits(f"the model produced NaN logits for request {request.request_id} (a float16 "
+                                  "overflow?); serve the model in bfloat16 or float32")  # fmt: skip
+        if stats is not None and stats.scheduled_ts and stats.queued_ts:  # engine-core monotonic clock
+            progress.queued = max(0.0, stats.scheduled_ts - stats.queued_ts)
         now = time.monotonic()
         tokens = tuple(completion.token_ids)
         if tokens and not progress.first_token:
@@ -253,6 +259,17 @@ class VllmBackend(EngineBackend):
     async def stop(self) -> None:
         self._watchdog.cancel()
         await asyncio.to_thread(self.llm.shutdown)
+        self.llm = _Stopped()  # AsyncLLM.__del__ would shut it down again at interpreter exit, noisily
+
+
+class _Stopped:
+    """What `llm` is after `stop()`: refuses like a dead engine."""
+
+    errored = True
+    dead_error = Unavailable("the vLLM engine has stopped")
+
+    def shutdown(self) -> None:
+        pass
 
 
 class _Stream:
@@ -340,7 +357,7 @@ def _logprobs(tokens: tuple[int, ...], positions, params: SamplingParams) -> tup
 def _final(request: GenerationRequest, progress: _Progress, reason: FinishReason, *, tokens: tuple[int, ...] = (),
            text: str = "", logprobs: tuple[TokenLogprob, ...] = (), now: float | None = None) -> StreamEvent:  # fmt: skip
     now = time.monotonic() if now is None else now
-    timings = Timings(queue_seconds=0.0, time_to_first_token_seconds=(progress.first_token or now) - progress.arrived,
+    timings = Timings(queue_seconds=progress.queued, time_to_first_token_seconds=(progress.first_token or now) - progress.arrived,
                       total_seconds=now - progress.arrived)  # fmt: skip
     usage = Usage(prompt_tokens=len(request.prompt_token_ids), completion_tokens=progress.generated,
                   truncated_prompt_tokens=request.truncated_prompt_tokens)  # fmt: skip
