@@ -275,3 +275,31 @@ def _cmdline(process: psutil.Process) -> list[str]:
         return [process.name(), *process.cmdline()]
     except psutil.Error:
         return []
+
+
+@pytest.mark.parametrize("engine", ["wombat", pytest.param("vllm", marks=pytest.mark.vllm)])
+def test_health_answers_while_the_engine_loads(engine, demo_workdir):
+    """Loading (vLLM: starting its engine core and reading the weights) happens off the event loop: the
+    kubelet's probes get NOT_SERVING at once throughout, then SERVING."""
+    import asyncio
+
+    from services.inference.server import EngineKind, InferenceService, InferenceSettings
+
+    settings = InferenceSettings(model_dir=demo_workdir / "models" / MODEL, engine=EngineKind(engine),
+                                 dtype="float32", device="cpu", max_model_len=256)  # fmt: skip
+    server = ServerThread(InferenceService(settings), load=False)
+    try:
+        loading = asyncio.run_coroutine_threadsafe(server.service.load(), server.loop)
+        answers = []
+        with grpc.insecure_channel(server.address) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            while not loading.done():
+                started = time.monotonic()
+                status = health.Check(health_pb2.HealthCheckRequest(), timeout=5).status
+                answers.append((status, time.monotonic() - started))
+                time.sleep(0.2)
+        loading.result()
+        assert answers and all(status == health_pb2.HealthCheckResponse.NOT_SERVING for status, _ in answers)
+        assert max(seconds for _, seconds in answers) < 1.0, max(answers, key=lambda a: a[1])
+    finally:
+        server.stop()

