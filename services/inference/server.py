@@ -9,10 +9,10 @@ restart the pod.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import enum
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from prometheus_client import CollectorRegistry
@@ -44,43 +44,25 @@ def resolve_engine(kind: EngineKind, device: str) -> EngineKind:
 
 
 @dataclass(frozen=True)
-class InferenceSettings:
-    model_dir: Path
-    engine: EngineKind = EngineKind.AUTO
-    dtype: str = "auto"
-    device: str = "auto"
-    default_format: PromptFormat = PromptFormat.ALPACA
-    max_batch_size: int = 8
-    max_queue: int = 64
-    max_prefill_tokens: int = 512
-    max_new_tokens_limit: int = 4096
-    max_model_len: int | None = None  # caps the model's context on both backends (vLLM's name)
-    gpu_memory_utilization: float = 0.9
-    cpu_threads: int | None = None  # the engine's intra-op threads on CPU; None: the pod's CPU quota
+class InferenceSettings(BackendSettings):
+    """The service's flags: what both backends are built from, plus the engine to pick and the prompt
+    format of requests that set none. `cpu_threads` None means the pod's CPU quota."""
 
-    def backend_settings(self) -> BackendSettings:
-        return BackendSettings(
-            model_dir=self.model_dir,
-            dtype=self.dtype,
-            device=self.device,
-            max_batch_size=self.max_batch_size,
-            max_queue=self.max_queue,
-            max_prefill_tokens=self.max_prefill_tokens,
-            max_new_tokens_limit=self.max_new_tokens_limit,
-            max_model_len=self.max_model_len,
-            gpu_memory_utilization=self.gpu_memory_utilization,
-            cpu_threads=self.cpu_threads or available_cpus(),
-        )
+    engine: EngineKind = EngineKind.AUTO
+    default_format: PromptFormat = PromptFormat.ALPACA
 
 
 async def start_backend(settings: InferenceSettings) -> EngineBackend:
     """Starts the chosen backend and runs the warm-up generations through it."""
-    kind = resolve_engine(settings.engine, settings.device)
+    kind = await asyncio.to_thread(
+        resolve_engine, settings.engine, settings.device
+    )  # may import vllm (~10 s)
     log.info("engine: %s", kind.value)
+    settings = dataclasses.replace(settings, cpu_threads=settings.cpu_threads or available_cpus())
     if kind is EngineKind.VLLM:
-        backend: EngineBackend = await VllmBackend.load(settings.backend_settings())
+        backend: EngineBackend = await VllmBackend.load(settings)
     else:
-        backend = await asyncio.to_thread(WombatBackend.load, settings.backend_settings())
+        backend = await asyncio.to_thread(WombatBackend.load, settings)
     try:
         await backend.warm_up()
     except BaseException:
