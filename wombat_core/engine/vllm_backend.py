@@ -221,7 +221,7 @@ class VllmBackend(EngineBackend):
     async def stop(self) -> None:
         self._watchdog.cancel()
         await asyncio.to_thread(self.llm.shutdown)
-        self.llm = _Stopped()  # AsyncLLM.__del__ would shut it down again at interpreter exit, noisily
+        self.llm = _Stopped()  # a stopped backend refuses new requests as a dead one does
 
 
 class _Stopped:
