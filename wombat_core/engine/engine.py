@@ -366,10 +366,14 @@ def _ends(batch: list[StreamEvent]) -> bool:
 
 
 def _eos_ids(model: torch.nn.Module, tokenizer) -> tuple[int, ...]:
-    ids: set[int] = set()
     generation_config = getattr(model, "generation_config", None)
-    configured = getattr(generation_config, "eos_token_id", None)
-    for candidate in (configured, tokenizer.eos_token_id):
+    return merge_token_ids(getattr(generation_config, "eos_token_id", None), tokenizer.eos_token_id)
+
+
+def merge_token_ids(*candidates) -> tuple[int, ...]:
+    """Every id named by `candidates` (each None, an id, or a list of ids: how configs name EOS), sorted."""
+    ids: set[int] = set()
+    for candidate in candidates:
         if isinstance(candidate, int):
             ids.add(candidate)
         elif isinstance(candidate, (list, tuple)):

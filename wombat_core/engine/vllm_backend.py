@@ -37,7 +37,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from wombat_core.engine.backend import BackendSettings, EngineBackend, ModelFacts
-from wombat_core.engine.engine import EngineStats
+from wombat_core.engine.engine import EngineStats, merge_token_ids
 from wombat_core.engine.loading import pick_device
 from wombat_core.engine.output import NonFiniteLogits
 from wombat_core.engine.sampling import SamplingParams
@@ -372,21 +372,15 @@ def _final(request: GenerationRequest, progress: _Progress, reason: FinishReason
 
 
 def _eos_ids(model_config, tokenizer) -> tuple[int, ...]:
-    ids: set[int] = set()
-    generation = getattr(model_config, "hf_config", None)
-    configured = getattr(generation, "eos_token_id", None)
+    """generation_config.json's EOS ids (vLLM reads them too), config.json's and the tokenizer's."""
     try:
         from transformers import GenerationConfig
 
-        configured_gen = GenerationConfig.from_pretrained(model_config.model).eos_token_id
+        generation = GenerationConfig.from_pretrained(model_config.model).eos_token_id
     except Exception:  # noqa: BLE001 - no generation_config.json
-        configured_gen = None
-    for candidate in (configured_gen, configured, tokenizer.eos_token_id):
-        if isinstance(candidate, int):
-            ids.add(candidate)
-        elif isinstance(candidate, (list, tuple)):
-            ids.update(int(c) for c in candidate)
-    return tuple(sorted(ids))
+        generation = None
+    configured = getattr(getattr(model_config, "hf_config", None), "eos_token_id", None)
+    return merge_token_ids(generation, configured, tokenizer.eos_token_id)
 
 
 def _stat_logger_factory(in_flight: _InFlight):
