@@ -72,9 +72,7 @@ class _InFlight:
     """Requests between admission and their final event: the queue bound and GetLoad count them."""
 
     count: int = 0
-    kv_cache_usage: float = 0.0
-    scheduler_running: int = 0
-    scheduler_waiting: int = 0
+    kv_cache_usage: float = 0.0  # vLLM's scheduler's latest figure (its stat logger writes it)
 
 
 @dataclass
@@ -384,7 +382,7 @@ def _eos_ids(model_config, tokenizer) -> tuple[int, ...]:
 
 
 def _stat_logger_factory(in_flight: _InFlight):
-    """A vLLM StatLogger that keeps the scheduler's latest KV-cache use (and counts) for GetLoad."""
+    """A vLLM StatLogger that keeps the scheduler's latest KV-cache use for GetLoad and the gauges."""
     from vllm.v1.metrics.loggers import StatLoggerBase
 
     class _Recorder(StatLoggerBase):
@@ -394,8 +392,6 @@ def _stat_logger_factory(in_flight: _InFlight):
         def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx: int = 0):
             if scheduler_stats is not None:
                 in_flight.kv_cache_usage = float(scheduler_stats.kv_cache_usage)
-                in_flight.scheduler_running = scheduler_stats.num_running_reqs
-                in_flight.scheduler_waiting = scheduler_stats.num_waiting_reqs
 
         def log_engine_initialized(self):
             pass
