@@ -1,5 +1,5 @@
-"""The CPU kernel swap (oneDNN packed weights, shared-input projections, fused RMSNorm) computes what the
-plain Hugging Face model computes."""
+"""The CPU kernel swap (OpenBLAS or oneDNN-packed weights, shared-input projections) and the lean forward
+on it (cpu_forward.py) compute what the plain Hugging Face model computes."""
 
 from __future__ import annotations
 
@@ -9,7 +9,15 @@ import pytest
 import torch
 
 from tests.models import tiny_config
-from wombat_core.engine.cpu_kernels import PackedLinear, Projection, supported, use_packed_kernels
+from wombat_core.engine.cpu_forward import LeanLlamaForward
+from wombat_core.engine.cpu_kernels import (
+    PackedLinear,
+    Projection,
+    supported,
+    use_packed_kernels,
+    use_threads,
+)
+from wombat_core.engine.runner import ModelRunner
 
 
 @pytest.fixture(scope="module")
@@ -72,3 +80,43 @@ def test_threads_sharing_one_packed_model_get_their_own_results(plain):
     for thread in threads:
         thread.join()
     assert failures == []
+
+
+def test_the_lean_forward_gives_the_model_forwards_logits_through_the_runner(plain):
+    """A left-padded group prefilled in two chunks, then decode steps, on the plain model (its own forward)
+    and on the swapped one (the lean forward), fed the same tokens: the same logits at every step."""
+    packed = copy.deepcopy(plain)
+    use_packed_kernels(packed)
+    reference, lean = ModelRunner(plain, 0, 4, 64), ModelRunner(packed, 0, 4, 64)
+    assert isinstance(lean._forward, LeanLlamaForward) and not isinstance(
+        reference._forward, LeanLlamaForward
+    )
+    torch.manual_seed(3)
+    prompts = [tuple(torch.randint(1, 300, (n,)).tolist()) for n in (9, 4, 13)]
+    logits = []
+    for runner in (reference, lean):
+        group = runner.new_group(prompts, max_new_tokens=8)
+        assert runner.prefill_chunk(group, max_tokens=3 * 7) is None  # two chunks: 7 then 6 columns
+        steps = [runner.prefill_chunk(group, max_tokens=3 * 7)]
+        runner.complete_group(group, [0, 1, 2])
+        for _ in range(5):
+            runner.set_last_tokens(0, steps[-1].argmax(-1))
+            steps.append(runner.decode())
+        logits.append(torch.stack(steps))
+    torch.testing.assert_close(logits[1], logits[0], rtol=1e-5, atol=1e-5)
+
+
+def test_openblas_kernels_take_the_threads_and_torch_runs_single_threaded(plain):
+    from threadpoolctl import threadpool_info
+
+    packed = copy.deepcopy(plain)
+    use_packed_kernels(packed)
+    before = torch.get_num_threads()
+    try:
+        use_threads(packed, 2)
+        assert torch.get_num_threads() == 1
+        assert {pool["num_threads"] for pool in threadpool_info() if pool["internal_api"] == "openblas"} == {
+            2
+        }
+    finally:
+        torch.set_num_threads(before)

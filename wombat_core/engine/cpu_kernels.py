@@ -1,15 +1,23 @@
 """Faster CPU kernels for LLaMA-family models, swapped in module by module so that the model's own forward
 (and its own SDPA attention) still runs.
 
-Why: decoding multiplies a few rows by every weight matrix, which is bound by memory bandwidth, and
-PyTorch's default CPU GEMM streams a [out, in] weight at about 40 % of this machine's bandwidth for one
-row. oneDNN's pre-packed (blocked) weights reach about 90 %, at one row and at sixteen. And the three
-attention projections (q, k, v) and the two MLP input projections (gate, up) read the same input, so
-each trio and pair becomes one packed matrix: fewer, larger multiplications. RMSNorm uses PyTorch's
-fused kernel instead of five separate operations. benchmarks/inference.py measures the effect.
+Why: decoding multiplies a few rows by every weight matrix, which is bound by memory bandwidth at one row
+and by the GEMM kernel's efficiency at sixteen. On this project's CPUs (an AVX2-only EPYC among them) the
+BLAS that numpy ships (OpenBLAS) multiplies float32 rows by a [in, out] weight 1.3x faster than oneDNN's
+pre-packed weights at one row and about 2x faster at 16 to 64 rows, which is where continuous batching
+lives (benchmarks/inference.py prints the CPU it ran on). So float32 weights are kept transposed as
+numpy arrays and multiplied by OpenBLAS; bfloat16 weights (which OpenBLAS cannot multiply) use oneDNN's
+packed kernels. And the three attention projections (q, k, v) and the two MLP input projections (gate,
+up) read the same input, so each trio and pair becomes one matrix: fewer, larger multiplications.
+The lean forward (cpu_forward.py) then runs the decoder on these weights.
+
+Threads: OpenBLAS has its own thread pool, and two busy-waiting pools (OpenBLAS's and PyTorch's OpenMP
+team) on the same cores slow each other down by several times. So a model using these kernels runs its
+PyTorch operations single-threaded and gives OpenBLAS the cores (`use_threads`): the element-wise
+operations of a decode step are too small to gain from a team anyway.
 
 The swapped model computes the same function; float32 results differ from the plain kernels only in the
-order of additions (about 1e-6 relative, tested). The packed weights replace the originals (no second
+order of additions (about 1e-6 relative, tested). The prepared weights replace the originals (no second
 copy is kept), so the swap is for inference only: no gradients flow through them.
 """
 
@@ -18,27 +26,47 @@ from __future__ import annotations
 import logging
 import threading
 
+import numpy as np
 import torch
-import torch.nn.functional as F
+from threadpoolctl import threadpool_limits
 
 log = logging.getLogger(__name__)
 
 PACKING_BATCH_HINT = 16  # oneDNN chooses the blocking for this many rows; 1 to 64 rows all run well with it
 
-
-def _pack(weight: torch.Tensor) -> torch.Tensor:
-    return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), PACKING_BATCH_HINT)
+PreparedWeight = np.ndarray | torch.Tensor  # float32: [in, out] for OpenBLAS; bfloat16: oneDNN-packed
 
 
-def _linear(x: torch.Tensor, packed: torch.Tensor, out_features: int) -> torch.Tensor:
-    rows = x.reshape(-1, x.shape[-1])
-    return torch.ops.mkldnn._linear_pointwise(rows, packed, None, "none", [], "").reshape(
-        *x.shape[:-1], out_features
-    )
+def _pack(weight: torch.Tensor) -> PreparedWeight:
+    weight = weight.detach()
+    if weight.dtype == torch.float32:
+        return np.ascontiguousarray(weight.t().numpy())
+    return torch.ops.mkldnn._reorder_linear_weight(weight, PACKING_BATCH_HINT)
+
+
+def linear(x: torch.Tensor, packed: PreparedWeight, out_features: int) -> torch.Tensor:
+    rows = x.detach().reshape(-1, x.shape[-1])
+    if isinstance(packed, np.ndarray):  # numpy's matmul releases the GIL while OpenBLAS runs
+        product = torch.from_numpy(np.matmul(rows.contiguous().numpy(), packed))
+    else:
+        product = torch.ops.mkldnn._linear_pointwise(rows, packed, None, "none", [], "")
+    return product.reshape(*x.shape[:-1], out_features)
+
+
+def use_threads(model: torch.nn.Module, threads: int) -> None:
+    """Call on the thread that runs `model` with `threads` CPUs. With OpenBLAS kernels, PyTorch's operations
+    there run single-threaded and OpenBLAS (process-wide) gets the threads (the module docstring says why);
+    sizing OpenBLAS also matters because it starts a thread per CPU of the node, not of the pod's quota.
+    Otherwise PyTorch's OpenMP team gets them."""
+    if getattr(model, "wombat_cpu_kernels", None) == "openblas":  # set by use_packed_kernels
+        torch.set_num_threads(1)
+        threadpool_limits(limits=threads, user_api="blas")
+    else:
+        torch.set_num_threads(threads)
 
 
 class PackedLinear(torch.nn.Module):
-    """A bias-free linear layer with its weight pre-packed by oneDNN."""
+    """A bias-free linear layer with its weight prepared for the fast kernel (OpenBLAS or oneDNN)."""
 
     def __init__(self, linear: torch.nn.Linear):
         super().__init__()
@@ -46,7 +74,7 @@ class PackedLinear(torch.nn.Module):
         self.packed = _pack(linear.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _linear(x, self.packed, self.out_features)
+        return linear(x, self.packed, self.out_features)
 
 
 class SharedInputProjections:
@@ -64,7 +92,7 @@ class SharedInputProjections:
         last = self._last
         if index == 0 or getattr(last, "input", None) is not x:
             last.input = x
-            last.outputs = _linear(x, self.packed, sum(self.sizes)).split(self.sizes, dim=-1)
+            last.outputs = linear(x, self.packed, sum(self.sizes)).split(self.sizes, dim=-1)
         return last.outputs[index]
 
     def modules(self) -> list[Projection]:
@@ -82,25 +110,15 @@ class Projection(torch.nn.Module):
         return self.shared.output(x, self.index)
 
 
-class FusedRMSNorm(torch.nn.Module):
-    def __init__(self, norm: torch.nn.Module):
-        super().__init__()
-        self.weight = norm.weight
-        self.eps = norm.variance_epsilon
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
-
-
 def supported(model: torch.nn.Module) -> bool:
-    """Whether the swap applies: a CPU model in float32 (or bfloat16 where the CPU has it), of the LLaMA
-    family's module layout, with oneDNN available."""
+    """Whether the swap applies: a CPU model in float32 (or bfloat16 where the CPU and oneDNN have it), of
+    the LLaMA family's module layout."""
     parameter = next(model.parameters())
-    if parameter.device.type != "cpu" or not torch.backends.mkldnn.is_available():
+    if parameter.device.type != "cpu" or parameter.dtype not in (torch.float32, torch.bfloat16):
         return False
-    if parameter.dtype not in (torch.float32, torch.bfloat16):
-        return False
-    if parameter.dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+    if parameter.dtype == torch.bfloat16 and not (
+        torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    ):
         return False
     body = getattr(model, "model", None)
     layers = getattr(body, "layers", None)
@@ -111,16 +129,23 @@ def supported(model: torch.nn.Module) -> bool:
     names = [(attention, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
     names += [(mlp, n) for n in ("gate_proj", "up_proj", "down_proj")]
     linears = [getattr(owner, name, None) for owner, name in names]
+    norms = [getattr(first, "input_layernorm", None), getattr(first, "post_attention_layernorm", None)]
+    norms.append(getattr(body, "norm", None))
     return all(isinstance(linear, torch.nn.Linear) and linear.bias is None for linear in linears) and all(
-        hasattr(getattr(first, norm, None), "variance_epsilon")
-        for norm in ("input_layernorm", "post_attention_layernorm")
+        hasattr(norm, "variance_epsilon") for norm in norms
     )
+
+
+def swapped(model: torch.nn.Module) -> bool:
+    """Whether `use_packed_kernels` swapped this model's kernels."""
+    return getattr(model, "wombat_cpu_kernels", None) is not None
 
 
 def use_packed_kernels(model: torch.nn.Module) -> bool:
     """Swaps the kernels in place when `supported(model)`; returns whether it did."""
     if not supported(model):
         return False
+    kernels = "openblas" if next(model.parameters()).dtype == torch.float32 else "onednn"
     with torch.no_grad():
         for layer in model.model.layers:
             attention, mlp = layer.self_attn, layer.mlp
@@ -129,10 +154,7 @@ def use_packed_kernels(model: torch.nn.Module) -> bool:
             attention.o_proj = PackedLinear(attention.o_proj)
             mlp.gate_proj, mlp.up_proj = SharedInputProjections([mlp.gate_proj, mlp.up_proj]).modules()
             mlp.down_proj = PackedLinear(mlp.down_proj)
-            layer.input_layernorm = FusedRMSNorm(layer.input_layernorm)
-            layer.post_attention_layernorm = FusedRMSNorm(layer.post_attention_layernorm)
-        if hasattr(model.model.norm, "variance_epsilon"):
-            model.model.norm = FusedRMSNorm(model.model.norm)
         model.lm_head = PackedLinear(model.lm_head)
-    log.info("oneDNN packed weights and fused projections in use")
+    model.wombat_cpu_kernels = kernels  # what use_threads reads
+    log.info("CPU kernels in use: %s weights, fused projections", kernels)
     return True

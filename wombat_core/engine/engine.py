@@ -35,6 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
+from wombat_core.engine.cpu_kernels import use_threads
 from wombat_core.engine.kv_cache import KVCacheFull
 from wombat_core.engine.output import OutputProcessor, RequestState, Sink
 from wombat_core.engine.runner import ModelRunner
@@ -53,10 +54,11 @@ class EngineConfig:
     max_prefill_tokens: int = 512  # tokens per prefill chunk (over all rows of the group)
     context_length: int = 2048
     max_new_tokens_limit: int = 4096
-    # Intra-op threads of the engine thread; None leaves torch's setting alone. The engine thread should be
-    # the process's only multi-threaded torch user: a second OpenMP team on the same cores slows every op
-    # by half (libgomp stops spinning when its threads outnumber the cores), so whoever loads the model
-    # for a server loads it single-threaded and gives the engine the cores (services/inference/server.py).
+    # CPUs of the engine thread (cpu_kernels.use_threads: OpenBLAS's pool, or torch's OpenMP team); None
+    # leaves the settings alone. The engine thread should be the process's only multi-threaded user: a
+    # second team on the same cores slows every op by half (libgomp stops spinning when its threads
+    # outnumber the cores), so whoever loads the model for a server loads it single-threaded and gives the
+    # engine the cores (services/inference/server.py).
     cpu_threads: int | None = None
     # CUDA only: the fraction of the device's memory the weights, the KV cache (allocated whole at start)
     # and activations may use, as vLLM's --gpu-memory-utilization.
@@ -199,7 +201,7 @@ class Engine:
         failure: BaseException | None = None
         try:
             if self.config.cpu_threads is not None:
-                torch.set_num_threads(self.config.cpu_threads)
+                use_threads(self.model, self.config.cpu_threads)
             with torch.inference_mode():
                 while (cancelled := self.scheduler.next_work()) is not None:
                     self._iterate(cancelled)

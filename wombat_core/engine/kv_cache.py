@@ -87,6 +87,7 @@ class _Write:
     rows: slice  # the slots this forward's batch rows are
     columns: torch.Tensor | slice  # decode: [rows] one column per row; prefill: the same columns for all
     attend: int  # columns the returned views cover, [0, attend)
+    row_index: torch.Tensor | None = None  # decode: the rows as an index tensor, made once for all layers
 
 
 class KVCache(Cache):
@@ -137,7 +138,7 @@ class KVCache(Cache):
     def prepare_decode(self, rows: int, columns: torch.Tensor, attend: int) -> None:
         """The next forward is a decode step of rows [0, rows): each writes one column, `columns[row]`."""
         self.ensure_capacity(attend)
-        self._write = _Write(slice(0, rows), columns, attend)
+        self._write = _Write(slice(0, rows), columns, attend, torch.arange(rows, device=columns.device))
 
     def move_rows(self, moves: list[tuple[int, int]], columns: int) -> None:
         """Copies each source row's first `columns` columns onto its destination row (in order, so a chain
@@ -170,9 +171,8 @@ class KVCache(Cache):
             keys[write.rows, :, write.columns] = key_states
             values[write.rows, :, write.columns] = value_states
         else:
-            rows = torch.arange(write.rows.start, write.rows.stop, device=keys.device)
-            keys[rows, :, write.columns] = key_states[:, :, 0]
-            values[rows, :, write.columns] = value_states[:, :, 0]
+            keys[write.row_index, :, write.columns] = key_states[:, :, 0]
+            values[write.row_index, :, write.columns] = value_states[:, :, 0]
         return keys[write.rows, :, : write.attend], values[write.rows, :, : write.attend]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
+from wombat_core.engine.cpu_forward import LeanLlamaForward
+from wombat_core.engine.cpu_kernels import swapped
 from wombat_core.engine.kv_cache import INITIAL_CAPACITY, KVCache, check_preallocation
 
 
@@ -90,6 +92,8 @@ class ModelRunner:
         self._cache_argument = (
             "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         )
+        # A CPU model with swapped kernels runs the lean forward (cpu_forward.py); any other its own.
+        self._forward = LeanLlamaForward(model) if swapped(model) else self._model_forward
         self.rows = 0  # the running rows are slots [0, rows)
         self.columns = [0] * slots  # host: the next column each row writes (a decode step adds one to all)
         self.offsets = [0] * slots  # host: the first column of each row (its left padding)
@@ -128,16 +132,10 @@ class ModelRunner:
         causal = keys[None, :] <= queries[:, None]  # [chunk, columns]
         itself = keys[None, :] == queries[:, None]
         mask = (group.real[:, None, :end] & causal[None]) | itself[None]  # [rows, chunk, columns]
-        output = self.model(
-            input_ids=group.input_ids[:, start:end],
-            attention_mask=mask[:, None],
-            position_ids=group.position_ids[:, start:end],
-            use_cache=True,
-            logits_to_keep=1,
-            **{self._cache_argument: self.cache},
-        )
+        logits = self._forward(group.input_ids[:, start:end], group.position_ids[:, start:end], mask[:, None],
+                               self.cache)  # fmt: skip
         group.done = end
-        return output.logits[:, -1, :].float() if group.finished else None
+        return logits.float() if group.finished else None
 
     @torch.inference_mode()
     def complete_group(self, group: PrefillGroup, keep: list[int]) -> int:
@@ -176,17 +174,19 @@ class ModelRunner:
         self.cache.prepare_decode(rows, columns, attend)
         keys = torch.arange(attend, device=self.device)
         mask = (keys[None, :] >= self._offsets[:rows, None]) & (keys[None, :] <= columns[:, None])
-        output = self.model(
-            input_ids=self._last_tokens[:rows, None],
-            attention_mask=mask[:, None, None, :],
-            position_ids=(columns - self._offsets[:rows])[:, None],
-            use_cache=True,
-            **{self._cache_argument: self.cache},
-        )
+        logits = self._forward(self._last_tokens[:rows, None], (columns - self._offsets[:rows])[:, None],
+                               mask[:, None, None, :], self.cache)  # fmt: skip
         self._columns[:rows] += 1
         for row in range(rows):
             self.columns[row] += 1
-        return output.logits[:, -1, :].float()
+        return logits.float()
+
+    def _model_forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor,
+                       cache: KVCache) -> torch.Tensor:  # fmt: skip
+        """The model's own forward; the logits of each row's last position [rows, vocab]."""
+        output = self.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=True,
+                            logits_to_keep=1, **{self._cache_argument: cache})  # fmt: skip
+        return output.logits[:, -1, :]
 
     def _unpad(self, row: int) -> None:
         """A row at the last column drops its left padding: its context is its own tokens, not the group's
