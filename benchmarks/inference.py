@@ -371,14 +371,18 @@ def gateway_vs_direct(
 
 
 def profile_steps(model_dir: Path) -> None:
-    """torch.profiler tables of decode steps in this process, at batch 1 and 16 (the engine's path)."""
+    """torch.profiler tables of decode steps in this process, at batch 1 and 16 (the engine's path; time
+    spent in OpenBLAS, outside PyTorch, shows in the step's total only)."""
     import torch
 
+    from wombat_core.cpus import available_cpus
+    from wombat_core.engine.cpu_kernels import use_threads
     from wombat_core.engine.loading import load_for_serving
     from wombat_core.engine.runner import ModelRunner
 
     loaded = load_for_serving(model_dir, dtype="float32", device="cpu", packed_kernels=True)
-    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    use_threads(loaded.model, available_cpus())  # as the engine thread does
+    print(f"CPU kernels: {getattr(loaded.model, 'wombat_cpu_kernels', 'the model own')}")
     texts = prompts(loaded.tokenizer, long=False)
     for rows in (1, SLOTS):
         runner = ModelRunner(loaded.model, loaded.tokenizer.pad_token_id or 0, SLOTS, loaded.context_length)

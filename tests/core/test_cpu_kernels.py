@@ -11,8 +11,10 @@ import torch
 from tests.models import tiny_config
 from wombat_core.engine.cpu_forward import LeanLlamaForward
 from wombat_core.engine.cpu_kernels import (
+    KERNELS,
     PackedLinear,
     Projection,
+    faster_float32_kernels,
     supported,
     use_packed_kernels,
     use_threads,
@@ -29,9 +31,10 @@ def plain():
                                         num_key_value_heads=2)).eval()  # fmt: skip
 
 
-def test_packed_model_gives_the_plain_models_logits(plain):
+@pytest.mark.parametrize("kernels", KERNELS)
+def test_packed_model_gives_the_plain_models_logits(plain, kernels):
     packed = copy.deepcopy(plain)
-    assert use_packed_kernels(packed)
+    assert use_packed_kernels(packed, kernels=kernels)
     assert isinstance(packed.lm_head, PackedLinear) and isinstance(
         packed.model.layers[0].self_attn.k_proj, Projection
     )
@@ -83,26 +86,36 @@ def test_threads_sharing_one_packed_model_get_their_own_results(plain):
 
 
 def test_the_lean_forward_gives_the_model_forwards_logits_through_the_runner(plain):
-    """A left-padded group prefilled in two chunks, then decode steps, on the plain model (its own forward)
-    and on the swapped one (the lean forward), fed the same tokens: the same logits at every step."""
+    """A left-padded group prefilled in two chunks, decode steps, then a newcomer's prefill chunks in the
+    same steps as the running rows' decode (one forward on the lean path, two on the model's own), on the
+    plain model and on the swapped one, fed the same tokens: the same logits at every step."""
     packed = copy.deepcopy(plain)
     use_packed_kernels(packed)
-    reference, lean = ModelRunner(plain, 0, 4, 64), ModelRunner(packed, 0, 4, 64)
-    assert isinstance(lean._forward, LeanLlamaForward) and not isinstance(
-        reference._forward, LeanLlamaForward
-    )
+    reference, lean = ModelRunner(plain, 0, 6, 64), ModelRunner(packed, 0, 6, 64)
+    assert isinstance(lean._lean, LeanLlamaForward) and reference._lean is None
     torch.manual_seed(3)
     prompts = [tuple(torch.randint(1, 300, (n,)).tolist()) for n in (9, 4, 13)]
+    newcomers = [tuple(torch.randint(1, 300, (n,)).tolist()) for n in (6, 11)]
     logits = []
     for runner in (reference, lean):
         group = runner.new_group(prompts, max_new_tokens=8)
         assert runner.prefill_chunk(group, max_tokens=3 * 7) is None  # two chunks: 7 then 6 columns
         steps = [runner.prefill_chunk(group, max_tokens=3 * 7)]
         runner.complete_group(group, [0, 1, 2])
-        for _ in range(5):
-            runner.set_last_tokens(0, steps[-1].argmax(-1))
+        for _ in range(3):
+            runner.set_last_tokens(0, steps[-1][:3].argmax(-1))
             steps.append(runner.decode())
-        logits.append(torch.stack(steps))
+        second = runner.new_group(newcomers, max_new_tokens=8)
+        for _ in range(2):  # chunks of 6 then 5 columns, each with a decode step of the 3 running rows
+            runner.set_last_tokens(0, steps[-1][:3].argmax(-1))
+            step = runner.step(second, max_prefill_tokens=2 * 6)
+            steps.append(step.decode)
+        steps.append(step.prefill)
+        runner.complete_group(second, [0, 1])
+        runner.set_last_tokens(0, steps[-2].argmax(-1))
+        runner.set_last_tokens(3, steps[-1].argmax(-1))
+        steps.append(runner.decode())
+        logits.append(torch.cat(steps))
     torch.testing.assert_close(logits[1], logits[0], rtol=1e-5, atol=1e-5)
 
 
@@ -110,7 +123,7 @@ def test_openblas_kernels_take_the_threads_and_torch_runs_single_threaded(plain)
     from threadpoolctl import threadpool_info
 
     packed = copy.deepcopy(plain)
-    use_packed_kernels(packed)
+    use_packed_kernels(packed, kernels="openblas")
     before = torch.get_num_threads()
     try:
         use_threads(packed, 2)
@@ -120,3 +133,16 @@ def test_openblas_kernels_take_the_threads_and_torch_runs_single_threaded(plain)
         }
     finally:
         torch.set_num_threads(before)
+
+
+def test_the_float32_kernels_are_chosen_by_timing_both_on_this_cpu(plain, caplog):
+    import logging
+
+    weight = torch.randn(384, 96)
+    with caplog.at_level(logging.INFO, logger="wombat_core.engine.cpu_kernels"):
+        chosen = faster_float32_kernels(weight, threads=2, rounds=1)
+    assert chosen in KERNELS
+    assert "openblas" in caplog.text and "onednn" in caplog.text  # both were timed
+    packed = copy.deepcopy(plain)
+    use_packed_kernels(packed)
+    assert packed.wombat_cpu_kernels in KERNELS

@@ -161,10 +161,10 @@ def test_a_failing_step_kills_the_engine_loudly(short, monkeypatch):
             time.sleep(0.001)
         waiting = submit(engine, prompt, "waiting", temperature=0, max_new_tokens=5)
 
-        def broken():
+        def broken(*args, **kwargs):
             raise RuntimeError("CUDA error: device-side assert triggered (simulated)")
 
-        monkeypatch.setattr(engine.runner, "decode", broken)
+        monkeypatch.setattr(engine.runner, "step", broken)
         for collector in (running, waiting):
             assert collector.done.wait(10)
             assert isinstance(collector.events[-1].error, Unavailable)
@@ -239,16 +239,17 @@ def test_nan_logits_fail_that_request_only(short, monkeypatch):
     prompt = (1, 5, 6, 7)
     poisoned = submit(engine, prompt, "poisoned", temperature=0.8, seed=1, max_new_tokens=30, ignore_eos=True)
     healthy = submit(engine, prompt, "healthy", temperature=0, max_new_tokens=20, ignore_eos=True)
-    decode, steps = engine.runner.decode, []
+    step, steps = engine.runner.step, []
 
-    def overflowing():
-        logits = decode()
-        steps.append(1)
-        if len(steps) == 3:
-            logits[0, 7] = float("nan")  # row 0 is "poisoned": it was admitted first
+    def overflowing(*args, **kwargs):
+        logits = step(*args, **kwargs)
+        if logits.decode is not None:
+            steps.append(1)
+            if len(steps) == 3:
+                logits.decode[0, 7] = float("nan")  # row 0 is "poisoned": it was admitted first
         return logits
 
-    monkeypatch.setattr(engine.runner, "decode", overflowing)
+    monkeypatch.setattr(engine.runner, "step", overflowing)
     engine.start()
     try:
         assert poisoned.done.wait(30)
@@ -369,7 +370,7 @@ def test_events_reach_a_consumer_on_another_thread_after_death(short, monkeypatc
     engine = _engine(short, context_length=64, max_batch_size=1)
     engine.start()
     try:
-        monkeypatch.setattr(engine.runner, "prefill_chunk", _broken_prefill)
+        monkeypatch.setattr(engine.runner, "step", _broken_step)
         outcome: list[BaseException] = []
 
         def consume():
@@ -387,5 +388,5 @@ def test_events_reach_a_consumer_on_another_thread_after_death(short, monkeypatc
         engine.stop()
 
 
-def _broken_prefill(group, max_tokens):
+def _broken_step(*args, **kwargs):
     raise torch.OutOfMemoryError("CUDA out of memory (simulated)")

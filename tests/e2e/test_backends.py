@@ -251,10 +251,10 @@ def test_a_dead_engine_is_not_serving(backend, client):
     else:
         engine = server.servicer.backend.engine
 
-        def broken():
+        def broken(*args, **kwargs):
             raise RuntimeError("CUDA error (simulated)")
 
-        engine.runner.decode = broken
+        engine.runner.step = broken
         rpc_error(lambda: client.complete(prompt("x"), sampling(max_new_tokens=5)))
     with grpc.insecure_channel(server.address) as channel:
         health = health_pb2_grpc.HealthStub(channel)

@@ -394,10 +394,10 @@ def test_a_dead_engine_turns_every_health_name_not_serving(model_dir, monkeypatc
             )
             next(stream)
 
-            def broken():
+            def broken(*args, **kwargs):
                 raise RuntimeError("CUDA error: an illegal memory access was encountered (simulated)")
 
-            monkeypatch.setattr(engine.runner, "decode", broken)
+            monkeypatch.setattr(engine.runner, "step", broken)
             error = rpc_error(lambda: list(stream))
             assert error.code() == grpc.StatusCode.UNAVAILABLE and "engine failed" in error.details()
             health = health_pb2_grpc.HealthStub(channel)

@@ -1,20 +1,22 @@
 """Faster CPU kernels for LLaMA-family models, swapped in module by module so that the model's own forward
-(and its own SDPA attention) still runs.
+still runs (the engine runs the lean forward of cpu_forward.py on the same weights).
 
 Why: decoding multiplies a few rows by every weight matrix, which is bound by memory bandwidth at one row
 and by the GEMM kernel's efficiency at sixteen. On this project's CPUs (an AVX2-only EPYC among them) the
 BLAS that numpy ships (OpenBLAS) multiplies float32 rows by a [in, out] weight 1.3x faster than oneDNN's
 pre-packed weights at one row and about 2x faster at 16 to 64 rows, which is where continuous batching
-lives (benchmarks/inference.py prints the CPU it ran on). So float32 weights are kept transposed as
-numpy arrays and multiplied by OpenBLAS; bfloat16 weights (which OpenBLAS cannot multiply) use oneDNN's
-packed kernels. And the three attention projections (q, k, v) and the two MLP input projections (gate,
-up) read the same input, so each trio and pair becomes one matrix: fewer, larger multiplications.
-The lean forward (cpu_forward.py) then runs the decoder on these weights.
+lives; on an AVX-512 machine oneDNN's packed kernels ran near the memory bandwidth. So for float32 the
+swap times both on one of the model's own matrices at 1 and 16 rows, with the threads the engine will
+give them, and keeps the faster (`faster_float32_kernels`): a choice fixed by ISA would be wrong on some
+CPU. bfloat16 weights (which OpenBLAS cannot multiply) use oneDNN. And the three attention projections
+(q, k, v) and the two MLP input projections (gate, up) read the same input, so each trio and pair
+becomes one matrix: fewer, larger multiplications.
 
 Threads: OpenBLAS has its own thread pool, and two busy-waiting pools (OpenBLAS's and PyTorch's OpenMP
-team) on the same cores slow each other down by several times. So a model using these kernels runs its
+team) on the same cores slow each other down by several times. So a model on OpenBLAS kernels runs its
 PyTorch operations single-threaded and gives OpenBLAS the cores (`use_threads`): the element-wise
-operations of a decode step are too small to gain from a team anyway.
+operations of a decode step are too small to gain from a team anyway. (Attention split over Python
+threads was tried: no gain beside OpenBLAS's spinning workers.)
 
 The swapped model computes the same function; float32 results differ from the plain kernels only in the
 order of additions (about 1e-6 relative, tested). The prepared weights replace the originals (no second
@@ -25,21 +27,27 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 
 import numpy as np
 import torch
 from threadpoolctl import threadpool_limits
 
+from wombat_core.cpus import available_cpus
+
 log = logging.getLogger(__name__)
 
 PACKING_BATCH_HINT = 16  # oneDNN chooses the blocking for this many rows; 1 to 64 rows all run well with it
 
-PreparedWeight = np.ndarray | torch.Tensor  # float32: [in, out] for OpenBLAS; bfloat16: oneDNN-packed
+PreparedWeight = np.ndarray | torch.Tensor  # OpenBLAS: a [in, out] float32 array; oneDNN: a packed tensor
 
 
-def _pack(weight: torch.Tensor) -> PreparedWeight:
+KERNELS = ("openblas", "onednn")
+
+
+def _pack(weight: torch.Tensor, kernels: str) -> PreparedWeight:
     weight = weight.detach()
-    if weight.dtype == torch.float32:
+    if kernels == "openblas":
         return np.ascontiguousarray(weight.t().numpy())
     return torch.ops.mkldnn._reorder_linear_weight(weight, PACKING_BATCH_HINT)
 
@@ -65,13 +73,40 @@ def use_threads(model: torch.nn.Module, threads: int) -> None:
         torch.set_num_threads(threads)
 
 
+def faster_float32_kernels(weight: torch.Tensor, threads: int, rounds: int = 3) -> str:
+    """The kernels ("openblas" or "onednn") that multiply `weight` (float32 [out, in]) by 1 and by 16 rows faster
+    on this CPU, each under the thread settings `use_threads` gives it. The two take turns, and each keeps
+    its best turn, so that a drift in the machine's speed does not decide. About 0.1 s for a 7 MB matrix."""
+    prepared = {kernels: _pack(weight, kernels) for kernels in KERNELS}
+    inputs = [torch.randn(rows, weight.shape[1]) for rows in (1, 16)]
+    best = dict.fromkeys(KERNELS, float("inf"))
+    torch_threads = torch.get_num_threads()
+    try:
+        for _ in range(rounds):
+            for kernels in KERNELS:
+                openblas = kernels == "openblas"
+                with threadpool_limits(limits=threads if openblas else 1, user_api="blas"):
+                    torch.set_num_threads(1 if openblas else threads)
+                    for x in inputs:  # warm: page the weight in, start the thread pool
+                        linear(x, prepared[kernels], weight.shape[0])
+                    start = time.perf_counter()
+                    for _ in range(3):
+                        for x in inputs:
+                            linear(x, prepared[kernels], weight.shape[0])
+                    best[kernels] = min(best[kernels], time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(torch_threads)
+    log.info("float32 kernels timed: %s", ", ".join(f"{k} {t * 1e3:.2f} ms" for k, t in best.items()))
+    return min(best, key=best.__getitem__)
+
+
 class PackedLinear(torch.nn.Module):
     """A bias-free linear layer with its weight prepared for the fast kernel (OpenBLAS or oneDNN)."""
 
-    def __init__(self, linear: torch.nn.Linear):
+    def __init__(self, linear: torch.nn.Linear, kernels: str):
         super().__init__()
         self.out_features = linear.out_features
-        self.packed = _pack(linear.weight)
+        self.packed = _pack(linear.weight, kernels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.packed, self.out_features)
@@ -83,9 +118,9 @@ class SharedInputProjections:
     of them and the next ones take their slice. A different input tensor is computed afresh. What was
     computed is kept per thread, so threads running the same model concurrently never see each other's."""
 
-    def __init__(self, linears: list[torch.nn.Linear]):
+    def __init__(self, linears: list[torch.nn.Linear], kernels: str):
         self.sizes = [linear.out_features for linear in linears]
-        self.packed = _pack(torch.cat([linear.weight for linear in linears]))
+        self.packed = _pack(torch.cat([linear.weight for linear in linears]), kernels)
         self._last = threading.local()  # .input (held, so its identity cannot be reused meanwhile), .outputs
 
     def output(self, x: torch.Tensor, index: int) -> torch.Tensor:
@@ -141,20 +176,34 @@ def swapped(model: torch.nn.Module) -> bool:
     return getattr(model, "wombat_cpu_kernels", None) is not None
 
 
-def use_packed_kernels(model: torch.nn.Module) -> bool:
-    """Swaps the kernels in place when `supported(model)`; returns whether it did."""
+def use_packed_kernels(
+    model: torch.nn.Module, *, threads: int | None = None, kernels: str | None = None
+) -> bool:
+    """Swaps the kernels in place when `supported(model)`; returns whether it did. `kernels` (one of
+    KERNELS) forces a choice; by default float32 models get the faster on this CPU with `threads` (the
+    pod's CPUs by default, as the engine gets), bfloat16 models oneDNN."""
     if not supported(model):
         return False
-    kernels = "openblas" if next(model.parameters()).dtype == torch.float32 else "onednn"
     with torch.no_grad():
+        if kernels is None and next(model.parameters()).dtype == torch.float32:
+            mlp = model.model.layers[0].mlp
+            weight = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])
+            kernels = faster_float32_kernels(weight, threads or available_cpus())
+        kernels = kernels or "onednn"
+        if kernels not in KERNELS or (
+            kernels == "openblas" and next(model.parameters()).dtype != torch.float32
+        ):
+            raise ValueError(f"kernels must be one of {KERNELS} (openblas for float32 only), got {kernels!r}")
         for layer in model.model.layers:
             attention, mlp = layer.self_attn, layer.mlp
-            q, k, v = SharedInputProjections([attention.q_proj, attention.k_proj, attention.v_proj]).modules()
-            attention.q_proj, attention.k_proj, attention.v_proj = q, k, v
-            attention.o_proj = PackedLinear(attention.o_proj)
-            mlp.gate_proj, mlp.up_proj = SharedInputProjections([mlp.gate_proj, mlp.up_proj]).modules()
-            mlp.down_proj = PackedLinear(mlp.down_proj)
-        model.lm_head = PackedLinear(model.lm_head)
+            qkv = SharedInputProjections([attention.q_proj, attention.k_proj, attention.v_proj], kernels)
+            attention.q_proj, attention.k_proj, attention.v_proj = qkv.modules()
+            attention.o_proj = PackedLinear(attention.o_proj, kernels)
+            mlp.gate_proj, mlp.up_proj = SharedInputProjections(
+                [mlp.gate_proj, mlp.up_proj], kernels
+            ).modules()
+            mlp.down_proj = PackedLinear(mlp.down_proj, kernels)
+        model.lm_head = PackedLinear(model.lm_head, kernels)
     model.wombat_cpu_kernels = kernels  # what use_threads reads
     log.info("CPU kernels in use: %s weights, fused projections", kernels)
     return True

@@ -6,11 +6,13 @@ which row; the `ModelRunner` executes prefill chunks and batched decode steps an
 stops, logprob texts, final events). This loop wires them. Each iteration:
   1. applies cancellations (a cancelled request leaves the batch before the next decode step);
   2. if no prefill group is in flight and slots are free, admits one from the head of the queue;
-  3. runs one prefill chunk of that group; when it completes, samples each newcomer's first token and
-     moves the group next to the running rows;
-  4. runs one decode step for the running rows, samples every row's next token in one batched call,
-     and emits them.
-So a newcomer's prefill delays running streams by at most one chunk, and finished rows leave at once.
+  3. runs one model step: a decode step for the running rows and the next prefill chunk of that group,
+     in one forward where the runner can (runner.step);
+  4. samples every running row's next token in one batched call, emits them, and lets finished rows go;
+  5. when the group's prompts are complete, moves it next to the running rows and emits each newcomer's
+     first token.
+So a newcomer waits for at most the step in flight, its prefill delays running streams by at most one
+chunk, and finished rows leave at once.
 
 A failure that escapes a step (a CUDA error, an out-of-memory, a bug) leaves the cache and the rows in
 an unknown state, so it kills the engine, as vLLM's EngineDeadError does: every request in flight or
@@ -38,7 +40,7 @@ import torch
 from wombat_core.engine.cpu_kernels import use_threads
 from wombat_core.engine.kv_cache import KVCacheFull
 from wombat_core.engine.output import OutputProcessor, RequestState, Sink
-from wombat_core.engine.runner import ModelRunner
+from wombat_core.engine.runner import ModelRunner, PrefillGroup
 from wombat_core.engine.sampler import BatchSampler, SamplingRow
 from wombat_core.engine.scheduler import Scheduler
 from wombat_core.engine.types import FinishReason, GenerationRequest, StreamEvent, TokenLogprob
@@ -215,10 +217,16 @@ class Engine:
             self._apply_cancellations(cancelled)
         if self._group is None:
             self._admit()
-        if self._group is not None:
-            self._prefill_step()
-        if self.scheduler.running:
-            self._decode_step()
+        group, decoding = self._group, bool(self.scheduler.running)
+        if group is None and not decoding:
+            return
+        logits = self.runner.step(group, self.config.max_prefill_tokens)
+        if decoding:
+            self._decode_steps += 1
+            self._sample_and_emit(logits.decode, slice(0, len(self.scheduler.running)))
+        if logits.prefill is not None:
+            assert group is not None
+            self._complete_prefill(group, logits.prefill)
 
     def _apply_cancellations(self, ids: set[str]) -> None:
         """Takes the cancelled requests out of the queue, the prefill group and the running rows, then
@@ -244,12 +252,9 @@ class Engine:
             for state in self.scheduler.abandon_prefill():
                 self._deliver(state, self.output.failed(state, exc))
 
-    def _prefill_step(self) -> None:
-        group = self._group
-        assert group is not None
-        logits = self.runner.prefill_chunk(group, self.config.max_prefill_tokens)
-        if logits is None:
-            return
+    def _complete_prefill(self, group: PrefillGroup, logits: torch.Tensor) -> None:
+        """The group's prompts are complete: its live newcomers join the running rows (after the rows that
+        finished in this step left) and get their first tokens."""
         self._group = None
         newcomers = self.scheduler.prefilled()
         first = self.runner.complete_group(group, newcomers.rows)
@@ -262,11 +267,6 @@ class Engine:
         params = state.request.params
         eos = () if params.ignore_eos else self.eos_token_ids
         return SamplingRow(params, state.seed, state.request.prompt_token_ids, eos)
-
-    def _decode_step(self) -> None:
-        logits = self.runner.decode()
-        self._decode_steps += 1
-        self._sample_and_emit(logits, slice(0, len(self.scheduler.running)))
 
     def _sample_and_emit(self, logits: torch.Tensor, rows: slice) -> None:
         """One batched sampler call for `rows`, one host transfer, then the rows' events."""

@@ -81,8 +81,8 @@ def compaction_moves(rows: int, leaving: list[int]) -> list[tuple[int, int]]:
 
 
 @dataclass
-class _Write:
-    """Where the current forward writes, and what it attends over."""
+class CacheWrite:
+    """Where a forward's batch rows write, and what they attend over (one per segment of a forward)."""
 
     rows: slice  # the slots this forward's batch rows are
     columns: torch.Tensor | slice  # decode: [rows] one column per row; prefill: the same columns for all
@@ -100,7 +100,7 @@ class KVCache(Cache):
         shape = (slots, kv_heads, self.capacity, head_dim)
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
-        self._write: _Write | None = None
+        self._write: CacheWrite | None = None
 
     # --- what the runner calls -------------------------------------------------------------------------
 
@@ -130,15 +130,19 @@ class KVCache(Cache):
         grown[:, :, : self.capacity] = old
         return grown
 
-    def prepare_prefill(self, rows: slice, start: int, end: int) -> None:
-        """The next forward is a prefill chunk: rows `rows`, columns [start, end) written for every row."""
+    def prepare_prefill(self, rows: slice, start: int, end: int) -> CacheWrite:
+        """The plan of a prefill chunk: rows `rows`, columns [start, end) written for every row."""
         self.ensure_capacity(end)
-        self._write = _Write(rows, slice(start, end), end)
+        return CacheWrite(rows, slice(start, end), end)
 
-    def prepare_decode(self, rows: int, columns: torch.Tensor, attend: int) -> None:
-        """The next forward is a decode step of rows [0, rows): each writes one column, `columns[row]`."""
+    def prepare_decode(self, rows: int, columns: torch.Tensor, attend: int) -> CacheWrite:
+        """The plan of a decode step of rows [0, rows): each writes one column, `columns[row]`."""
         self.ensure_capacity(attend)
-        self._write = _Write(slice(0, rows), columns, attend, torch.arange(rows, device=columns.device))
+        return CacheWrite(slice(0, rows), columns, attend, torch.arange(rows, device=columns.device))
+
+    def plan(self, write: CacheWrite) -> None:
+        """The next forward through `update()` (the model's own attention) writes as `write` says."""
+        self._write = write
 
     def move_rows(self, moves: list[tuple[int, int]], columns: int) -> None:
         """Copies each source row's first `columns` columns onto its destination row (in order, so a chain
@@ -164,8 +168,11 @@ class KVCache(Cache):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         """key_states, value_states: [batch rows, kv_heads, new columns, head_dim]. Returns the views the
         layer attends over: [batch rows, kv_heads, attend, head_dim]."""
-        write = self._write
-        assert write is not None, "the runner prepares every forward"
+        assert self._write is not None, "the runner prepares every forward"
+        return self.write(layer_idx, key_states, value_states, self._write)
+
+    def write(self, layer_idx: int, key_states: torch.Tensor, value_states: torch.Tensor, write: CacheWrite):
+        """`update` with the plan given: the lean forward (cpu_forward.py) runs segments with a plan each."""
         keys, values = self.keys[layer_idx], self.values[layer_idx]
         if isinstance(write.columns, slice):
             keys[write.rows, :, write.columns] = key_states

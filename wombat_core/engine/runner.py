@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from wombat_core.engine.cpu_forward import LeanLlamaForward
+from wombat_core.engine.cpu_forward import LeanLlamaForward, Segment
 from wombat_core.engine.cpu_kernels import swapped
 from wombat_core.engine.kv_cache import INITIAL_CAPACITY, KVCache, check_preallocation
 
@@ -54,6 +54,12 @@ class PrefillGroup:
     @property
     def finished(self) -> bool:
         return self.done >= self.length
+
+
+@dataclass
+class StepLogits:
+    decode: torch.Tensor | None  # [running rows, vocab]
+    prefill: torch.Tensor | None  # [group rows, vocab], once the group's prompts are complete
 
 
 class ModelRunner:
@@ -93,7 +99,7 @@ class ModelRunner:
             "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         )
         # A CPU model with swapped kernels runs the lean forward (cpu_forward.py); any other its own.
-        self._forward = LeanLlamaForward(model) if swapped(model) else self._model_forward
+        self._lean = LeanLlamaForward(model) if swapped(model) else None
         self.rows = 0  # the running rows are slots [0, rows)
         self.columns = [0] * slots  # host: the next column each row writes (a decode step adds one to all)
         self.offsets = [0] * slots  # host: the first column of each row (its left padding)
@@ -121,23 +127,6 @@ class ModelRunner:
         return PrefillGroup(self.slots - len(prompts), input_ids, position_ids, real, offsets)
 
     @torch.inference_mode()
-    def prefill_chunk(self, group: PrefillGroup, max_tokens: int) -> torch.Tensor | None:
-        """Runs the next chunk (at most `max_tokens` tokens over all rows). When the prompts are complete,
-        returns the float32 logits of each row's last prompt token, [rows, vocab]; otherwise None."""
-        start = group.done
-        end = min(group.length, start + max(1, max_tokens // group.rows))
-        self.cache.prepare_prefill(slice(group.first_slot, group.first_slot + group.rows), start, end)
-        queries = torch.arange(start, end, device=self.device)
-        keys = torch.arange(end, device=self.device)
-        causal = keys[None, :] <= queries[:, None]  # [chunk, columns]
-        itself = keys[None, :] == queries[:, None]
-        mask = (group.real[:, None, :end] & causal[None]) | itself[None]  # [rows, chunk, columns]
-        logits = self._forward(group.input_ids[:, start:end], group.position_ids[:, start:end], mask[:, None],
-                               self.cache)  # fmt: skip
-        group.done = end
-        return logits.float() if group.finished else None
-
-    @torch.inference_mode()
     def complete_group(self, group: PrefillGroup, keep: list[int]) -> int:
         """Moves the kept rows of a prefilled group (indices within the group) next to the running rows;
         returns the first row they now occupy. Rows not kept (cancelled) simply stay behind, unused."""
@@ -163,29 +152,74 @@ class ModelRunner:
 
     @torch.inference_mode()
     def decode(self) -> torch.Tensor:
-        """One step for every running row: feeds each row's last token at its own column; returns float32
-        logits [rows, vocab]."""
+        """One decode step for every running row alone (`step` without a prefill chunk)."""
+        return self.step(None, 0).decode
+
+    @torch.inference_mode()
+    def prefill_chunk(self, group: PrefillGroup, max_tokens: int) -> torch.Tensor | None:
+        """The next prefill chunk of `group` alone (`step` without a decode step)."""
+        return self.step(group, max_tokens, decode=False).prefill
+
+    @torch.inference_mode()
+    def step(self, group: PrefillGroup | None, max_prefill_tokens: int, decode: bool = True) -> StepLogits:
+        """One iteration's model work: a decode step for every running row (each feeds its last token at its
+        own column) and the next chunk of `group` (at most `max_prefill_tokens` tokens over its rows). The
+        lean forward runs both as one forward; the model's own forward runs them one after the other.
+        Returns float32 logits: each running row's, and each group row's last prompt token's once the
+        group's prompts are complete."""
+        segments = []
+        if decode and self.rows:
+            segments.append(self._decode_segment())
+        if group is not None:
+            segments.append(self._prefill_segment(group, max_prefill_tokens))
+        if not segments:
+            return StepLogits(None, None)
+        if self._lean is not None:
+            logits = self._lean(segments, self.cache)
+        else:
+            logits = [self._model_forward(segment) for segment in segments]
+        result = StepLogits(None, None)
+        if decode and self.rows:
+            result.decode = logits.pop(0).float()
+            self._columns[: self.rows] += 1
+            for row in range(self.rows):
+                self.columns[row] += 1
+        if group is not None:
+            group.done = segments[-1].write.attend
+            if group.finished:
+                result.prefill = logits[0].float()
+        return result
+
+    def _decode_segment(self) -> Segment:
         rows = self.rows
         for row in range(rows):
             if self.columns[row] >= self.cache.max_capacity:
                 self._unpad(row)
         columns = self._columns[:rows]
         attend = max(self.columns[:rows]) + 1
-        self.cache.prepare_decode(rows, columns, attend)
+        write = self.cache.prepare_decode(rows, columns, attend)
         keys = torch.arange(attend, device=self.device)
         mask = (keys[None, :] >= self._offsets[:rows, None]) & (keys[None, :] <= columns[:, None])
-        logits = self._forward(self._last_tokens[:rows, None], (columns - self._offsets[:rows])[:, None],
-                               mask[:, None, None, :], self.cache)  # fmt: skip
-        self._columns[:rows] += 1
-        for row in range(rows):
-            self.columns[row] += 1
-        return logits.float()
+        positions = (columns - self._offsets[:rows])[:, None]
+        return Segment(self._last_tokens[:rows, None], positions, mask[:, None, None, :], write)
 
-    def _model_forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor,
-                       cache: KVCache) -> torch.Tensor:  # fmt: skip
-        """The model's own forward; the logits of each row's last position [rows, vocab]."""
-        output = self.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=True,
-                            logits_to_keep=1, **{self._cache_argument: cache})  # fmt: skip
+    def _prefill_segment(self, group: PrefillGroup, max_tokens: int) -> Segment:
+        start = group.done
+        end = min(group.length, start + max(1, max_tokens // group.rows))
+        write = self.cache.prepare_prefill(slice(group.first_slot, group.first_slot + group.rows), start, end)
+        queries = torch.arange(start, end, device=self.device)
+        keys = torch.arange(end, device=self.device)
+        causal = keys[None, :] <= queries[:, None]  # [chunk, columns]
+        itself = keys[None, :] == queries[:, None]
+        mask = (group.real[:, None, :end] & causal[None]) | itself[None]  # [rows, chunk, columns]
+        return Segment(group.input_ids[:, start:end], group.position_ids[:, start:end], mask[:, None], write)
+
+    def _model_forward(self, segment: Segment) -> torch.Tensor:
+        """The model's own forward on one segment; the logits of each row's last position [rows, vocab]."""
+        self.cache.plan(segment.write)
+        output = self.model(input_ids=segment.input_ids, attention_mask=segment.mask,
+                            position_ids=segment.position_ids, use_cache=True, logits_to_keep=1,
+                            **{self._cache_argument: self.cache})  # fmt: skip
         return output.logits[:, -1, :]
 
     def _unpad(self, row: int) -> None:
