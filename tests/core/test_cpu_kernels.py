@@ -14,7 +14,7 @@ from wombat_core.engine.cpu_kernels import (
     KERNELS,
     PackedLinear,
     Projection,
-    faster_float32_kernels,
+    default_float32_kernels,
     supported,
     use_packed_kernels,
     use_threads,
@@ -135,14 +135,17 @@ def test_openblas_kernels_take_the_threads_and_torch_runs_single_threaded(plain)
         torch.set_num_threads(before)
 
 
-def test_the_float32_kernels_are_chosen_by_timing_both_on_this_cpu(plain, caplog):
-    import logging
-
-    weight = torch.randn(384, 96)
-    with caplog.at_level(logging.INFO, logger="wombat_core.engine.cpu_kernels"):
-        chosen = faster_float32_kernels(weight, threads=2, rounds=1)
-    assert chosen in KERNELS
-    assert "openblas" in caplog.text and "onednn" in caplog.text  # both were timed
+def test_the_float32_kernels_follow_the_cpu_and_the_override(plain, monkeypatch):
+    monkeypatch.delenv("WOMBAT_CPU_KERNELS", raising=False)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    assert default_float32_kernels() == "onednn"
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    assert default_float32_kernels() == "openblas"
     packed = copy.deepcopy(plain)
     use_packed_kernels(packed)
-    assert packed.wombat_cpu_kernels in KERNELS
+    assert packed.wombat_cpu_kernels == "openblas"
+    monkeypatch.setenv("WOMBAT_CPU_KERNELS", "onednn")
+    assert default_float32_kernels() == "onednn"
+    monkeypatch.setenv("WOMBAT_CPU_KERNELS", "mkl")
+    with pytest.raises(ValueError, match="WOMBAT_CPU_KERNELS must be one of openblas, onednn"):
+        default_float32_kernels()

@@ -5,10 +5,9 @@ Why: decoding multiplies a few rows by every weight matrix, which is bound by me
 and by the GEMM kernel's efficiency at sixteen. On this project's CPUs (an AVX2-only EPYC among them) the
 BLAS that numpy ships (OpenBLAS) multiplies float32 rows by a [in, out] weight 1.3x faster than oneDNN's
 pre-packed weights at one row and about 2x faster at 16 to 64 rows, which is where continuous batching
-lives; on an AVX-512 machine oneDNN's packed kernels ran near the memory bandwidth. So for float32 the
-swap times both on one of the model's own matrices at 1 and 16 rows, with the threads the engine will
-give them, and keeps the faster (`faster_float32_kernels`): a choice fixed by ISA would be wrong on some
-CPU. bfloat16 weights (which OpenBLAS cannot multiply) use oneDNN. And the three attention projections
+lives; on an AVX-512 machine oneDNN's packed kernels ran near the memory bandwidth. So float32 weights
+go to OpenBLAS, except on AVX-512 CPUs (`default_float32_kernels`; `WOMBAT_CPU_KERNELS` overrides).
+bfloat16 weights (which OpenBLAS cannot multiply) use oneDNN. And the three attention projections
 (q, k, v) and the two MLP input projections (gate, up) read the same input, so each trio and pair
 becomes one matrix: fewer, larger multiplications.
 
@@ -26,14 +25,12 @@ copy is kept), so the swap is for inference only: no gradients flow through them
 from __future__ import annotations
 
 import logging
+import os
 import threading
-import time
 
 import numpy as np
 import torch
 from threadpoolctl import threadpool_limits
-
-from wombat_core.cpus import available_cpus
 
 log = logging.getLogger(__name__)
 
@@ -73,31 +70,17 @@ def use_threads(model: torch.nn.Module, threads: int) -> None:
         torch.set_num_threads(threads)
 
 
-def faster_float32_kernels(weight: torch.Tensor, threads: int, rounds: int = 3) -> str:
-    """The kernels ("openblas" or "onednn") that multiply `weight` (float32 [out, in]) by 1 and by 16 rows faster
-    on this CPU, each under the thread settings `use_threads` gives it. The two take turns, and each keeps
-    its best turn, so that a drift in the machine's speed does not decide. About 0.1 s for a 7 MB matrix."""
-    prepared = {kernels: _pack(weight, kernels) for kernels in KERNELS}
-    inputs = [torch.randn(rows, weight.shape[1]) for rows in (1, 16)]
-    best = dict.fromkeys(KERNELS, float("inf"))
-    torch_threads = torch.get_num_threads()
-    try:
-        for _ in range(rounds):
-            for kernels in KERNELS:
-                openblas = kernels == "openblas"
-                with threadpool_limits(limits=threads if openblas else 1, user_api="blas"):
-                    torch.set_num_threads(1 if openblas else threads)
-                    for x in inputs:  # warm: page the weight in, start the thread pool
-                        linear(x, prepared[kernels], weight.shape[0])
-                    start = time.perf_counter()
-                    for _ in range(3):
-                        for x in inputs:
-                            linear(x, prepared[kernels], weight.shape[0])
-                    best[kernels] = min(best[kernels], time.perf_counter() - start)
-    finally:
-        torch.set_num_threads(torch_threads)
-    log.info("float32 kernels timed: %s", ", ".join(f"{k} {t * 1e3:.2f} ms" for k, t in best.items()))
-    return min(best, key=best.__getitem__)
+def default_float32_kernels() -> str:
+    """The float32 kernels for this CPU: `WOMBAT_CPU_KERNELS` when set (openblas or onednn), else oneDNN
+    where the CPU has AVX-512 (its packed kernels ran near the memory bandwidth there) and OpenBLAS
+    elsewhere (1.3x to 2x faster than oneDNN on an AVX2-only EPYC). Decided by ISA, not by timing both at
+    load: a timing taken while the node is busy (other pods loading) picked the slower one here."""
+    chosen = os.environ.get("WOMBAT_CPU_KERNELS") or (
+        "onednn" if torch.backends.cpu.get_cpu_capability().startswith("AVX512") else "openblas"
+    )
+    if chosen not in KERNELS:
+        raise ValueError(f"WOMBAT_CPU_KERNELS must be one of {', '.join(KERNELS)}, got {chosen!r}")
+    return chosen
 
 
 class PackedLinear(torch.nn.Module):
@@ -180,16 +163,14 @@ def use_packed_kernels(
     model: torch.nn.Module, *, threads: int | None = None, kernels: str | None = None
 ) -> bool:
     """Swaps the kernels in place when `supported(model)`; returns whether it did. `kernels` (one of
-    KERNELS) forces a choice; by default float32 models get the faster on this CPU with `threads` (the
-    pod's CPUs by default, as the engine gets), bfloat16 models oneDNN."""
+    KERNELS) forces a choice; by default float32 models get `default_float32_kernels()`, bfloat16 models
+    oneDNN."""
     if not supported(model):
         return False
     with torch.no_grad():
-        if kernels is None and next(model.parameters()).dtype == torch.float32:
-            mlp = model.model.layers[0].mlp
-            weight = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])
-            kernels = faster_float32_kernels(weight, threads or available_cpus())
-        kernels = kernels or "onednn"
+        if kernels is None:
+            float32 = next(model.parameters()).dtype == torch.float32
+            kernels = default_float32_kernels() if float32 else "onednn"
         if kernels not in KERNELS or (
             kernels == "openblas" and next(model.parameters()).dtype != torch.float32
         ):
