@@ -105,11 +105,10 @@ class LeanLlamaForward:
             gate_up = linear(rms_norm(x, layer.post_norm), layer.gate_up, 2 * layer.intermediate)
             gate, up = gate_up.split(layer.intermediate, dim=-1)
             x = x + linear(layer.act(gate) * up, layer.down, layer.hidden)
-        lasts = [
-            torch.arange(first + length - 1, last, length, device=x.device)
-            for segment, (first, last) in zip(segments, bounds, strict=True)
-            for length in [segment.input_ids.shape[1]]
-        ]
+        lasts = []  # the index among the N of each row's last token, per segment
+        for segment, (first, last) in zip(segments, bounds, strict=True):
+            length = segment.input_ids.shape[1]
+            lasts.append(torch.arange(first + length - 1, last, length, device=x.device))
         logits = self.lm_head(rms_norm(x[torch.cat(lasts)], self.final_norm))
         return list(logits.split([len(index) for index in lasts]))
 

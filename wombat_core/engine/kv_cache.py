@@ -24,10 +24,12 @@ A row's columns are bounded by the capacity, but its left padding is not part of
 about to write past the last column is shifted left by its padding (`unpad_row`), so every request can
 reach the model's full context whatever group it was prefilled in.
 
-The model's own attention reads the cache through `update()` (transformers' Cache interface): before
-each forward the runner says which rows and columns that forward writes and how many columns it attends
-over, and `update()` writes the new keys and values there and returns views [rows, kv_heads, columns,
-head_dim] of the storage (no copy). Which of those columns each row may see is the attention mask's job.
+A forward's rows write as a plan says (`CacheWrite`: which rows, which columns, how many columns they
+attend over; `prepare_decode` and `prepare_prefill` make them). `write()` puts the new keys and values
+there and returns views [rows, kv_heads, columns, head_dim] of the storage (no copy); the lean forward
+calls it with each segment's plan, and the model's own attention reaches it through `update()`
+(transformers' Cache interface) after the runner set the plan with `plan()`. Which of those columns
+each row may see is the attention mask's job.
 """
 
 from __future__ import annotations

@@ -1,11 +1,14 @@
 """Model execution for continuous batching: chunked prefill of newcomer groups and batched decode steps
 on the rows of the KV cache (kv_cache.py owns the layout; this module never reshapes it).
 
-The model runs through its own forward and its own SDPA attention; the runner gives it per-row
-positions and a per-row mask over the cache's columns:
+A step (`step`) is a decode step of the running rows and a prefill chunk of the group in flight, each a
+`Segment` with per-row positions, a per-row mask over the cache's columns and its cache plan:
 
     decode:  input_ids [rows, 1], position_ids [rows, 1], mask [rows, 1, 1, columns]
     prefill: input_ids [group, chunk], position_ids [group, chunk], mask [group, 1, chunk, columns]
+
+A CPU model whose kernels cpu_kernels swapped runs both segments as one forward of the lean decoder
+(cpu_forward.py); any other model runs its own forward and SDPA attention, a segment at a time.
 
 A mask entry is True where the query may attend: the row's own columns from its offset (left padding
 excluded) up to the query's column. A prefill query at a padding column attends only to itself, so that
@@ -167,8 +170,9 @@ class ModelRunner:
         lean forward runs both as one forward; the model's own forward runs them one after the other.
         Returns float32 logits: each running row's, and each group row's last prompt token's once the
         group's prompts are complete."""
+        decoding = decode and self.rows > 0
         segments = []
-        if decode and self.rows:
+        if decoding:
             segments.append(self._decode_segment())
         if group is not None:
             segments.append(self._prefill_segment(group, max_prefill_tokens))
@@ -179,7 +183,7 @@ class ModelRunner:
         else:
             logits = [self._model_forward(segment) for segment in segments]
         result = StepLogits(None, None)
-        if decode and self.rows:
+        if decoding:
             result.decode = logits.pop(0).float()
             self._columns[: self.rows] += 1
             for row in range(self.rows):
