@@ -382,7 +382,8 @@ def profile_steps(model_dir: Path) -> None:
 
     loaded = load_for_serving(model_dir, dtype="float32", device="cpu", packed_kernels=True)
     use_threads(loaded.model, available_cpus())  # as the engine thread does
-    print(f"CPU kernels: {getattr(loaded.model, 'wombat_cpu_kernels', 'the model own')}")
+    kernels = getattr(loaded.model, "wombat_cpu_kernels", "the model's own")
+    print(f"CPU kernels: {kernels}")
     texts = prompts(loaded.tokenizer, long=False)
     for rows in (1, SLOTS):
         runner = ModelRunner(loaded.model, loaded.tokenizer.pad_token_id or 0, SLOTS, loaded.context_length)

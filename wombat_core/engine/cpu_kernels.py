@@ -159,22 +159,18 @@ def swapped(model: torch.nn.Module) -> bool:
     return getattr(model, "wombat_cpu_kernels", None) is not None
 
 
-def use_packed_kernels(
-    model: torch.nn.Module, *, threads: int | None = None, kernels: str | None = None
-) -> bool:
+def use_packed_kernels(model: torch.nn.Module, *, kernels: str | None = None) -> bool:
     """Swaps the kernels in place when `supported(model)`; returns whether it did. `kernels` (one of
     KERNELS) forces a choice; by default float32 models get `default_float32_kernels()`, bfloat16 models
     oneDNN."""
     if not supported(model):
         return False
+    float32 = next(model.parameters()).dtype == torch.float32
+    if kernels is None:
+        kernels = default_float32_kernels() if float32 else "onednn"
+    if kernels not in KERNELS or (kernels == "openblas" and not float32):
+        raise ValueError(f"kernels must be one of {KERNELS} (openblas for float32 only), got {kernels!r}")
     with torch.no_grad():
-        if kernels is None:
-            float32 = next(model.parameters()).dtype == torch.float32
-            kernels = default_float32_kernels() if float32 else "onednn"
-        if kernels not in KERNELS or (
-            kernels == "openblas" and next(model.parameters()).dtype != torch.float32
-        ):
-            raise ValueError(f"kernels must be one of {KERNELS} (openblas for float32 only), got {kernels!r}")
         for layer in model.model.layers:
             attention, mlp = layer.self_attn, layer.mlp
             qkv = SharedInputProjections([attention.q_proj, attention.k_proj, attention.v_proj], kernels)
