@@ -40,11 +40,13 @@ class RrhfClient(ServiceClient):
         return list(self.stub.Rank(request, **self._call()).ranked)
 
     def start_training(self, model_path: str, output_path: str, *, data_path: str = "",
-                       records: Sequence[pb.PreferenceRecord] = (), **hyperparameters) -> str:  # fmt: skip
+                       records: Sequence[pb.PreferenceRecord] = (), use_gpu: bool | None = None,
+                       **hyperparameters) -> str:  # fmt: skip
         request = pb.StartTrainingRequest(
             model_path=model_path,
             output_path=output_path,
             hyperparameters=pb.TrainingHyperparameters(**hyperparameters),
+            use_gpu=use_gpu,
         )
         if data_path:
             request.data_path = data_path
@@ -66,6 +68,10 @@ class RrhfClient(ServiceClient):
 
     def cancel_job(self, job_id: str) -> pb.Job:
         return self.stub.CancelJob(pb.CancelJobRequest(job_id=job_id), **self._call()).job
+
+    def resume_job(self, job_id: str, num_workers: int | None = None) -> pb.Job:
+        request = pb.ResumeJobRequest(job_id=job_id, num_workers=num_workers)
+        return self.stub.ResumeJob(request, **self._call()).job
 
     def list_jobs(self, state: int = 0) -> list[pb.Job]:
         jobs, token = [], ""

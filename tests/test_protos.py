@@ -89,6 +89,7 @@ def test_every_service_has_a_versioned_package_and_unique_request_response_pairs
             "WatchJob",
             "GetJob",
             "CancelJob",
+            "ResumeJob",
             "ListJobs",
         },
     }

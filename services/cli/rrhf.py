@@ -78,9 +78,14 @@ def _follow(client, job_id: str, as_json: bool):
 
     final = None
     if as_json:
-        for event in rpc(lambda: list(client.watch(job_id))):
-            render.print_json(event.WhichOneof("event"), event)
-            final = event.job if event.HasField("job") else final
+
+        def stream() -> None:
+            nonlocal final
+            for event in client.watch(job_id):  # printed as each arrives, not when the job ends
+                render.print_json(event.WhichOneof("event"), event)
+                final = event.job if event.HasField("job") else final
+
+        rpc(stream)
         return final
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=render.console) as bar:  # fmt: skip
@@ -122,43 +127,76 @@ def _print_job(job) -> None:
 
 @app.command()
 def train(
-    model: Annotated[str, typer.Option(help="model directory under the model root")],
-    data: Annotated[str, typer.Option(help="JSONL under the data root")],
-    output: Annotated[str, typer.Option(help="directory to create under the model root")],
+    model: Annotated[str | None, typer.Option(help="model directory under the model root")] = None,
+    data: Annotated[str | None, typer.Option(help="JSONL under the data root")] = None,
+    output: Annotated[str | None, typer.Option(help="directory to create under the model root")] = None,
     server: Annotated[str | None, typer.Option(help="HOST:PORT of the rrhf service")] = None,
     model_root: Annotated[
         Path | None, typer.Option(help="without --server: run the job in this process, models here")
     ] = None,
     data_root: Annotated[Path | None, typer.Option(help="without --server: training data here")] = None,
-    workers: Annotated[int, typer.Option(help="Ray Train workers")] = 1,
+    resume: Annotated[
+        str | None, typer.Option(help="resume this failed or cancelled job from its latest checkpoint")
+    ] = None,
+    workers: Annotated[int | None, typer.Option(help="Ray Train workers [default: 1]")] = None,
+    strategy: Annotated[str, typer.Option(help="fsdp (sharded, the reference recipe) or ddp")] = "fsdp",
+    precision: Annotated[
+        str | None, typer.Option(help="fp32 or bf16 [default: bf16 on GPUs, fp32 on CPU]")
+    ] = None,
+    gpu: Annotated[
+        bool | None, typer.Option("--gpu/--cpu", help="train on GPUs [default: the service's --training-device]")
+    ] = None,
     epochs: Annotated[int, typer.Option(help="passes over the data")] = 3,
     max_steps: Annotated[int | None, typer.Option(help="stop after this many steps")] = None,
     learning_rate: Annotated[float, typer.Option(help="peak learning rate")] = 2e-5,
-    batch_size: Annotated[int, typer.Option(help="queries per worker per step")] = 1,
+    scheduler: Annotated[str, typer.Option(help="cosine or linear decay after the warm-up")] = "cosine",
+    warmup_ratio: Annotated[float, typer.Option(help="fraction of the steps spent warming up")] = 0.03,
+    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay")] = 0.0,
+    max_grad_norm: Annotated[float, typer.Option(help="clip the gradient norm to this (0: off)")] = 1.0,
+    batch_size: Annotated[int, typer.Option(help="queries per worker per micro-step")] = 1,
+    gradient_accumulation_steps: Annotated[int, typer.Option(help="micro-steps per optimiser step")] = 8,
+    gradient_checkpointing: Annotated[
+        bool, typer.Option(help="recompute activations in the backward pass (less memory, ~30 % slower)")
+    ] = False,
     rrhf_weight: Annotated[float, typer.Option(help="weight of the rank loss")] = 1.0,
     length_penalty: Annotated[float, typer.Option(help="exponent of the response length in p_i")] = 1.0,
     model_max_length: Annotated[int, typer.Option(help="max tokens of query + response")] = 512,
     alpaca: Annotated[bool, typer.Option(help="wrap each query in the Alpaca template")] = False,
-    checkpoint_every: Annotated[int | None, typer.Option(help="steps between checkpoints")] = None,
+    checkpoint_every: Annotated[int | None, typer.Option(help="steps between checkpoints [default: an epoch]")] = None,
+    keep_checkpoints: Annotated[int, typer.Option(help="newest checkpoints kept in the job's directory")] = 2,
     detach: Annotated[bool, typer.Option(help="print the job id and return at once")] = False,
     json_output: JsonOpt = False,
 ) -> None:
-    """Start an RRHF training job and follow it with a progress bar.
+    """Start (or --resume) an RRHF training job and follow it with a progress bar.
 
     With --server the rrhf service runs it. Without, give --model-root and --data-root: the same service
-    runs in this process for the one job, on $RAY_ADDRESS's cluster (a KubeRay RayJob) or a local one.
+    runs in this process for the one job, on $RAY_ADDRESS's cluster (a KubeRay RayJob) or a local one; its
+    job state lives under the data root, so `--resume JOB` works there after a restart too.
     """
     from wombat.rrhf.v1 import rrhf_pb2 as pb
 
-    hyper = dict(num_workers=workers, epochs=epochs, learning_rate=learning_rate, batch_size=batch_size,
+    if resume is None and not (model and data and output):
+        fail("give --model, --data and --output to start a job, or --resume JOB to continue one")
+    choices = {"--strategy": (strategy, ("fsdp", "ddp")), "--scheduler": (scheduler, ("cosine", "linear")),
+               "--precision": (precision, (None, "fp32", "bf16"))}  # fmt: skip
+    for flag, (value, allowed) in choices.items():
+        if value not in allowed:
+            fail(f"{flag} must be one of {', '.join(a for a in allowed if a)}, got {value}")
+    hyper = dict(num_workers=workers or 1, epochs=epochs, learning_rate=learning_rate, batch_size=batch_size,
                  rrhf_weight=rrhf_weight, length_penalty=length_penalty, model_max_length=model_max_length,
-                 alpaca_prompt=alpaca)  # fmt: skip
-    if max_steps is not None:
-        hyper["max_steps"] = max_steps
-    if checkpoint_every is not None:
-        hyper["checkpoint_every_steps"] = checkpoint_every
+                 alpaca_prompt=alpaca, strategy=getattr(pb, f"STRATEGY_{strategy.upper()}"),
+                 scheduler=getattr(pb, f"SCHEDULER_{scheduler.upper()}"), warmup_ratio=warmup_ratio,
+                 weight_decay=weight_decay, max_grad_norm=max_grad_norm,
+                 gradient_accumulation_steps=gradient_accumulation_steps,
+                 gradient_checkpointing=gradient_checkpointing, keep_checkpoints=keep_checkpoints,
+                 max_steps=max_steps, checkpoint_every_steps=checkpoint_every,
+                 precision=getattr(pb, f"PRECISION_{precision.upper()}") if precision else None)  # fmt: skip
     with _rrhf_server(server, model_root, data_root) as address, _client(address) as client:
-        job_id = rpc(lambda: client.start_training(model, output, data_path=data, **hyper))
+        if resume is not None:
+            job_id = resume
+            rpc(lambda: client.resume_job(resume, workers))
+        else:
+            job_id = rpc(lambda: client.start_training(model, output, data_path=data, use_gpu=gpu, **hyper))
         if detach:
             print(job_id)
             return

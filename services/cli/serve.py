@@ -164,6 +164,9 @@ def serve_rrhf(
     state_dir: Annotated[
         Path | None, typer.Option(help="where job state is kept (default <data-root>/.wombat-jobs)")
     ] = None,
+    training_device: Annotated[
+        str, typer.Option(help="cpu or gpu: what training and candidate jobs ask Ray for, unless a request says")
+    ] = "cpu",
     drain_seconds: DrainOpt = 30.0,
     tls_cert: TlsCertOpt = None,
     tls_key: TlsKeyOpt = None,
@@ -185,8 +188,12 @@ def serve_rrhf(
             max_pending_scores=max_pending_scores,
             policy_model=policy_model,
             reward_model=reward_model,
+            train_on_gpu=training_device == "gpu",
         )
         return RrhfService(settings)
+
+    if training_device not in ("cpu", "gpu"):
+        fail(f"--training-device must be cpu or gpu, got {training_device}")
 
     _run(service, log_level, host, port, metrics_port, health_port, drain_seconds,
          tls_cert, tls_key, tls_client_ca, auth_token_file)  # fmt: skip

@@ -8,7 +8,8 @@ from services.rrhf.jobs import Job, JobKind, JobState
 from wombat.rrhf.v1 import rrhf_pb2 as pb
 from wombat_core.errors import InvalidArgument
 from wombat_core.rrhf.candidates import CandidateMethod, CandidatesConfig
-from wombat_core.rrhf.training import Precision, Strategy, TrainingConfig
+from wombat_core.rrhf.events import CheckpointSaved, JobEvent, StateChanged, StepFinished
+from wombat_core.rrhf.training import Precision, Scheduler, Strategy, TrainingConfig
 
 STATES = {
     JobState.PENDING: pb.JOB_STATE_PENDING,
@@ -29,6 +30,11 @@ PRECISIONS = {
     pb.PRECISION_UNSPECIFIED: None,
     pb.PRECISION_FP32: Precision.FP32,
     pb.PRECISION_BF16: Precision.BF16,
+}
+SCHEDULERS = {
+    pb.SCHEDULER_UNSPECIFIED: None,
+    pb.SCHEDULER_COSINE: Scheduler.COSINE,
+    pb.SCHEDULER_LINEAR: Scheduler.LINEAR,
 }
 CANDIDATE_METHODS = {
     pb.CANDIDATE_METHOD_UNSPECIFIED: CandidateMethod.DIVERSE_BEAM_SEARCH,
@@ -53,15 +59,16 @@ def training_config(h: pb.TrainingHyperparameters) -> TrainingConfig:
     """Unset optional fields keep TrainingConfig's defaults; validation happens there, once."""
     optional = ("learning_rate", "epochs", "batch_size", "rrhf_weight", "length_penalty", "model_max_length",
                 "warmup_steps", "gradient_accumulation_steps", "num_workers", "seed", "max_steps",
-                "checkpoint_every_steps", "sft_padded_mean", "bos_per_segment", "alpaca_prompt")  # fmt: skip
+                "checkpoint_every_steps", "sft_padded_mean", "bos_per_segment", "alpaca_prompt", "weight_decay",
+                "max_grad_norm", "warmup_ratio", "gradient_checkpointing", "keep_checkpoints")  # fmt: skip
     values = {name: getattr(h, name) for name in optional if h.HasField(name)}
-    if h.strategy not in STRATEGIES:
-        raise InvalidArgument(f"hyperparameters.strategy {h.strategy} is not a known Strategy value")
-    if h.precision not in PRECISIONS:
-        raise InvalidArgument(f"hyperparameters.precision {h.precision} is not a known Precision value")
-    if STRATEGIES[h.strategy] is not None:
-        values["strategy"] = STRATEGIES[h.strategy]
-    return TrainingConfig(**values, precision=PRECISIONS[h.precision])
+    for name, table in (("strategy", STRATEGIES), ("precision", PRECISIONS), ("scheduler", SCHEDULERS)):
+        value = getattr(h, name)
+        if value not in table:
+            raise InvalidArgument(f"hyperparameters.{name} {value} is not a known {name.title()} value")
+        if table[value] is not None:
+            values[name] = table[value]
+    return TrainingConfig(**values)
 
 
 def candidates_config(request: pb.GenerateCandidatesRequest) -> CandidatesConfig:
@@ -80,17 +87,10 @@ def _timestamp(seconds: float) -> Timestamp:
     return stamp
 
 
-def step_metrics(m: dict) -> pb.StepMetrics:
-    return pb.StepMetrics(
-        step=m.get("step", 0),
-        total_steps=m.get("total_steps", 0),
-        epoch=m.get("epoch", 0),
-        loss=m.get("loss", 0.0),
-        rank_loss=m.get("rank_loss", 0.0),
-        sft_loss=m.get("sft_loss", 0.0),
-        learning_rate=m.get("learning_rate", 0.0),
-        samples_per_second=m.get("samples_per_second", 0.0),
-    )
+def step_metrics(m: StepFinished) -> pb.StepMetrics:
+    return pb.StepMetrics(step=m.step, total_steps=m.total_steps, epoch=m.epoch, loss=m.loss, rank_loss=m.rank_loss,
+                          sft_loss=m.sft_loss, learning_rate=m.learning_rate,
+                          samples_per_second=m.samples_per_second, grad_norm=m.grad_norm)  # fmt: skip
 
 
 def job(j: Job) -> pb.Job:
@@ -101,24 +101,23 @@ def job(j: Job) -> pb.Job:
         error=j.error,
         output_path=j.output_path,
         progress=j.progress,
+        last_checkpoint_step=j.last_checkpoint_step,
+        attempts=j.attempts,
     )
     message.created_at.CopyFrom(_timestamp(j.created_at))
     if j.finished_at:
         message.finished_at.CopyFrom(_timestamp(j.finished_at))
-    if j.latest:
+    if j.latest is not None:
         message.latest.CopyFrom(step_metrics(j.latest))
     return message
 
 
-def watch_event(j: Job, event: dict | None) -> pb.WatchJobResponse | None:
+def watch_event(j: Job, event: JobEvent) -> pb.WatchJobResponse | None:
     """The stream message for one job event; None for events that are not part of the public stream."""
-    kind = (event or {}).get("kind", "state")  # None: a change without an event record
-    if kind == "step":
+    if isinstance(event, StepFinished):
         return pb.WatchJobResponse(job_id=j.job_id, step=step_metrics(event))
-    if kind == "checkpoint":
-        return pb.WatchJobResponse(
-            job_id=j.job_id, checkpoint=pb.CheckpointSaved(step=event["step"], path=j.output_path)
-        )
-    if kind == "state":
+    if isinstance(event, CheckpointSaved):
+        return pb.WatchJobResponse(job_id=j.job_id, checkpoint=pb.CheckpointSaved(step=event.step, path=event.path))
+    if isinstance(event, StateChanged):
         return pb.WatchJobResponse(job_id=j.job_id, job=job(j))
     return None

@@ -1,32 +1,44 @@
 """Training and candidate-generation jobs: state persisted per job, run on Ray, watched as event streams.
 
-Each job is a JSON file under the state directory, rewritten atomically on every change, so a restarted
-service still knows every job. A job that was running when the service stopped is marked FAILED with
-the reason and its last checkpoint (start a new job to continue); it is never silently lost.
+Each job has two files in the state directory:
+  * `<id>.json`, its identity and state, rewritten atomically (with an fsync) only when the state changes;
+  * `<id>.events.jsonl`, its events appended one JSON object per line as they arrive (no rewrite, no fsync
+    per event: a step event lost in a crash is re-sent by the resumed run).
+The latest metrics, the progress and the last checkpoint are derived from the events, so a restarted
+service rebuilds them by replaying the log. A job that was running when the service stopped is marked
+FAILED with the reason and its last checkpoint; a training job is then resumed by id (ResumeJob,
+`wombat train --resume ID`), never silently lost.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 
 from wombat_core.atomic import write_file_atomically
-from wombat_core.errors import NotFound
+from wombat_core.errors import FailedPrecondition, NotFound
 from wombat_core.rrhf.candidates import CandidatesConfig
-from wombat_core.rrhf.data import PreferenceRecord
-from wombat_core.rrhf.training import TrainingConfig
+from wombat_core.rrhf.events import (
+    CandidatesProgress,
+    CheckpointSaved,
+    JobEvent,
+    StateChanged,
+    StepFinished,
+    from_record,
+    to_record,
+)
+from wombat_core.rrhf.trainer import TrainingRun
 
 log = logging.getLogger(__name__)
 
-MAX_EVENTS_KEPT = 2000
+MAX_EVENTS_KEPT = 2000  # in memory per job; the log file keeps them all
 
 
 class JobKind(StrEnum):
@@ -45,17 +57,18 @@ class JobState(StrEnum):
     def finished(self) -> bool:
         return self in (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
 
+    @property
+    def resumable(self) -> bool:
+        return self in (JobState.FAILED, JobState.CANCELLED)
+
 
 @dataclass(frozen=True)
 class TrainingJob:
     """Everything a Ray Train worker needs for one training job (Ray pickles it to the workers)."""
 
     job_id: str
-    model_dir: Path
-    output_dir: Path
-    output_display: str  # the output path as the caller named it, for events
-    records: tuple[PreferenceRecord, ...]
-    config: TrainingConfig
+    run: TrainingRun
+    use_gpu: bool
 
 
 @dataclass(frozen=True)
@@ -68,12 +81,15 @@ class CandidatesJob:
     output_file: Path
     output_display: str
     config: CandidatesConfig
+    use_gpu: bool
+
+
+_SNAPSHOT_FIELDS = ("job_id", "kind", "state", "error", "created_at", "finished_at", "output_path", "attempts")
 
 
 @dataclass
 class Job:
-    """A job's state as the store keeps it, persisted as JSON. `events` are the JSON event records workers
-    sent ({"kind": "step" | "checkpoint" | "progress" | "saved" | "state" | ..., ...})."""
+    """A job as the store keeps it. The fields after `attempts` are derived from the events."""
 
     job_id: str
     kind: JobKind
@@ -82,25 +98,41 @@ class Job:
     created_at: float = field(default_factory=time.time)
     finished_at: float = 0.0
     output_path: str = ""
-    latest: dict = field(default_factory=dict)  # latest step metrics
+    attempts: int = 1  # 1 + how many times it was resumed
+    latest: StepFinished | None = None
     progress: float = 0.0
     last_checkpoint_step: int = 0
-    events: list[dict] = field(default_factory=list)
+    events: list[JobEvent] = field(default_factory=list)
 
     @property
     def finished(self) -> bool:
         return self.state.finished
 
+    def apply(self, event: JobEvent) -> None:
+        """Folds one event into the derived fields."""
+        if isinstance(event, StepFinished):
+            self.latest, self.progress = event, event.step / max(1, event.total_steps)
+        elif isinstance(event, CandidatesProgress):
+            self.progress = event.done / max(1, event.total)
+        elif isinstance(event, CheckpointSaved):
+            self.last_checkpoint_step = event.step
+        elif isinstance(event, StateChanged) and event.state == JobState.SUCCEEDED:
+            self.progress = 1.0
+        self.events.append(event)
+        del self.events[:-MAX_EVENTS_KEPT]
+
+    def snapshot(self) -> str:
+        return json.dumps({name: getattr(self, name) for name in _SNAPSHOT_FIELDS})
+
     @classmethod
-    def from_json(cls, text: str) -> Job:
+    def from_snapshot(cls, text: str) -> Job:
         raw = json.loads(text)
-        known = {f.name for f in dataclasses.fields(cls)}
-        job = cls(**{key: value for key, value in raw.items() if key in known})
+        job = cls(**{name: raw[name] for name in _SNAPSHOT_FIELDS if name in raw})
         job.kind, job.state = JobKind(job.kind), JobState(job.state)
         return job
 
 
-Listener = Callable[[Job, dict | None], None]  # (job snapshot, event or None for a state change)
+Listener = Callable[[Job, JobEvent], None]  # (job snapshot, the event just applied)
 
 
 class JobStore:
@@ -112,42 +144,58 @@ class JobStore:
         self._lock = threading.RLock()
         self._recover()
 
+    def _snapshot_path(self, job_id: str) -> Path:
+        return self.directory / f"{job_id}.json"
+
+    def _log_path(self, job_id: str) -> Path:
+        return self.directory / f"{job_id}.events.jsonl"
+
     def _recover(self) -> None:
         for path in sorted(self.directory.glob("*.json")):
             try:
-                job = Job.from_json(path.read_text())
-            except (json.JSONDecodeError, TypeError, ValueError) as exc:
+                job = Job.from_snapshot(path.read_text())
+            except (json.JSONDecodeError, TypeError, ValueError, KeyError) as exc:
                 log.warning("ignoring unreadable job file %s: %s", path.name, exc)
                 continue
+            for event in self._read_log(job.job_id):
+                job.apply(event)
+            self._jobs[job.job_id] = job
             if not job.finished:
                 checkpoint = (
-                    f" (last checkpoint at step {job.last_checkpoint_step})"
-                    if job.last_checkpoint_step
-                    else ""
+                    f" (last checkpoint at step {job.last_checkpoint_step})" if job.last_checkpoint_step else ""
                 )
-                job.error = (
-                    f"the rrhf service restarted while the job was {job.state}{checkpoint}; start it again"
+                how = (
+                    f"resume it with ResumeJob or `wombat train --resume {job.job_id}`"
+                    if job.kind is JobKind.TRAINING
+                    else "start it again"
                 )
-                job.state, job.finished_at = JobState.FAILED, time.time()
-                self._write(job)
-            self._jobs[job.job_id] = job
+                self.set_state(job.job_id, JobState.FAILED,
+                               f"the rrhf service restarted while the job was {job.state}{checkpoint}; {how}")  # fmt: skip
 
-    def _write(self, job: Job) -> None:
-        write_file_atomically(self.directory / f"{job.job_id}.json", json.dumps(asdict(job)))
+    def _read_log(self, job_id: str) -> list[JobEvent]:
+        path = self._log_path(job_id)
+        if not path.is_file():
+            return []
+        events = []
+        for number, line in enumerate(path.read_text().splitlines(), start=1):
+            try:
+                events.append(from_record(json.loads(line)))
+            except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                # A crash can cut the last line short; anything else unreadable is skipped with a warning.
+                log.warning("job %s: skipping event line %d: %s", job_id, number, exc)
+        return events
 
     def create(self, kind: JobKind, output_path: str) -> Job:
         job = Job(job_id=uuid.uuid4().hex[:12], kind=JobKind(kind), output_path=output_path)
         with self._lock:
             self._jobs[job.job_id] = job
-            self._write(job)
+            write_file_atomically(self._snapshot_path(job.job_id), job.snapshot())
         return job
 
     def get(self, job_id: str) -> Job:
         with self._lock:
             if job_id not in self._jobs:
-                raise NotFound(
-                    f"no job {job_id!r}; ListJobs shows the known jobs", metadata={"job_id": job_id}
-                )
+                raise NotFound(f"no job {job_id!r}; ListJobs shows the known jobs", metadata={"job_id": job_id})
             return self._jobs[job_id]
 
     def list(self, state: JobState | None = None) -> list[Job]:
@@ -155,25 +203,43 @@ class JobStore:
             jobs = [j for j in self._jobs.values() if state is None or j.state == state]
         return sorted(jobs, key=lambda j: j.created_at, reverse=True)
 
-    def update(self, job_id: str, event: dict | None = None, **changes) -> Job:
-        if "state" in changes:
-            changes["state"] = JobState(changes["state"])
+    def append(self, job_id: str, event: JobEvent) -> Job:
+        """Records a worker's event: applied to the job, appended to its log, sent to its watchers."""
         with self._lock:
-            job = self._jobs[job_id]
-            if job.finished and changes.get("state") not in (None, job.state):
-                return job  # a final state is final
-            for key, value in changes.items():
-                setattr(job, key, value)
-            if event is not None:
-                job.events.append(event)
-                del job.events[:-MAX_EVENTS_KEPT]
-            if job.finished and "state" in changes:
-                job.finished_at = time.time()
-            self._write(job)
+            job = self.get(job_id)
+            job.apply(event)
+            with self._log_path(job_id).open("a", encoding="utf-8") as log_file:
+                log_file.write(json.dumps(to_record(event)) + "\n")
             listeners = list(self._listeners.get(job_id, ()))
         for listener in listeners:
             listener(job, event)
         return job
+
+    def set_state(self, job_id: str, state: JobState, error: str = "") -> Job:
+        """Moves a job to `state`. A final state is final (`reopen` is the one way back)."""
+        state = JobState(state)
+        with self._lock:
+            job = self.get(job_id)
+            if job.finished and state != job.state:
+                return job
+            job.state, job.error = state, error
+            if state.finished:
+                job.finished_at = time.time()
+            write_file_atomically(self._snapshot_path(job_id), job.snapshot())
+        return self.append(job_id, StateChanged(state.value, error))
+
+    def reopen(self, job_id: str) -> Job:
+        """A failed or cancelled job goes back to PENDING, to be resumed."""
+        with self._lock:
+            job = self.get(job_id)
+            if not job.state.resumable:
+                raise FailedPrecondition(
+                    f"job {job_id} is {job.state}; only a failed or cancelled job can be resumed",
+                    metadata={"job_id": job_id},
+                )
+            job.state, job.error, job.finished_at, job.attempts = JobState.PENDING, "", 0.0, job.attempts + 1
+            write_file_atomically(self._snapshot_path(job_id), job.snapshot())
+        return self.append(job_id, StateChanged(JobState.PENDING.value))
 
     def subscribe(self, job_id: str, listener: Listener) -> Job:
         with self._lock:
@@ -186,3 +252,4 @@ class JobStore:
             listeners = self._listeners.get(job_id, [])
             if listener in listeners:
                 listeners.remove(listener)
+

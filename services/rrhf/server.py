@@ -35,6 +35,7 @@ class RrhfSettings:
     policy_model: str | None = None  # default model for policy_logprob, relative to the model root
     reward_model: str | None = None  # default reward model, relative to the model root
     max_failures: int = 2
+    train_on_gpu: bool = False  # --training-device gpu: training and candidate jobs ask Ray for GPUs
 
     def __post_init__(self) -> None:
         for name in ("model_root", "data_root"):
@@ -60,7 +61,7 @@ class RrhfService(Service):
             "policy_logprob": root / settings.policy_model if settings.policy_model else None,
             "reward_model": root / settings.reward_model if settings.reward_model else None,
         }
-        self.servicer = RrhfServicer(root, Path(settings.data_root), store, JobRunner(store, state_dir, settings.max_failures),
+        self.servicer = RrhfServicer(root, Path(settings.data_root), store, JobRunner(store, state_dir, root, settings.max_failures, settings.train_on_gpu),
                                      defaults, settings.scorer_replicas, settings.scorer_gpus,
                                      settings.max_pending_scores)  # fmt: skip
         self._owns_ray = False

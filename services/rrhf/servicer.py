@@ -23,6 +23,7 @@ from wombat_core.errors import (
 )
 from wombat_core.paths import ConfinedRoot
 from wombat_core.rrhf.data import load_jsonl, validate_records
+from wombat_core.rrhf.events import JobEvent, StateChanged
 from wombat_core.rrhf.scoring import ScoreItem
 
 MAX_MODEL_POOLS = 4
@@ -108,8 +109,16 @@ class RrhfServicer(rrhf_pb2_grpc.RrhfServiceServicer):
         config = convert.training_config(request.hyperparameters)
         records = await asyncio.to_thread(self._records, request)
         await asyncio.to_thread(self._precheck, model_dir, records, config)
-        job_id = self.runner.start_training(model_dir, output, request.output_path, records, config)
+        use_gpu = request.use_gpu if request.HasField("use_gpu") else None
+        job_id = self.runner.start_training(model_dir, output, request.output_path, records, config, use_gpu)
         return pb.StartTrainingResponse(job_id=job_id)
+
+    async def ResumeJob(self, request: pb.ResumeJobRequest, context) -> pb.ResumeJobResponse:
+        workers = request.num_workers if request.HasField("num_workers") else None
+        if workers is not None and not 1 <= workers <= 1024:
+            raise InvalidArgument(f"num_workers must be in [1, 1024], got {workers}", metadata={"field": "num_workers"})
+        await asyncio.to_thread(self.runner.resume_training, request.job_id, workers)
+        return pb.ResumeJobResponse(job=convert.job(self.store.get(request.job_id)))
 
     def _records(self, request: pb.StartTrainingRequest):
         which = request.WhichOneof("data")
@@ -154,7 +163,8 @@ class RrhfServicer(rrhf_pb2_grpc.RrhfServiceServicer):
         output = self.data.resolve(request.output_path, field="output_path")
         if output.exists():
             raise AlreadyExists(f"output_path {request.output_path!r} already exists; choose a new file")
-        job_id = self.runner.start_candidates(model_dir, reward_dir, output, request.output_path, config)
+        use_gpu = request.use_gpu if request.HasField("use_gpu") else None
+        job_id = self.runner.start_candidates(model_dir, reward_dir, output, request.output_path, config, use_gpu)
         return pb.GenerateCandidatesResponse(job_id=job_id)
 
     async def WatchJob(self, request: pb.WatchJobRequest, context) -> AsyncIterator[pb.WatchJobResponse]:
@@ -165,7 +175,7 @@ class RrhfServicer(rrhf_pb2_grpc.RrhfServiceServicer):
             loop.call_soon_threadsafe(queue.put_nowait, (job, event))
 
         job = self.store.subscribe(request.job_id, listener)
-        event: dict | None = {"kind": "state"}  # the snapshot below already shows a finished job's state
+        event: JobEvent = StateChanged(job.state.value)  # the snapshot below already shows a finished job's state
         try:
             yield pb.WatchJobResponse(job_id=job.job_id, job=convert.job(job))
             while not job.finished:
@@ -173,7 +183,7 @@ class RrhfServicer(rrhf_pb2_grpc.RrhfServiceServicer):
                 message = convert.watch_event(job, event)
                 if message is not None:
                     yield message
-            if event is None or event.get("kind") != "state":
+            if not isinstance(event, StateChanged):
                 yield pb.WatchJobResponse(job_id=job.job_id, job=convert.job(job))
         finally:
             self.store.unsubscribe(request.job_id, listener)

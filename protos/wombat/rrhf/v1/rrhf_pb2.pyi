@@ -22,6 +22,12 @@ class Strategy(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     STRATEGY_DDP: _ClassVar[Strategy]
     STRATEGY_FSDP: _ClassVar[Strategy]
 
+class Scheduler(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    SCHEDULER_UNSPECIFIED: _ClassVar[Scheduler]
+    SCHEDULER_COSINE: _ClassVar[Scheduler]
+    SCHEDULER_LINEAR: _ClassVar[Scheduler]
+
 class Precision(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     PRECISION_UNSPECIFIED: _ClassVar[Precision]
@@ -54,6 +60,9 @@ SCORING_METHOD_REWARD_MODEL: ScoringMethod
 STRATEGY_UNSPECIFIED: Strategy
 STRATEGY_DDP: Strategy
 STRATEGY_FSDP: Strategy
+SCHEDULER_UNSPECIFIED: Scheduler
+SCHEDULER_COSINE: Scheduler
+SCHEDULER_LINEAR: Scheduler
 PRECISION_UNSPECIFIED: Precision
 PRECISION_FP32: Precision
 PRECISION_BF16: Precision
@@ -143,7 +152,7 @@ class PreferenceRecords(_message.Message):
     def __init__(self, records: _Optional[_Iterable[_Union[PreferenceRecord, _Mapping]]] = ...) -> None: ...
 
 class TrainingHyperparameters(_message.Message):
-    __slots__ = ("learning_rate", "epochs", "batch_size", "rrhf_weight", "length_penalty", "model_max_length", "warmup_steps", "gradient_accumulation_steps", "num_workers", "strategy", "precision", "seed", "max_steps", "checkpoint_every_steps", "sft_padded_mean", "bos_per_segment", "alpaca_prompt")
+    __slots__ = ("learning_rate", "epochs", "batch_size", "rrhf_weight", "length_penalty", "model_max_length", "warmup_steps", "gradient_accumulation_steps", "num_workers", "strategy", "precision", "seed", "max_steps", "checkpoint_every_steps", "sft_padded_mean", "bos_per_segment", "alpaca_prompt", "weight_decay", "max_grad_norm", "scheduler", "warmup_ratio", "gradient_checkpointing", "keep_checkpoints")
     LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
     EPOCHS_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -161,6 +170,12 @@ class TrainingHyperparameters(_message.Message):
     SFT_PADDED_MEAN_FIELD_NUMBER: _ClassVar[int]
     BOS_PER_SEGMENT_FIELD_NUMBER: _ClassVar[int]
     ALPACA_PROMPT_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_DECAY_FIELD_NUMBER: _ClassVar[int]
+    MAX_GRAD_NORM_FIELD_NUMBER: _ClassVar[int]
+    SCHEDULER_FIELD_NUMBER: _ClassVar[int]
+    WARMUP_RATIO_FIELD_NUMBER: _ClassVar[int]
+    GRADIENT_CHECKPOINTING_FIELD_NUMBER: _ClassVar[int]
+    KEEP_CHECKPOINTS_FIELD_NUMBER: _ClassVar[int]
     learning_rate: float
     epochs: int
     batch_size: int
@@ -178,21 +193,29 @@ class TrainingHyperparameters(_message.Message):
     sft_padded_mean: bool
     bos_per_segment: bool
     alpaca_prompt: bool
-    def __init__(self, learning_rate: _Optional[float] = ..., epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., rrhf_weight: _Optional[float] = ..., length_penalty: _Optional[float] = ..., model_max_length: _Optional[int] = ..., warmup_steps: _Optional[int] = ..., gradient_accumulation_steps: _Optional[int] = ..., num_workers: _Optional[int] = ..., strategy: _Optional[_Union[Strategy, str]] = ..., precision: _Optional[_Union[Precision, str]] = ..., seed: _Optional[int] = ..., max_steps: _Optional[int] = ..., checkpoint_every_steps: _Optional[int] = ..., sft_padded_mean: _Optional[bool] = ..., bos_per_segment: _Optional[bool] = ..., alpaca_prompt: _Optional[bool] = ...) -> None: ...
+    weight_decay: float
+    max_grad_norm: float
+    scheduler: Scheduler
+    warmup_ratio: float
+    gradient_checkpointing: bool
+    keep_checkpoints: int
+    def __init__(self, learning_rate: _Optional[float] = ..., epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., rrhf_weight: _Optional[float] = ..., length_penalty: _Optional[float] = ..., model_max_length: _Optional[int] = ..., warmup_steps: _Optional[int] = ..., gradient_accumulation_steps: _Optional[int] = ..., num_workers: _Optional[int] = ..., strategy: _Optional[_Union[Strategy, str]] = ..., precision: _Optional[_Union[Precision, str]] = ..., seed: _Optional[int] = ..., max_steps: _Optional[int] = ..., checkpoint_every_steps: _Optional[int] = ..., sft_padded_mean: _Optional[bool] = ..., bos_per_segment: _Optional[bool] = ..., alpaca_prompt: _Optional[bool] = ..., weight_decay: _Optional[float] = ..., max_grad_norm: _Optional[float] = ..., scheduler: _Optional[_Union[Scheduler, str]] = ..., warmup_ratio: _Optional[float] = ..., gradient_checkpointing: _Optional[bool] = ..., keep_checkpoints: _Optional[int] = ...) -> None: ...
 
 class StartTrainingRequest(_message.Message):
-    __slots__ = ("model_path", "data_path", "records", "hyperparameters", "output_path")
+    __slots__ = ("model_path", "data_path", "records", "hyperparameters", "output_path", "use_gpu")
     MODEL_PATH_FIELD_NUMBER: _ClassVar[int]
     DATA_PATH_FIELD_NUMBER: _ClassVar[int]
     RECORDS_FIELD_NUMBER: _ClassVar[int]
     HYPERPARAMETERS_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_PATH_FIELD_NUMBER: _ClassVar[int]
+    USE_GPU_FIELD_NUMBER: _ClassVar[int]
     model_path: str
     data_path: str
     records: PreferenceRecords
     hyperparameters: TrainingHyperparameters
     output_path: str
-    def __init__(self, model_path: _Optional[str] = ..., data_path: _Optional[str] = ..., records: _Optional[_Union[PreferenceRecords, _Mapping]] = ..., hyperparameters: _Optional[_Union[TrainingHyperparameters, _Mapping]] = ..., output_path: _Optional[str] = ...) -> None: ...
+    use_gpu: bool
+    def __init__(self, model_path: _Optional[str] = ..., data_path: _Optional[str] = ..., records: _Optional[_Union[PreferenceRecords, _Mapping]] = ..., hyperparameters: _Optional[_Union[TrainingHyperparameters, _Mapping]] = ..., output_path: _Optional[str] = ..., use_gpu: _Optional[bool] = ...) -> None: ...
 
 class StartTrainingResponse(_message.Message):
     __slots__ = ("job_id",)
@@ -201,7 +224,7 @@ class StartTrainingResponse(_message.Message):
     def __init__(self, job_id: _Optional[str] = ...) -> None: ...
 
 class GenerateCandidatesRequest(_message.Message):
-    __slots__ = ("model_path", "reward_model_path", "queries", "num_candidates", "method", "max_new_tokens", "output_path", "seed")
+    __slots__ = ("model_path", "reward_model_path", "queries", "num_candidates", "method", "max_new_tokens", "output_path", "seed", "use_gpu")
     MODEL_PATH_FIELD_NUMBER: _ClassVar[int]
     REWARD_MODEL_PATH_FIELD_NUMBER: _ClassVar[int]
     QUERIES_FIELD_NUMBER: _ClassVar[int]
@@ -210,6 +233,7 @@ class GenerateCandidatesRequest(_message.Message):
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_PATH_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
+    USE_GPU_FIELD_NUMBER: _ClassVar[int]
     model_path: str
     reward_model_path: str
     queries: _containers.RepeatedScalarFieldContainer[str]
@@ -218,7 +242,8 @@ class GenerateCandidatesRequest(_message.Message):
     max_new_tokens: int
     output_path: str
     seed: int
-    def __init__(self, model_path: _Optional[str] = ..., reward_model_path: _Optional[str] = ..., queries: _Optional[_Iterable[str]] = ..., num_candidates: _Optional[int] = ..., method: _Optional[_Union[CandidateMethod, str]] = ..., max_new_tokens: _Optional[int] = ..., output_path: _Optional[str] = ..., seed: _Optional[int] = ...) -> None: ...
+    use_gpu: bool
+    def __init__(self, model_path: _Optional[str] = ..., reward_model_path: _Optional[str] = ..., queries: _Optional[_Iterable[str]] = ..., num_candidates: _Optional[int] = ..., method: _Optional[_Union[CandidateMethod, str]] = ..., max_new_tokens: _Optional[int] = ..., output_path: _Optional[str] = ..., seed: _Optional[int] = ..., use_gpu: _Optional[bool] = ...) -> None: ...
 
 class GenerateCandidatesResponse(_message.Message):
     __slots__ = ("job_id",)
@@ -227,7 +252,7 @@ class GenerateCandidatesResponse(_message.Message):
     def __init__(self, job_id: _Optional[str] = ...) -> None: ...
 
 class StepMetrics(_message.Message):
-    __slots__ = ("step", "total_steps", "epoch", "loss", "rank_loss", "sft_loss", "learning_rate", "samples_per_second")
+    __slots__ = ("step", "total_steps", "epoch", "loss", "rank_loss", "sft_loss", "learning_rate", "samples_per_second", "grad_norm")
     STEP_FIELD_NUMBER: _ClassVar[int]
     TOTAL_STEPS_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
@@ -236,6 +261,7 @@ class StepMetrics(_message.Message):
     SFT_LOSS_FIELD_NUMBER: _ClassVar[int]
     LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
     SAMPLES_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
+    GRAD_NORM_FIELD_NUMBER: _ClassVar[int]
     step: int
     total_steps: int
     epoch: int
@@ -244,7 +270,8 @@ class StepMetrics(_message.Message):
     sft_loss: float
     learning_rate: float
     samples_per_second: float
-    def __init__(self, step: _Optional[int] = ..., total_steps: _Optional[int] = ..., epoch: _Optional[int] = ..., loss: _Optional[float] = ..., rank_loss: _Optional[float] = ..., sft_loss: _Optional[float] = ..., learning_rate: _Optional[float] = ..., samples_per_second: _Optional[float] = ...) -> None: ...
+    grad_norm: float
+    def __init__(self, step: _Optional[int] = ..., total_steps: _Optional[int] = ..., epoch: _Optional[int] = ..., loss: _Optional[float] = ..., rank_loss: _Optional[float] = ..., sft_loss: _Optional[float] = ..., learning_rate: _Optional[float] = ..., samples_per_second: _Optional[float] = ..., grad_norm: _Optional[float] = ...) -> None: ...
 
 class CheckpointSaved(_message.Message):
     __slots__ = ("step", "path")
@@ -255,7 +282,7 @@ class CheckpointSaved(_message.Message):
     def __init__(self, step: _Optional[int] = ..., path: _Optional[str] = ...) -> None: ...
 
 class Job(_message.Message):
-    __slots__ = ("job_id", "kind", "state", "error", "created_at", "finished_at", "output_path", "latest", "progress")
+    __slots__ = ("job_id", "kind", "state", "error", "created_at", "finished_at", "output_path", "latest", "progress", "last_checkpoint_step", "attempts")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -265,6 +292,8 @@ class Job(_message.Message):
     OUTPUT_PATH_FIELD_NUMBER: _ClassVar[int]
     LATEST_FIELD_NUMBER: _ClassVar[int]
     PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    LAST_CHECKPOINT_STEP_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     kind: JobKind
     state: JobState
@@ -274,7 +303,9 @@ class Job(_message.Message):
     output_path: str
     latest: StepMetrics
     progress: float
-    def __init__(self, job_id: _Optional[str] = ..., kind: _Optional[_Union[JobKind, str]] = ..., state: _Optional[_Union[JobState, str]] = ..., error: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., output_path: _Optional[str] = ..., latest: _Optional[_Union[StepMetrics, _Mapping]] = ..., progress: _Optional[float] = ...) -> None: ...
+    last_checkpoint_step: int
+    attempts: int
+    def __init__(self, job_id: _Optional[str] = ..., kind: _Optional[_Union[JobKind, str]] = ..., state: _Optional[_Union[JobState, str]] = ..., error: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., output_path: _Optional[str] = ..., latest: _Optional[_Union[StepMetrics, _Mapping]] = ..., progress: _Optional[float] = ..., last_checkpoint_step: _Optional[int] = ..., attempts: _Optional[int] = ...) -> None: ...
 
 class WatchJobRequest(_message.Message):
     __slots__ = ("job_id",)
@@ -313,6 +344,20 @@ class CancelJobRequest(_message.Message):
     def __init__(self, job_id: _Optional[str] = ...) -> None: ...
 
 class CancelJobResponse(_message.Message):
+    __slots__ = ("job",)
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    job: Job
+    def __init__(self, job: _Optional[_Union[Job, _Mapping]] = ...) -> None: ...
+
+class ResumeJobRequest(_message.Message):
+    __slots__ = ("job_id", "num_workers")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    NUM_WORKERS_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    num_workers: int
+    def __init__(self, job_id: _Optional[str] = ..., num_workers: _Optional[int] = ...) -> None: ...
+
+class ResumeJobResponse(_message.Message):
     __slots__ = ("job",)
     JOB_FIELD_NUMBER: _ClassVar[int]
     job: Job

@@ -70,6 +70,11 @@ class RrhfServiceStub:
                 request_serializer=wombat_dot_rrhf_dot_v1_dot_rrhf__pb2.CancelJobRequest.SerializeToString,
                 response_deserializer=wombat_dot_rrhf_dot_v1_dot_rrhf__pb2.CancelJobResponse.FromString,
                 _registered_method=True)
+        self.ResumeJob = channel.unary_unary(
+                '/wombat.rrhf.v1.RrhfService/ResumeJob',
+                request_serializer=wombat_dot_rrhf_dot_v1_dot_rrhf__pb2.ResumeJobRequest.SerializeToString,
+                response_deserializer=wombat_dot_rrhf_dot_v1_dot_rrhf__pb2.ResumeJobResponse.FromString,
+                _registered_method=True)
         self.ListJobs = channel.unary_unary(
                 '/wombat.rrhf.v1.RrhfService/ListJobs',
                 request_serializer=wombat_dot_rrhf_dot_v1_dot_rrhf__pb2.ListJobsRequest.SerializeToString,
@@ -130,6 +135,13 @@ class RrhfServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ResumeJob(self, request, context):
+        """Resumes a failed or cancelled training job from its latest checkpoint, also after a service restart.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListJobs(self, request, context):
         """Lists jobs, newest first.
         """
@@ -174,6 +186,11 @@ def add_RrhfServiceServicer_to_server(servicer, server):
                     servicer.CancelJob,
                     request_deserializer=wombat_dot_rrhf_dot_v1_dot_rrhf__pb2.CancelJobRequest.FromString,
                     response_serializer=wombat_dot_rrhf_dot_v1_dot_rrhf__pb2.CancelJobResponse.SerializeToString,
+            ),
+            'ResumeJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResumeJob,
+                    request_deserializer=wombat_dot_rrhf_dot_v1_dot_rrhf__pb2.ResumeJobRequest.FromString,
+                    response_serializer=wombat_dot_rrhf_dot_v1_dot_rrhf__pb2.ResumeJobResponse.SerializeToString,
             ),
             'ListJobs': grpc.unary_unary_rpc_method_handler(
                     servicer.ListJobs,
@@ -371,6 +388,33 @@ class RrhfService:
             '/wombat.rrhf.v1.RrhfService/CancelJob',
             wombat_dot_rrhf_dot_v1_dot_rrhf__pb2.CancelJobRequest.SerializeToString,
             wombat_dot_rrhf_dot_v1_dot_rrhf__pb2.CancelJobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResumeJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/wombat.rrhf.v1.RrhfService/ResumeJob',
+            wombat_dot_rrhf_dot_v1_dot_rrhf__pb2.ResumeJobRequest.SerializeToString,
+            wombat_dot_rrhf_dot_v1_dot_rrhf__pb2.ResumeJobResponse.FromString,
             options,
             channel_credentials,
             insecure,

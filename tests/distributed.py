@@ -1,0 +1,56 @@
+"""Runs the core's training on N processes connected by torch.distributed (gloo), the way Ray Train,
+torchrun or a GPU pod group would: each process initialises the group and calls `run_training`."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from wombat_core.rrhf.events import CheckpointSaved, JobEvent, from_record, to_record
+from wombat_core.rrhf.trainer import TrainingHooks, TrainingRun, run_training
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, run: TrainingRun, stop_after: int | None, events_file: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)  # two workers on two cores
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    events: list[JobEvent] = []
+    try:
+        run_training(run, torch.device("cpu"), hooks(events, stop_after))
+    finally:
+        dist.destroy_process_group()
+    if rank == 0:
+        Path(events_file).write_text(json.dumps([to_record(e) for e in events]))
+
+
+def hooks(events: list[JobEvent], stop_after: int | None) -> TrainingHooks:
+    """Collects events; with `stop_after`, the run is cancelled once that step's checkpoint is saved
+    (an interruption with a checkpoint to resume from)."""
+
+    def cancelled() -> bool:
+        return stop_after is not None and any(isinstance(e, CheckpointSaved) and e.step >= stop_after for e in events)
+
+    return TrainingHooks(emit=events.append, cancelled=cancelled)
+
+
+def train_on_workers(run: TrainingRun, world: int, stop_after: int | None = None) -> list[JobEvent]:
+    """Runs `run` on `world` gloo processes (the config's worker count set to match); rank 0's events."""
+    run = replace(run, config=run.config.with_workers(world))
+    events_file = run.checkpoint_dir.parent / f"events-{os.getpid()}-{_free_port()}.json"
+    run.checkpoint_dir.parent.mkdir(parents=True, exist_ok=True)
+    mp.start_processes(_worker, args=(world, _free_port(), run, stop_after, str(events_file)), nprocs=world,
+                       start_method="spawn")  # fmt: skip
+    return [from_record(r) for r in json.loads(events_file.read_text())]
