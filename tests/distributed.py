@@ -23,7 +23,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world: int, port: int, run: TrainingRun, stop_after: int | None, events_file: str) -> None:
+def _worker(
+    rank: int, world: int, port: int, run: TrainingRun, stop_after: int | None, events_file: str
+) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)  # two workers on two cores
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -41,7 +43,9 @@ def hooks(events: list[JobEvent], stop_after: int | None) -> TrainingHooks:
     (an interruption with a checkpoint to resume from)."""
 
     def cancelled() -> bool:
-        return stop_after is not None and any(isinstance(e, CheckpointSaved) and e.step >= stop_after for e in events)
+        return stop_after is not None and any(
+            isinstance(e, CheckpointSaved) and e.step >= stop_after for e in events
+        )
 
     return TrainingHooks(emit=events.append, cancelled=cancelled)
 

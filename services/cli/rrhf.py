@@ -144,7 +144,8 @@ def train(
         str | None, typer.Option(help="fp32 or bf16 [default: bf16 on GPUs, fp32 on CPU]")
     ] = None,
     gpu: Annotated[
-        bool | None, typer.Option("--gpu/--cpu", help="train on GPUs [default: the service's --training-device]")
+        bool | None,
+        typer.Option("--gpu/--cpu", help="train on GPUs [default: the service's --training-device]"),
     ] = None,
     epochs: Annotated[int, typer.Option(help="passes over the data")] = 3,
     max_steps: Annotated[int | None, typer.Option(help="stop after this many steps")] = None,
@@ -162,7 +163,9 @@ def train(
     length_penalty: Annotated[float, typer.Option(help="exponent of the response length in p_i")] = 1.0,
     model_max_length: Annotated[int, typer.Option(help="max tokens of query + response")] = 512,
     alpaca: Annotated[bool, typer.Option(help="wrap each query in the Alpaca template")] = False,
-    checkpoint_every: Annotated[int | None, typer.Option(help="steps between checkpoints [default: an epoch]")] = None,
+    checkpoint_every: Annotated[
+        int | None, typer.Option(help="steps between checkpoints [default: an epoch]")
+    ] = None,
     keep_checkpoints: Annotated[int, typer.Option(help="newest checkpoints kept in the job's directory")] = 2,
     detach: Annotated[bool, typer.Option(help="print the job id and return at once")] = False,
     json_output: JsonOpt = False,

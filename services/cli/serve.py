@@ -165,7 +165,8 @@ def serve_rrhf(
         Path | None, typer.Option(help="where job state is kept (default <data-root>/.wombat-jobs)")
     ] = None,
     training_device: Annotated[
-        str, typer.Option(help="cpu or gpu: what training and candidate jobs ask Ray for, unless a request says")
+        str,
+        typer.Option(help="cpu or gpu: what training and candidate jobs ask Ray for, unless a request says"),
     ] = "cpu",
     drain_seconds: DrainOpt = 30.0,
     tls_cert: TlsCertOpt = None,

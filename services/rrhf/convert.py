@@ -117,7 +117,9 @@ def watch_event(j: Job, event: JobEvent) -> pb.WatchJobResponse | None:
     if isinstance(event, StepFinished):
         return pb.WatchJobResponse(job_id=j.job_id, step=step_metrics(event))
     if isinstance(event, CheckpointSaved):
-        return pb.WatchJobResponse(job_id=j.job_id, checkpoint=pb.CheckpointSaved(step=event.step, path=event.path))
+        return pb.WatchJobResponse(
+            job_id=j.job_id, checkpoint=pb.CheckpointSaved(step=event.step, path=event.path)
+        )
     if isinstance(event, StateChanged):
         return pb.WatchJobResponse(job_id=j.job_id, job=job(j))
     return None

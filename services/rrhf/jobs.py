@@ -84,7 +84,16 @@ class CandidatesJob:
     use_gpu: bool
 
 
-_SNAPSHOT_FIELDS = ("job_id", "kind", "state", "error", "created_at", "finished_at", "output_path", "attempts")
+_SNAPSHOT_FIELDS = (
+    "job_id",
+    "kind",
+    "state",
+    "error",
+    "created_at",
+    "finished_at",
+    "output_path",
+    "attempts",
+)
 
 
 @dataclass
@@ -162,7 +171,9 @@ class JobStore:
             self._jobs[job.job_id] = job
             if not job.finished:
                 checkpoint = (
-                    f" (last checkpoint at step {job.last_checkpoint_step})" if job.last_checkpoint_step else ""
+                    f" (last checkpoint at step {job.last_checkpoint_step})"
+                    if job.last_checkpoint_step
+                    else ""
                 )
                 how = (
                     f"resume it with ResumeJob or `wombat train --resume {job.job_id}`"
@@ -195,7 +206,9 @@ class JobStore:
     def get(self, job_id: str) -> Job:
         with self._lock:
             if job_id not in self._jobs:
-                raise NotFound(f"no job {job_id!r}; ListJobs shows the known jobs", metadata={"job_id": job_id})
+                raise NotFound(
+                    f"no job {job_id!r}; ListJobs shows the known jobs", metadata={"job_id": job_id}
+                )
             return self._jobs[job_id]
 
     def list(self, state: JobState | None = None) -> list[Job]:
@@ -252,4 +265,3 @@ class JobStore:
             listeners = self._listeners.get(job_id, [])
             if listener in listeners:
                 listeners.remove(listener)
-

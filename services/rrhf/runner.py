@@ -94,6 +94,9 @@ class JobRunner:
         job = self.store.get(job_id)
         if job.kind is not JobKind.TRAINING:
             raise FailedPrecondition(f"job {job_id} generates candidates; only training jobs resume")
+        if not job.state.resumable:
+            raise FailedPrecondition(f"job {job_id} is {job.state}; only a failed or cancelled job can be resumed",
+                                     metadata={"job_id": job_id})  # fmt: skip
         directory = self.job_directory(job_id)
         if not (directory / RUN_FILE).is_file():
             raise FailedPrecondition(f"job {job_id} has no run spec in {JOBS_DIR}/{job_id}; start a new job")
@@ -101,7 +104,9 @@ class JobRunner:
         if num_workers:
             run = dataclasses.replace(run, config=run.config.with_workers(num_workers))
         if run.output_dir.exists():
-            raise FailedPrecondition(f"the job's output {run.output_display!r} already exists; nothing to resume")
+            raise FailedPrecondition(
+                f"the job's output {run.output_display!r} already exists; nothing to resume"
+            )
         self.store.reopen(job_id)
         if num_workers:
             self._save_run(directory, run, use_gpu)
@@ -169,7 +174,9 @@ class JobRunner:
         job = self.store.create(JobKind.CANDIDATES, output_display)
         channel = self._channels[job.job_id] = create_channel(job.job_id)
         use_gpu = self.train_on_gpu if use_gpu is None else use_gpu
-        spec = CandidatesJob(job.job_id, model_dir, reward_model_dir, output_file, output_display, config, use_gpu)
+        spec = CandidatesJob(
+            job.job_id, model_dir, reward_model_dir, output_file, output_display, config, use_gpu
+        )
 
         def work() -> None:
             # The task reserves the GPU it generates on, so Ray never places it beside a GPU it does not hold.

@@ -61,9 +61,9 @@ class RrhfService(Service):
             "policy_logprob": root / settings.policy_model if settings.policy_model else None,
             "reward_model": root / settings.reward_model if settings.reward_model else None,
         }
-        self.servicer = RrhfServicer(root, Path(settings.data_root), store, JobRunner(store, state_dir, root, settings.max_failures, settings.train_on_gpu),
-                                     defaults, settings.scorer_replicas, settings.scorer_gpus,
-                                     settings.max_pending_scores)  # fmt: skip
+        runner = JobRunner(store, state_dir, root, settings.max_failures, settings.train_on_gpu)
+        self.servicer = RrhfServicer(root, Path(settings.data_root), store, runner, defaults, settings.scorer_replicas,
+                                     settings.scorer_gpus, settings.max_pending_scores)  # fmt: skip
         self._owns_ray = False
 
     def registrations(self) -> list[ServiceRegistration]:

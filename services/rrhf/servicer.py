@@ -116,7 +116,9 @@ class RrhfServicer(rrhf_pb2_grpc.RrhfServiceServicer):
     async def ResumeJob(self, request: pb.ResumeJobRequest, context) -> pb.ResumeJobResponse:
         workers = request.num_workers if request.HasField("num_workers") else None
         if workers is not None and not 1 <= workers <= 1024:
-            raise InvalidArgument(f"num_workers must be in [1, 1024], got {workers}", metadata={"field": "num_workers"})
+            raise InvalidArgument(
+                f"num_workers must be in [1, 1024], got {workers}", metadata={"field": "num_workers"}
+            )
         await asyncio.to_thread(self.runner.resume_training, request.job_id, workers)
         return pb.ResumeJobResponse(job=convert.job(self.store.get(request.job_id)))
 
@@ -164,7 +166,9 @@ class RrhfServicer(rrhf_pb2_grpc.RrhfServiceServicer):
         if output.exists():
             raise AlreadyExists(f"output_path {request.output_path!r} already exists; choose a new file")
         use_gpu = request.use_gpu if request.HasField("use_gpu") else None
-        job_id = self.runner.start_candidates(model_dir, reward_dir, output, request.output_path, config, use_gpu)
+        job_id = self.runner.start_candidates(
+            model_dir, reward_dir, output, request.output_path, config, use_gpu
+        )
         return pb.GenerateCandidatesResponse(job_id=job_id)
 
     async def WatchJob(self, request: pb.WatchJobRequest, context) -> AsyncIterator[pb.WatchJobResponse]:
@@ -175,7 +179,8 @@ class RrhfServicer(rrhf_pb2_grpc.RrhfServiceServicer):
             loop.call_soon_threadsafe(queue.put_nowait, (job, event))
 
         job = self.store.subscribe(request.job_id, listener)
-        event: JobEvent = StateChanged(job.state.value)  # the snapshot below already shows a finished job's state
+        # The snapshot below already shows a finished job's state.
+        event: JobEvent = StateChanged(job.state.value)
         try:
             yield pb.WatchJobResponse(job_id=job.job_id, job=convert.job(job))
             while not job.finished:

@@ -33,5 +33,7 @@ class _CancelFlag:
 
 def train_loop_per_worker(job: TrainingJob) -> None:
     channel = get_channel(job.job_id)
-    hooks = TrainingHooks(emit=lambda event: channel.put.remote(to_record(event)), cancelled=_CancelFlag(channel))
+    hooks = TrainingHooks(
+        emit=lambda event: channel.put.remote(to_record(event)), cancelled=_CancelFlag(channel)
+    )
     run_training(job.run, ray.train.torch.get_device(), hooks)

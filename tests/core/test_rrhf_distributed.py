@@ -35,7 +35,9 @@ def _run(model_dir, directory, strategy="fsdp", **overrides) -> TrainingRun:
                   checkpoint_every_steps=1, strategy=strategy, precision="fp32", seed=3)  # fmt: skip
     config = TrainingConfig(**values | overrides)
     records = tuple(load_jsonl(SHIPPED))
-    return TrainingRun(model_dir, records, config, directory / "checkpoints", directory / "trained", "trained")
+    return TrainingRun(
+        model_dir, records, config, directory / "checkpoints", directory / "trained", "trained"
+    )
 
 
 def _single_process(run: TrainingRun) -> list[StepFinished]:
@@ -63,7 +65,11 @@ def test_two_workers_train_the_weights_one_process_trains(strategy, model_dir, r
     steps = [e for e in events if isinstance(e, StepFinished)]
     assert [s.world_size for s in steps] == [2] * STEPS
     assert [s.loss for s in steps] == pytest.approx([s.loss for s in reference_steps], abs=1e-5)
-    trained, expected, initial = _weights(run.output_dir), _weights(reference_run.output_dir), _weights(model_dir)
+    trained, expected, initial = (
+        _weights(run.output_dir),
+        _weights(reference_run.output_dir),
+        _weights(model_dir),
+    )
     assert trained.keys() == expected.keys()
     for name in expected:
         torch.testing.assert_close(trained[name], expected[name], atol=2e-5, rtol=1e-4, msg=name)
@@ -76,7 +82,9 @@ def test_two_workers_train_the_weights_one_process_trains(strategy, model_dir, r
 
 
 @pytest.mark.parametrize(("before", "after"), [(2, 1), (1, 2)])
-def test_a_run_resumed_on_another_worker_count_continues_the_losses(before, after, model_dir, reference, tmp_path):
+def test_a_run_resumed_on_another_worker_count_continues_the_losses(
+    before, after, model_dir, reference, tmp_path
+):
     _, reference_steps = reference
     run = _run(model_dir, tmp_path)
     interrupted = train_on_workers(run, world=before, stop_after=2)
@@ -96,6 +104,8 @@ def test_a_resumed_run_must_keep_its_data_and_global_batch(model_dir, tmp_path):
 
     run = _run(model_dir, tmp_path, max_steps=1)
     _single_process(run)
-    changed = replace(run, config=replace(run.config, gradient_accumulation_steps=4), output_dir=tmp_path / "again")
+    changed = replace(
+        run, config=replace(run.config, gradient_accumulation_steps=4), output_dir=tmp_path / "again"
+    )
     with pytest.raises(FailedPrecondition, match="global batch of 2 queries"):
         _single_process(changed)

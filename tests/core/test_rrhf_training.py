@@ -13,8 +13,8 @@ from tests.engine_fixtures import save_servable_tiny_model
 from wombat_core.rrhf.data import load_jsonl
 from wombat_core.rrhf.training import (
     TrainingConfig,
-    evaluate_loss,
     build_optimizer,
+    evaluate_loss,
     learning_rate,
     plan,
     rank_agreement,
@@ -85,13 +85,20 @@ def test_schedule_is_the_hf_trainers(scheduler, warmup):
         expected.append(optimizer.param_groups[0]["lr"])
         optimizer.step()
         reference.step()
-    assert [learning_rate(config, s, total) for s in range(total)] == pytest.approx(expected, rel=1e-12, abs=1e-15)
+    assert [learning_rate(config, s, total) for s in range(total)] == pytest.approx(
+        expected, rel=1e-12, abs=1e-15
+    )
     assert expected[0] == 0 if warm else expected[0] == config.learning_rate
 
 
 def test_defaults_are_the_reference_recipe():
     config = TrainingConfig()
-    assert (config.strategy, config.weight_decay, config.max_grad_norm, config.scheduler) == ("fsdp", 0, 1.0, "cosine")
+    assert (config.strategy, config.weight_decay, config.max_grad_norm, config.scheduler) == (
+        "fsdp",
+        0,
+        1.0,
+        "cosine",
+    )
     assert (config.warmup_ratio, config.batch_size, config.gradient_accumulation_steps) == (0.03, 1, 8)
     assert (config.learning_rate, config.epochs, config.model_max_length) == (2e-5, 3, 512)
     assert TrainingConfig(num_workers=8).global_batch == 64  # the Wombat run: 8 GPUs x 1 x 8

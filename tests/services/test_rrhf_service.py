@@ -9,12 +9,14 @@ from importlib import resources
 
 import grpc
 import pytest
+import torch
 
 from tests.conftest import ServerThread, rpc_error
 from tests.engine_fixtures import save_reward_models, save_servable_tiny_model
 from tests.models import save_tiny_llama
 from wombat.rrhf.v1 import rrhf_pb2 as pb
 from wombat.rrhf.v1 import rrhf_pb2_grpc
+from wombat_core.rrhf.data import load_jsonl
 from wombat_core.rrhf.scoring import ScoreItem, policy_scores
 
 SHIPPED = resources.files("wombat_core.rrhf") / "data" / "preferences.jsonl"
@@ -189,17 +191,18 @@ def _start(stub, output: str, **hyper) -> str:
     return stub.StartTraining(request, timeout=120).job_id
 
 
+TWO_WORKERS = dict(num_workers=2, max_steps=4, batch_size=2, gradient_accumulation_steps=1, learning_rate=1e-3,
+                   checkpoint_every_steps=2)  # fmt: skip
+
+
 @pytest.mark.slow
-def test_two_worker_training_job_completes_while_rpcs_still_answer(stub, roots):
-    job_id = _start(
-        stub,
-        "trained",
-        num_workers=2,
-        max_steps=4,
-        batch_size=2,
-        learning_rate=1e-3,
-        checkpoint_every_steps=2,
-    )
+def test_two_worker_fsdp_job_trains_the_weights_one_process_trains_while_rpcs_still_answer(stub, roots):
+    from safetensors.torch import load_file
+
+    from wombat_core.rrhf.trainer import TrainingRun, run_training
+    from wombat_core.rrhf.training import TrainingConfig
+
+    job_id = _start(stub, "trained", strategy=pb.STRATEGY_FSDP, **TWO_WORKERS)
     events = stub.WatchJob(pb.WatchJobRequest(job_id=job_id), timeout=300)
     first = next(events)
     assert first.job.job_id == job_id
@@ -210,10 +213,27 @@ def test_two_worker_training_job_completes_while_rpcs_still_answer(stub, roots):
     steps = [e.step for e in rest if e.HasField("step")]
     assert [s.step for s in steps] == [1, 2, 3, 4] and all(s.total_steps == 4 for s in steps)
     assert all(s.loss > 0 and s.samples_per_second > 0 for s in steps)
-    assert [e.checkpoint.step for e in rest if e.HasField("checkpoint")] == [2, 4]
+    checkpoints = [e.checkpoint for e in rest if e.HasField("checkpoint")]
+    assert [c.step for c in checkpoints] == [2, 4]
+    # Sharded checkpoints in the job's directory on the model store, one DCP file per worker.
+    assert checkpoints[-1].path == f".wombat-jobs/{job_id}/checkpoints/step-00000004"
+    assert len(list((roots[0] / checkpoints[-1].path).glob("*.distcp"))) == 2
     final = rest[-1].job
     assert final.state == pb.JOB_STATE_SUCCEEDED, final.error
-    assert final.progress == 1.0 and final.latest.step == 4
+    assert final.progress == 1.0 and final.latest.step == 4 and final.last_checkpoint_step == 4
+    # The 2 Ray Train workers' gathered weights equal one process trained on the same global batches.
+    reference = TrainingConfig(**TWO_WORKERS, precision="fp32").with_workers(1)
+    records = tuple(load_jsonl(roots[1] / "preferences.jsonl"))
+    scratch = roots[0].parent / "single-process"
+    run = TrainingRun(roots[0] / "policy", records, reference, scratch / "checkpoints", scratch / "model", "")
+    run_training(run, torch.device("cpu"))
+    trained = load_file(roots[0] / "trained" / "model.safetensors")
+    expected = load_file(scratch / "model" / "model.safetensors")
+    initial = load_file(roots[0] / "policy" / "model.safetensors")
+    for name, tensor in expected.items():
+        torch.testing.assert_close(trained[name], tensor, atol=2e-5, rtol=1e-4, msg=name)
+        assert not torch.equal(trained[name], initial[name]), f"{name} did not train"
+
     from wombat_core.engine.loading import load_for_serving
     from wombat_core.manifest import verify_directory
 
@@ -224,8 +244,11 @@ def test_two_worker_training_job_completes_while_rpcs_still_answer(stub, roots):
 
 
 @pytest.mark.slow
-def test_cancel_stops_a_running_job(stub, roots):
-    job_id = _start(stub, "cancelled-run", num_workers=1, epochs=50, learning_rate=1e-4)
+def test_cancel_stops_a_running_job_and_resume_finishes_it(server, stub, roots):
+    from wombat_core.rrhf.events import Resumed
+
+    job_id = _start(stub, "cancelled-run", num_workers=1, epochs=50, max_steps=16, gradient_accumulation_steps=2,
+                    checkpoint_every_steps=1, learning_rate=1e-4)  # fmt: skip
     events = stub.WatchJob(pb.WatchJobRequest(job_id=job_id), timeout=300)
     for event in events:
         if event.HasField("step"):
@@ -238,27 +261,56 @@ def test_cancel_stops_a_running_job(stub, roots):
     # Watching a job that has already ended gives its final state at once, then ends.
     (again,) = list(stub.WatchJob(pb.WatchJobRequest(job_id=job_id), timeout=10))
     assert again.job.state == pb.JOB_STATE_CANCELLED
+    stopped_at = again.job.last_checkpoint_step
+    assert 1 <= stopped_at < 16
+
+    def resume(job, **fields):
+        return rpc_error(lambda: stub.ResumeJob(pb.ResumeJobRequest(job_id=job, **fields), timeout=30))
+
+    assert resume("nope").code() == grpc.StatusCode.NOT_FOUND
+    bad = resume(job_id, num_workers=3)  # cannot keep the global batch of 2
+    assert bad.code() == grpc.StatusCode.INVALID_ARGUMENT and "divides 2" in bad.details()
+    # Resumed on 2 workers (one micro-step each instead of two on one), from its latest checkpoint.
+    resumed = stub.ResumeJob(pb.ResumeJobRequest(job_id=job_id, num_workers=2), timeout=30).job
+    assert resumed.state in (pb.JOB_STATE_PENDING, pb.JOB_STATE_RUNNING) and resumed.attempts == 2
+    events = list(stub.WatchJob(pb.WatchJobRequest(job_id=job_id), timeout=300))
+    final = events[-1].job
+    assert final.state == pb.JOB_STATE_SUCCEEDED, final.error
+    (resume_event,) = [e for e in server.servicer.store.get(job_id).events if isinstance(e, Resumed)]
+    assert (resume_event.step, resume_event.saved_by_workers, resume_event.num_workers) == (stopped_at, 1, 2)
+    assert final.latest.step == 16
+    assert (roots[0] / "cancelled-run" / "wombat-manifest.json").is_file()
+    done = resume(job_id)
+    assert (
+        done.code() == grpc.StatusCode.FAILED_PRECONDITION
+        and "only a failed or cancelled job" in done.details()
+    )
 
 
-def test_restarted_service_reports_its_jobs(tmp_path):
+def test_restarted_service_reports_its_jobs_from_their_event_logs(tmp_path):
     from services.rrhf.jobs import JobKind, JobState, JobStore
+    from wombat_core.rrhf.events import CheckpointSaved, StepFinished
 
     store = JobStore(tmp_path)
     running = store.create(JobKind.TRAINING, "out-a")
-    store.update(
-        running.job_id, {"kind": "checkpoint", "step": 3}, state=JobState.RUNNING, last_checkpoint_step=3
-    )
+    store.set_state(running.job_id, JobState.RUNNING)
+    step = StepFinished(3, 10, 0, 1.5, 0.5, 1.0, 1e-5, 2.0, 0.7, 2, 0.0)
+    store.append(running.job_id, step)
+    store.append(running.job_id, CheckpointSaved(3, "ckpt"))
     done = store.create(JobKind.CANDIDATES, "out-b")
-    store.update(done.job_id, state=JobState.SUCCEEDED)
+    store.set_state(done.job_id, JobState.SUCCEEDED)
+    # Events are appended, one JSON line each; the snapshot is rewritten only on state changes.
+    log = (tmp_path / f"{running.job_id}.events.jsonl").read_text().splitlines()
+    assert [json.loads(line)["kind"] for line in log] == ["state", "step", "checkpoint"]
+    with (tmp_path / f"{running.job_id}.events.jsonl").open("a") as cut:
+        cut.write('{"kind": "step", "st')  # a crash mid-line is skipped, not fatal
     reopened = JobStore(tmp_path)
-    assert reopened.get(done.job_id).state is JobState.SUCCEEDED
+    assert reopened.get(done.job_id).state is JobState.SUCCEEDED and reopened.get(done.job_id).progress == 1.0
     assert reopened.get(done.job_id).kind is JobKind.CANDIDATES
     lost = reopened.get(running.job_id)
-    assert (
-        lost.state is JobState.FAILED
-        and "restarted while the job was running" in lost.error
-        and "step 3" in lost.error
-    )
+    assert lost.latest == step and lost.progress == 0.3 and lost.last_checkpoint_step == 3
+    assert lost.state is JobState.FAILED and "restarted while the job was running" in lost.error
+    assert "step 3" in lost.error and f"wombat train --resume {running.job_id}" in lost.error
 
 
 @pytest.mark.slow

@@ -84,8 +84,11 @@ class CheckpointDirectory:
             partial.mkdir()
         parallel.barrier()
         model_state, optimizer_state = get_state_dict(model, optimizer)
-        dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(partial),
-                 no_dist=not parallel.distributed())
+        dcp.save(
+            {"model": model_state, "optimizer": optimizer_state},
+            checkpoint_id=str(partial),
+            no_dist=not parallel.distributed(),
+        )
         parallel.barrier()  # every worker's shard is on disk
         if parallel.rank() == 0:
             write_file_atomically(partial / STATE_FILE, json.dumps(asdict(state)))

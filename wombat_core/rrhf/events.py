@@ -88,8 +88,16 @@ JobEvent = (
 )  # fmt: skip
 EVENT_TYPES: dict[str, type] = {
     cls.kind: cls
-    for cls in (WorkerStarted, Resumed, StepFinished, CheckpointSaved, TrainingStopped, CandidatesProgress,
-                OutputSaved, StateChanged)  # fmt: skip
+    for cls in (
+        WorkerStarted,
+        Resumed,
+        StepFinished,
+        CheckpointSaved,
+        TrainingStopped,
+        CandidatesProgress,
+        OutputSaved,
+        StateChanged,
+    )  # fmt: skip
 }
 
 

@@ -53,7 +53,9 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     body = getattr(model, "model", None)
     layers = getattr(body, "layers", None)
     if layers is None:
-        raise ValueError(f"{type(model).__name__} has no model.layers to shard; FSDP supports LLaMA-shaped models")
+        raise ValueError(
+            f"{type(model).__name__} has no model.layers to shard; FSDP supports LLaMA-shaped models"
+        )
     return list(layers)
 
 
@@ -114,7 +116,9 @@ def gradient_sync(model: torch.nn.Module, enabled: bool) -> Iterator[None]:
         yield
 
 
-def compute_precision(model: torch.nn.Module, precision: Precision | None) -> contextlib.AbstractContextManager:
+def compute_precision(
+    model: torch.nn.Module, precision: Precision | None
+) -> contextlib.AbstractContextManager:
     """bf16 autocast where FSDP's mixed-precision policy does not already cast (plain and DDP models)."""
     if precision is not Precision.BF16 or is_sharded(model):
         return contextlib.nullcontext()

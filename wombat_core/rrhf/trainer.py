@@ -62,7 +62,9 @@ def run_training(run: TrainingRun, device: torch.device, hooks: TrainingHooks | 
     rank, world = parallel.rank(), parallel.world_size()
     config = run.config
     if config.num_workers != world:
-        raise FailedPrecondition(f"the run is configured for {config.num_workers} workers but {world} started")
+        raise FailedPrecondition(
+            f"the run is configured for {config.num_workers} workers but {world} started"
+        )
     torch.manual_seed(config.seed)
     model, tokenizer = load_for_training(run.model_dir, parallel.load_dtype(config))
     model = parallel.prepare_model(model, config, device)
@@ -150,4 +152,6 @@ def _write_model(inner: torch.nn.Module, tokenizer, state: dict, run: TrainingRu
     with AtomicOutputDir(run.output_dir) as out:
         inner.save_pretrained(out.path, state_dict=state, safe_serialization=True)
         tokenizer.save_pretrained(out.path)
-        out.commit(Manifest(kind=ManifestKind.RRHF_TRAIN, inputs=inputs, options=run.manifest_options, files=()))
+        out.commit(
+            Manifest(kind=ManifestKind.RRHF_TRAIN, inputs=inputs, options=run.manifest_options, files=())
+        )

@@ -133,7 +133,9 @@ class TrainingConfig:
                 f"count that divides {self.global_batch // self.batch_size}",
                 metadata={"field": "num_workers"},
             )
-        return replace(self, num_workers=num_workers, gradient_accumulation_steps=self.global_batch // per_worker)
+        return replace(
+            self, num_workers=num_workers, gradient_accumulation_steps=self.global_batch // per_worker
+        )
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -210,7 +212,10 @@ def build_optimizer(model: torch.nn.Module, config: TrainingConfig) -> torch.opt
     Weight decay skips biases and norm weights (1-D tensors), as the HF Trainer does."""
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [
+        {"params": decay, "weight_decay": config.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=config.learning_rate)
 
 
