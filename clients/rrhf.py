@@ -69,6 +69,13 @@ class RrhfClient(ServiceClient):
     def cancel_job(self, job_id: str) -> pb.Job:
         return self.stub.CancelJob(pb.CancelJobRequest(job_id=job_id), **self._call()).job
 
+    def plan_training(self, model_path: str, *, use_gpu: bool | None = None, device_memory_gb: float | None = None,
+                      responses_per_query: int | None = None, **hyperparameters) -> pb.MemoryPlan:  # fmt: skip
+        request = pb.PlanTrainingRequest(model_path=model_path, use_gpu=use_gpu, device_memory_gb=device_memory_gb,
+                                         responses_per_query=responses_per_query,
+                                         hyperparameters=pb.TrainingHyperparameters(**hyperparameters))  # fmt: skip
+        return self.stub.PlanTraining(request, **self._call()).plan
+
     def resume_job(self, job_id: str, num_workers: int | None = None) -> pb.Job:
         request = pb.ResumeJobRequest(job_id=job_id, num_workers=num_workers)
         return self.stub.ResumeJob(request, **self._call()).job

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import socket
 from dataclasses import replace
 from pathlib import Path
@@ -34,6 +35,10 @@ def _worker(
         run_training(run, torch.device("cpu"), hooks(events, stop_after))
     finally:
         dist.destroy_process_group()
+    # Peak resident memory of this worker process (ru_maxrss is in KiB on Linux), for the memory plan's test.
+    Path(f"{events_file}.rss{rank}").write_text(
+        str(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    )
     if rank == 0:
         Path(events_file).write_text(json.dumps([to_record(e) for e in events]))
 
@@ -52,9 +57,17 @@ def hooks(events: list[JobEvent], stop_after: int | None) -> TrainingHooks:
 
 def train_on_workers(run: TrainingRun, world: int, stop_after: int | None = None) -> list[JobEvent]:
     """Runs `run` on `world` gloo processes (the config's worker count set to match); rank 0's events."""
+    return train_and_measure(run, world, stop_after)[0]
+
+
+def train_and_measure(
+    run: TrainingRun, world: int, stop_after: int | None = None
+) -> tuple[list[JobEvent], list[int]]:
+    """`train_on_workers`, and each worker's peak resident memory in bytes."""
     run = replace(run, config=run.config.with_workers(world))
     events_file = run.checkpoint_dir.parent / f"events-{os.getpid()}-{_free_port()}.json"
     run.checkpoint_dir.parent.mkdir(parents=True, exist_ok=True)
     mp.start_processes(_worker, args=(world, _free_port(), run, stop_after, str(events_file)), nprocs=world,
                        start_method="spawn")  # fmt: skip
-    return [from_record(r) for r in json.loads(events_file.read_text())]
+    peaks = [int(Path(f"{events_file}.rss{rank}").read_text()) for rank in range(world)]
+    return [from_record(r) for r in json.loads(events_file.read_text())], peaks

@@ -85,6 +85,7 @@ def test_every_service_has_a_versioned_package_and_unique_request_response_pairs
             "Score",
             "Rank",
             "StartTraining",
+            "PlanTraining",
             "GenerateCandidates",
             "WatchJob",
             "GetJob",

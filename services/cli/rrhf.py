@@ -168,6 +168,13 @@ def train(
     ] = None,
     keep_checkpoints: Annotated[int, typer.Option(help="newest checkpoints kept in the job's directory")] = 2,
     detach: Annotated[bool, typer.Option(help="print the job id and return at once")] = False,
+    plan: Annotated[
+        bool, typer.Option("--plan", help="print the job's estimated peak memory per device and exit")
+    ] = False,
+    device_memory_gb: Annotated[
+        float | None, typer.Option(help="--plan: memory of one device in GiB [default: the service's]")
+    ] = None,
+    responses_per_query: Annotated[int, typer.Option(help="--plan: responses per query")] = 4,
     json_output: JsonOpt = False,
 ) -> None:
     """Start (or --resume) an RRHF training job and follow it with a progress bar.
@@ -178,7 +185,9 @@ def train(
     """
     from wombat.rrhf.v1 import rrhf_pb2 as pb
 
-    if resume is None and not (model and data and output):
+    if plan and not model:
+        fail("--plan needs --model")
+    if not plan and resume is None and not (model and data and output):
         fail("give --model, --data and --output to start a job, or --resume JOB to continue one")
     choices = {"--strategy": (strategy, ("fsdp", "ddp")), "--scheduler": (scheduler, ("cosine", "linear")),
                "--precision": (precision, (None, "fp32", "bf16"))}  # fmt: skip
@@ -195,6 +204,11 @@ def train(
                  max_steps=max_steps, checkpoint_every_steps=checkpoint_every,
                  precision=getattr(pb, f"PRECISION_{precision.upper()}") if precision else None)  # fmt: skip
     with _rrhf_server(server, model_root, data_root) as address, _client(address) as client:
+        if plan:
+            result = rpc(lambda: client.plan_training(model, use_gpu=gpu, device_memory_gb=device_memory_gb,
+                                                      responses_per_query=responses_per_query, **hyper))  # fmt: skip
+            _print_plan(result, json_output)
+            return
         if resume is not None:
             job_id = resume
             rpc(lambda: client.resume_job(resume, workers))
@@ -208,6 +222,30 @@ def train(
         _print_job(final)
     if final is None or final.state != pb.JOB_STATE_SUCCEEDED:
         raise typer.Exit(1)
+
+
+def _print_plan(plan, as_json: bool) -> None:
+    if as_json:
+        render.print_json("plan", plan)
+        return
+    from rich.table import Table
+
+    from wombat_core.rrhf.memory_plan import gib
+
+    table = Table(title=f"peak memory per {plan.device} device, {plan.parameters / 1e9:.2f}B parameters on "
+                        f"{plan.workers} workers")  # fmt: skip
+    table.add_column("term")
+    table.add_column("per device", justify="right")
+    for item in plan.items:
+        table.add_row(item.name, gib(item.bytes))
+    table.add_row("[bold]peak[/bold]", f"[bold]{gib(plan.per_device_bytes)}[/bold]")
+    table.add_row("device memory", gib(plan.device_memory_bytes))
+    render.console.print(table)
+    render.console.print(f"host memory to load the checkpoint, per worker: {gib(plan.host_load_bytes)}")
+    if plan.fits:
+        render.console.print("[green]fits[/green]")
+    else:
+        render.console.print(f"[red]does not fit[/red]; a configuration that fits: {plan.suggestion}")
 
 
 @jobs_app.command("list")

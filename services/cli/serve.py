@@ -168,6 +168,9 @@ def serve_rrhf(
         str,
         typer.Option(help="cpu or gpu: what training and candidate jobs ask Ray for, unless a request says"),
     ] = "cpu",
+    device_memory_gb: Annotated[
+        float | None, typer.Option(help="memory of one training device (GPU) in GiB; default: detected")
+    ] = None,
     drain_seconds: DrainOpt = 30.0,
     tls_cert: TlsCertOpt = None,
     tls_key: TlsKeyOpt = None,
@@ -190,6 +193,7 @@ def serve_rrhf(
             policy_model=policy_model,
             reward_model=reward_model,
             train_on_gpu=training_device == "gpu",
+            device_memory_gb=device_memory_gb,
         )
         return RrhfService(settings)
 

@@ -9,6 +9,7 @@ from wombat.rrhf.v1 import rrhf_pb2 as pb
 from wombat_core.errors import InvalidArgument
 from wombat_core.rrhf.candidates import CandidateMethod, CandidatesConfig
 from wombat_core.rrhf.events import CheckpointSaved, JobEvent, StateChanged, StepFinished
+from wombat_core.rrhf.memory_plan import MemoryPlan
 from wombat_core.rrhf.training import Precision, Scheduler, Strategy, TrainingConfig
 
 STATES = {
@@ -123,3 +124,10 @@ def watch_event(j: Job, event: JobEvent) -> pb.WatchJobResponse | None:
     if isinstance(event, StateChanged):
         return pb.WatchJobResponse(job_id=j.job_id, job=job(j))
     return None
+
+
+def memory_plan(plan: MemoryPlan) -> pb.MemoryPlan:
+    return pb.MemoryPlan(items=[pb.MemoryPlanItem(name=name, bytes=size) for name, size in plan.items],
+                         per_device_bytes=plan.per_device_bytes, device_memory_bytes=plan.device_memory_bytes,
+                         fits=plan.fits, parameters=plan.parameters, workers=plan.workers, device=plan.device,
+                         host_load_bytes=plan.host_load_bytes, suggestion=plan.suggestion)  # fmt: skip

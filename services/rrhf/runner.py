@@ -87,10 +87,9 @@ class JobRunner:
         self._launch(TrainingJob(job.job_id, run, use_gpu))
         return job.job_id
 
-    def resume_training(self, job_id: str, num_workers: int | None = None) -> None:
-        """Continues a failed or cancelled training job from its latest checkpoint (from the start when it
-        has none), on `num_workers` workers when given: the global batch is kept, so the data and the
-        updates are the same as the uninterrupted run's."""
+    def resumable_run(self, job_id: str, num_workers: int | None = None) -> tuple[TrainingRun, bool]:
+        """The run (and GPU choice) that `resume_training` would continue, on `num_workers` workers when
+        given: the global batch is kept, so the data and the updates are the uninterrupted run's."""
         job = self.store.get(job_id)
         if job.kind is not JobKind.TRAINING:
             raise FailedPrecondition(f"job {job_id} generates candidates; only training jobs resume")
@@ -107,9 +106,13 @@ class JobRunner:
             raise FailedPrecondition(
                 f"the job's output {run.output_display!r} already exists; nothing to resume"
             )
+        return run, use_gpu
+
+    def resume_training(self, job_id: str, run: TrainingRun, use_gpu: bool) -> None:
+        """Continues a failed or cancelled training job (`resumable_run`) from its latest checkpoint, or from
+        the start when it has none."""
         self.store.reopen(job_id)
-        if num_workers:
-            self._save_run(directory, run, use_gpu)
+        self._save_run(self.job_directory(job_id), run, use_gpu)  # the worker count may have changed
         self._launch(TrainingJob(job_id, run, use_gpu))
 
     def _save_run(self, directory: Path, run: TrainingRun, use_gpu: bool) -> None:

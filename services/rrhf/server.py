@@ -36,6 +36,7 @@ class RrhfSettings:
     reward_model: str | None = None  # default reward model, relative to the model root
     max_failures: int = 2
     train_on_gpu: bool = False  # --training-device gpu: training and candidate jobs ask Ray for GPUs
+    device_memory_gb: float | None = None  # one training device's memory (a GPU's); None: detected
 
     def __post_init__(self) -> None:
         for name in ("model_root", "data_root"):
@@ -45,6 +46,8 @@ class RrhfSettings:
             raise InvalidArgument(f"--scorer-replicas must be >= 1, got {self.scorer_replicas}")
         if self.max_pending_scores < 1:
             raise InvalidArgument(f"--max-pending-scores must be >= 1, got {self.max_pending_scores}")
+        if self.device_memory_gb is not None and not 0 < self.device_memory_gb < 1e6:
+            raise InvalidArgument(f"--device-memory-gb must be in (0, 1e6), got {self.device_memory_gb}")
         if self.scorer_gpus < 0:
             raise InvalidArgument(f"--scorer-gpus must be >= 0, got {self.scorer_gpus}")
 
@@ -63,7 +66,8 @@ class RrhfService(Service):
         }
         runner = JobRunner(store, state_dir, root, settings.max_failures, settings.train_on_gpu)
         self.servicer = RrhfServicer(root, Path(settings.data_root), store, runner, defaults, settings.scorer_replicas,
-                                     settings.scorer_gpus, settings.max_pending_scores)  # fmt: skip
+                                     settings.scorer_gpus, settings.max_pending_scores,
+                                     settings.device_memory_gb)  # fmt: skip
         self._owns_ray = False
 
     def registrations(self) -> list[ServiceRegistration]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -24,21 +25,31 @@ from wombat_core.errors import (
 from wombat_core.paths import ConfinedRoot
 from wombat_core.rrhf.data import load_jsonl, validate_records
 from wombat_core.rrhf.events import JobEvent, StateChanged
+from wombat_core.rrhf.memory_plan import (
+    GIB,
+    ModelShape,
+    describe,
+    detected_device_memory,
+    plan_with_suggestion,
+)
 from wombat_core.rrhf.scoring import ScoreItem
 
 MAX_MODEL_POOLS = 4
+log = logging.getLogger(__name__)
 
 
 class RrhfServicer(rrhf_pb2_grpc.RrhfServiceServicer):
     def __init__(self, model_root: Path, data_root: Path, store: JobStore, runner: JobRunner,
                  default_models: dict[str, Path | None], scorer_replicas: int,
-                 scorer_gpus: float = 0.0, max_pending_scores: int = 64):  # fmt: skip
+                 scorer_gpus: float = 0.0, max_pending_scores: int = 64,
+                 device_memory_gb: float | None = None):  # fmt: skip
         self.models = ConfinedRoot(model_root)
         self.data = ConfinedRoot(data_root)
         self.store, self.runner = store, runner
         self.default_models = default_models  # method -> directory
         self.scorer_replicas, self.scorer_gpus = scorer_replicas, scorer_gpus
         self.max_pending_scores = max_pending_scores
+        self.device_memory_gb = device_memory_gb  # one training device's memory; None: detected
         self._pools: dict[tuple[str, Path], ScorerPool] = {}
 
     # --- scoring --------------------------------------------------------------------------------------
@@ -108,10 +119,64 @@ class RrhfServicer(rrhf_pb2_grpc.RrhfServiceServicer):
         output = self._new_output(request.output_path)
         config = convert.training_config(request.hyperparameters)
         records = await asyncio.to_thread(self._records, request)
-        await asyncio.to_thread(self._precheck, model_dir, records, config)
-        use_gpu = request.use_gpu if request.HasField("use_gpu") else None
+        responses, length = await asyncio.to_thread(self._precheck, model_dir, records, config)
+        use_gpu = request.use_gpu if request.HasField("use_gpu") else self.runner.train_on_gpu
+        await asyncio.to_thread(self._check_memory, model_dir, config, use_gpu, responses, length)
         job_id = self.runner.start_training(model_dir, output, request.output_path, records, config, use_gpu)
         return pb.StartTrainingResponse(job_id=job_id)
+
+    async def PlanTraining(self, request: pb.PlanTrainingRequest, context) -> pb.PlanTrainingResponse:
+        model_dir = self.models.resolve(request.model_path, field="model_path", must_exist=True)
+        Checkpoint.open(model_dir, role="model", confine_to=self.models.root)
+        config = convert.training_config(request.hyperparameters)
+        use_gpu = request.use_gpu if request.HasField("use_gpu") else self.runner.train_on_gpu
+        responses = request.responses_per_query if request.HasField("responses_per_query") else 4
+        length = request.sequence_length if request.HasField("sequence_length") else config.model_max_length
+        if responses < 1 or length < 2:
+            raise InvalidArgument("responses_per_query must be >= 1 and sequence_length >= 2")
+        memory = request.device_memory_gb if request.HasField("device_memory_gb") else None
+        if memory is not None and not 0 < memory < 1e6:
+            raise InvalidArgument(
+                f"device_memory_gb must be in (0, 1e6), got {memory}", metadata={"field": "device_memory_gb"}
+            )
+        plan = await asyncio.to_thread(self._plan, model_dir, config, use_gpu, responses, length, memory)
+        return pb.PlanTrainingResponse(plan=convert.memory_plan(plan))
+
+    def _plan(
+        self, model_dir: Path, config, use_gpu: bool, responses: int, length: int, memory_gb: float | None
+    ):
+        memory_gb = memory_gb or self.device_memory_gb
+        if memory_gb:
+            device_memory = int(memory_gb * GIB)
+        else:
+            try:
+                device_memory = detected_device_memory(use_gpu, config.num_workers)
+            except ValueError as exc:
+                raise FailedPrecondition(f"{exc} (or start the service with --device-memory-gb)") from None
+        return plan_with_suggestion(ModelShape.from_directory(model_dir), config, use_gpu=use_gpu,
+                                    responses_per_query=responses, device_memory_bytes=device_memory,
+                                    sequence_length=length)  # fmt: skip
+
+    def _check_memory(self, model_dir: Path, config, use_gpu: bool, responses: int, length: int) -> None:
+        """Refuses a job whose plan does not fit its devices, before any worker starts. A GPU job planned on a
+        service that cannot see the GPUs (a CPU head pod) and was given no --device-memory-gb is let through
+        with a warning: the plan cannot be checked there."""
+        try:
+            plan = self._plan(model_dir, config, use_gpu, responses, length, None)
+        except FailedPrecondition as exc:
+            log.warning("training memory not checked: %s", exc.message)
+            return
+        except ValueError as exc:  # a model the planner cannot read the shape of
+            log.warning("training memory not checked: %s", exc)
+            return
+        if not plan.fits:
+            raise FailedPrecondition(
+                describe(plan),
+                metadata={
+                    "per_device_bytes": str(plan.per_device_bytes),
+                    "device_memory_bytes": str(plan.device_memory_bytes),
+                },
+            )
 
     async def ResumeJob(self, request: pb.ResumeJobRequest, context) -> pb.ResumeJobResponse:
         workers = request.num_workers if request.HasField("num_workers") else None
@@ -119,7 +184,10 @@ class RrhfServicer(rrhf_pb2_grpc.RrhfServiceServicer):
             raise InvalidArgument(
                 f"num_workers must be in [1, 1024], got {workers}", metadata={"field": "num_workers"}
             )
-        await asyncio.to_thread(self.runner.resume_training, request.job_id, workers)
+        run, use_gpu = await asyncio.to_thread(self.runner.resumable_run, request.job_id, workers)
+        responses, length = await asyncio.to_thread(self._precheck, run.model_dir, run.records, run.config)
+        await asyncio.to_thread(self._check_memory, run.model_dir, run.config, use_gpu, responses, length)
+        self.runner.resume_training(request.job_id, run, use_gpu)
         return pb.ResumeJobResponse(job=convert.job(self.store.get(request.job_id)))
 
     def _records(self, request: pb.StartTrainingRequest):
@@ -139,14 +207,21 @@ class RrhfServicer(rrhf_pb2_grpc.RrhfServiceServicer):
         )
 
     @staticmethod
-    def _precheck(model_dir: Path, records, config) -> None:
-        """Collates every record once, so a query too long for model_max_length fails now, not mid-run."""
+    def _precheck(model_dir: Path, records, config) -> tuple[int, int]:
+        """Collates every record once, so a query too long for model_max_length fails now, not mid-run.
+        Returns the most responses of a query and the longest sequence, which size the memory plan."""
         from wombat_core.rrhf.collate import collate_record
         from wombat_core.tokenizer import load_tokenizer
 
         tokenizer = load_tokenizer(model_dir, padding_side="right")
+        responses = length = 0
         for number, record in enumerate(records, start=1):
-            collate_record(tokenizer, record, config.collation, where=f"record {number}")
+            group = collate_record(tokenizer, record, config.collation, where=f"record {number}")
+            responses, length = (
+                max(responses, group.input_ids.shape[0]),
+                max(length, group.input_ids.shape[1]),
+            )
+        return responses, length
 
     def _new_output(self, path: str) -> Path:
         output = self.models.resolve(path, field="output_path")

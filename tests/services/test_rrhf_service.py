@@ -410,3 +410,36 @@ def test_a_model_that_cannot_load_is_failed_precondition_not_internal(stub):
         )
         assert error.code() == grpc.StatusCode.FAILED_PRECONDITION, error.details()
         assert "tokenizer" in error.details()
+
+
+def test_plan_training_and_a_job_that_does_not_fit_is_refused_before_it_starts(server, stub):
+    request = pb.PlanTrainingRequest(model_path="policy", hyperparameters=pb.TrainingHyperparameters(num_workers=2),
+                                     device_memory_gb=64)  # fmt: skip
+    plan = stub.PlanTraining(request, timeout=60).plan
+    assert plan.fits and plan.device == "cpu" and plan.workers == 2 and plan.parameters > 0
+    assert (
+        plan.per_device_bytes >= sum(item.bytes for item in plan.items)
+        and plan.device_memory_bytes == 64 << 30
+    )
+    request.device_memory_gb = 0.01
+    small = stub.PlanTraining(request, timeout=60).plan
+    assert not small.fits and small.suggestion
+    bad = rpc_error(
+        lambda: stub.PlanTraining(
+            pb.PlanTrainingRequest(model_path="policy", device_memory_gb=-1), timeout=10
+        )
+    )
+    assert bad.code() == grpc.StatusCode.INVALID_ARGUMENT and "device_memory_gb" in bad.details()
+
+    before = len(stub.ListJobs(pb.ListJobsRequest(), timeout=10).jobs)
+    server.servicer.device_memory_gb = 0.01  # as if started with --device-memory-gb 0.01
+    try:
+        error = rpc_error(lambda: _start(stub, "too-big", num_workers=2))
+    finally:
+        server.servicer.device_memory_gb = None
+    assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert (
+        "per cpu device but it has 10 MiB" in error.details()
+        and "a configuration that fits" in error.details()
+    )
+    assert len(stub.ListJobs(pb.ListJobsRequest(), timeout=10).jobs) == before

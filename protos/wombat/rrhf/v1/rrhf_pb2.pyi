@@ -217,6 +217,58 @@ class StartTrainingRequest(_message.Message):
     use_gpu: bool
     def __init__(self, model_path: _Optional[str] = ..., data_path: _Optional[str] = ..., records: _Optional[_Union[PreferenceRecords, _Mapping]] = ..., hyperparameters: _Optional[_Union[TrainingHyperparameters, _Mapping]] = ..., output_path: _Optional[str] = ..., use_gpu: _Optional[bool] = ...) -> None: ...
 
+class PlanTrainingRequest(_message.Message):
+    __slots__ = ("model_path", "hyperparameters", "use_gpu", "device_memory_gb", "responses_per_query", "sequence_length")
+    MODEL_PATH_FIELD_NUMBER: _ClassVar[int]
+    HYPERPARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    USE_GPU_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_MEMORY_GB_FIELD_NUMBER: _ClassVar[int]
+    RESPONSES_PER_QUERY_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCE_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    model_path: str
+    hyperparameters: TrainingHyperparameters
+    use_gpu: bool
+    device_memory_gb: float
+    responses_per_query: int
+    sequence_length: int
+    def __init__(self, model_path: _Optional[str] = ..., hyperparameters: _Optional[_Union[TrainingHyperparameters, _Mapping]] = ..., use_gpu: _Optional[bool] = ..., device_memory_gb: _Optional[float] = ..., responses_per_query: _Optional[int] = ..., sequence_length: _Optional[int] = ...) -> None: ...
+
+class MemoryPlanItem(_message.Message):
+    __slots__ = ("name", "bytes")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    bytes: int
+    def __init__(self, name: _Optional[str] = ..., bytes: _Optional[int] = ...) -> None: ...
+
+class MemoryPlan(_message.Message):
+    __slots__ = ("items", "per_device_bytes", "device_memory_bytes", "fits", "parameters", "workers", "device", "host_load_bytes", "suggestion")
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    PER_DEVICE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    FITS_FIELD_NUMBER: _ClassVar[int]
+    PARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    WORKERS_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    HOST_LOAD_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SUGGESTION_FIELD_NUMBER: _ClassVar[int]
+    items: _containers.RepeatedCompositeFieldContainer[MemoryPlanItem]
+    per_device_bytes: int
+    device_memory_bytes: int
+    fits: bool
+    parameters: int
+    workers: int
+    device: str
+    host_load_bytes: int
+    suggestion: str
+    def __init__(self, items: _Optional[_Iterable[_Union[MemoryPlanItem, _Mapping]]] = ..., per_device_bytes: _Optional[int] = ..., device_memory_bytes: _Optional[int] = ..., fits: _Optional[bool] = ..., parameters: _Optional[int] = ..., workers: _Optional[int] = ..., device: _Optional[str] = ..., host_load_bytes: _Optional[int] = ..., suggestion: _Optional[str] = ...) -> None: ...
+
+class PlanTrainingResponse(_message.Message):
+    __slots__ = ("plan",)
+    PLAN_FIELD_NUMBER: _ClassVar[int]
+    plan: MemoryPlan
+    def __init__(self, plan: _Optional[_Union[MemoryPlan, _Mapping]] = ...) -> None: ...
+
 class StartTrainingResponse(_message.Message):
     __slots__ = ("job_id",)
     JOB_ID_FIELD_NUMBER: _ClassVar[int]

@@ -50,6 +50,11 @@ class RrhfServiceStub:
                 request_serializer=wombat_dot_rrhf_dot_v1_dot_rrhf__pb2.StartTrainingRequest.SerializeToString,
                 response_deserializer=wombat_dot_rrhf_dot_v1_dot_rrhf__pb2.StartTrainingResponse.FromString,
                 _registered_method=True)
+        self.PlanTraining = channel.unary_unary(
+                '/wombat.rrhf.v1.RrhfService/PlanTraining',
+                request_serializer=wombat_dot_rrhf_dot_v1_dot_rrhf__pb2.PlanTrainingRequest.SerializeToString,
+                response_deserializer=wombat_dot_rrhf_dot_v1_dot_rrhf__pb2.PlanTrainingResponse.FromString,
+                _registered_method=True)
         self.GenerateCandidates = channel.unary_unary(
                 '/wombat.rrhf.v1.RrhfService/GenerateCandidates',
                 request_serializer=wombat_dot_rrhf_dot_v1_dot_rrhf__pb2.GenerateCandidatesRequest.SerializeToString,
@@ -101,7 +106,15 @@ class RrhfServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def StartTraining(self, request, context):
-        """Starts an RRHF training job on Ray Train and returns its id.
+        """Starts an RRHF training job on Ray Train and returns its id. A job whose memory plan does not fit
+        its devices is refused with FAILED_PRECONDITION naming both figures and a configuration that fits.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PlanTraining(self, request, context):
+        """Estimates a training job's peak memory per device without starting it.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -166,6 +179,11 @@ def add_RrhfServiceServicer_to_server(servicer, server):
                     servicer.StartTraining,
                     request_deserializer=wombat_dot_rrhf_dot_v1_dot_rrhf__pb2.StartTrainingRequest.FromString,
                     response_serializer=wombat_dot_rrhf_dot_v1_dot_rrhf__pb2.StartTrainingResponse.SerializeToString,
+            ),
+            'PlanTraining': grpc.unary_unary_rpc_method_handler(
+                    servicer.PlanTraining,
+                    request_deserializer=wombat_dot_rrhf_dot_v1_dot_rrhf__pb2.PlanTrainingRequest.FromString,
+                    response_serializer=wombat_dot_rrhf_dot_v1_dot_rrhf__pb2.PlanTrainingResponse.SerializeToString,
             ),
             'GenerateCandidates': grpc.unary_unary_rpc_method_handler(
                     servicer.GenerateCandidates,
@@ -280,6 +298,33 @@ class RrhfService:
             '/wombat.rrhf.v1.RrhfService/StartTraining',
             wombat_dot_rrhf_dot_v1_dot_rrhf__pb2.StartTrainingRequest.SerializeToString,
             wombat_dot_rrhf_dot_v1_dot_rrhf__pb2.StartTrainingResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PlanTraining(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/wombat.rrhf.v1.RrhfService/PlanTraining',
+            wombat_dot_rrhf_dot_v1_dot_rrhf__pb2.PlanTrainingRequest.SerializeToString,
+            wombat_dot_rrhf_dot_v1_dot_rrhf__pb2.PlanTrainingResponse.FromString,
             options,
             channel_credentials,
             insecure,
