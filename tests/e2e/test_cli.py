@@ -113,7 +113,9 @@ def test_rrhf_score_train_and_jobs(tmp_path):
         (plan,) = json_lines(wombat("train", "--plan", "--server", server, "--model", "policy", "--workers", "2",
                                     "--device-memory-gb", "0.01", "--json").stdout)  # fmt: skip
         assert plan["event"] == "plan" and not plan["fits"] and int(plan["per_device_bytes"]) > 0
-        table = wombat("train", "--plan", "--server", server, "--model", "policy").stderr  # rich output goes to stderr
+        table = wombat(
+            "train", "--plan", "--server", server, "--model", "policy"
+        ).stderr  # rich output goes to stderr
         assert "peak memory per cpu device" in table and "AdamW moments" in table and "fits" in table
         listed = json_lines(wombat("jobs", "list", "--server", server, "--json").stdout)
         assert [j["job_id"] for j in listed] == [trained[-1]["job"]["job_id"]]
