@@ -31,6 +31,15 @@ class RrhfClient(ServiceClient):
             pb.ScoreRequest(query=query, responses=list(responses), options=options), **self._call()
         )
 
+    def score_many(self, queries: Sequence[tuple[str, Sequence[str]]], *, method: str = "policy_logprob",
+                   model_path: str = "", alpaca_prompt: bool = False) -> list[pb.QueryScores]:  # fmt: skip
+        """Scores many (query, responses) pairs in one call; results in the same order."""
+        options = pb.ScoringOptions(method=METHODS[method], model_path=model_path, alpaca_prompt=alpaca_prompt)
+        request = pb.ScoreRequest(
+            queries=[pb.ScoreQuery(query=q, responses=list(r)) for q, r in queries], options=options
+        )
+        return list(self.stub.Score(request, **self._call()).results)
+
     def rank(self, query: str, responses: Sequence[str], *, method: str = "policy_logprob", model_path: str = "",
              alpaca_prompt: bool = False) -> list[pb.RankedResponse]:  # fmt: skip
         options = pb.ScoringOptions(

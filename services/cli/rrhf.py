@@ -28,8 +28,10 @@ def _client(server: str):
 
 
 @contextlib.contextmanager
-def _rrhf_server(server: str | None, model_root: Path | None, data_root: Path | None):
-    """The rrhf service to use: the one at --server, or one in this process on the given roots."""
+def _rrhf_server(server: str | None, model_root: Path | None, data_root: Path | None,
+                 device_memory_gb: float | None = None):  # fmt: skip
+    """The rrhf service to use: the one at --server, or one in this process on the given roots (planning
+    and checking jobs against `device_memory_gb` per device)."""
     if server:
         if model_root or data_root:
             fail("--model-root and --data-root are for running without --server; the server has its own")
@@ -40,7 +42,9 @@ def _rrhf_server(server: str | None, model_root: Path | None, data_root: Path | 
     from services.rrhf.local import local_service
     from services.rrhf.server import RrhfSettings
 
-    settings = core(lambda: RrhfSettings(model_root=model_root, data_root=data_root))
+    settings = core(
+        lambda: RrhfSettings(model_root=model_root, data_root=data_root, device_memory_gb=device_memory_gb)
+    )
     with local_service(settings) as address:
         yield address
 
@@ -172,7 +176,10 @@ def train(
         bool, typer.Option("--plan", help="print the job's estimated peak memory per device and exit")
     ] = False,
     device_memory_gb: Annotated[
-        float | None, typer.Option(help="--plan: memory of one device in GiB [default: the service's]")
+        float | None,
+        typer.Option(
+            help="memory of one device in GiB, for --plan and (without --server) the job's memory check"
+        ),
     ] = None,
     responses_per_query: Annotated[int, typer.Option(help="--plan: responses per query")] = 4,
     json_output: JsonOpt = False,
@@ -203,7 +210,8 @@ def train(
                  gradient_checkpointing=gradient_checkpointing, keep_checkpoints=keep_checkpoints,
                  max_steps=max_steps, checkpoint_every_steps=checkpoint_every,
                  precision=getattr(pb, f"PRECISION_{precision.upper()}") if precision else None)  # fmt: skip
-    with _rrhf_server(server, model_root, data_root) as address, _client(address) as client:
+    local_memory = None if server else device_memory_gb
+    with _rrhf_server(server, model_root, data_root, local_memory) as address, _client(address) as client:
         if plan:
             result = rpc(lambda: client.plan_training(model, use_gpu=gpu, device_memory_gb=device_memory_gb,
                                                       responses_per_query=responses_per_query, **hyper))  # fmt: skip

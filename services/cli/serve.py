@@ -171,6 +171,12 @@ def serve_rrhf(
     device_memory_gb: Annotated[
         float | None, typer.Option(help="memory of one training device (GPU) in GiB; default: detected")
     ] = None,
+    scorer_dtype: Annotated[
+        str, typer.Option(help="auto (float16 on a GPU, float32 on CPU), float32, bfloat16 or float16")
+    ] = "auto",
+    scorer_idle_seconds: Annotated[
+        float, typer.Option(help="close a scorer pool unused this long, giving its GPUs back")
+    ] = 600.0,
     drain_seconds: DrainOpt = 30.0,
     tls_cert: TlsCertOpt = None,
     tls_key: TlsKeyOpt = None,
@@ -194,6 +200,8 @@ def serve_rrhf(
             reward_model=reward_model,
             train_on_gpu=training_device == "gpu",
             device_memory_gb=device_memory_gb,
+            scorer_dtype=scorer_dtype,
+            scorer_idle_seconds=scorer_idle_seconds,
         )
         return RrhfService(settings)
 

@@ -1,15 +1,16 @@
 """Score / Rank on a pool of Ray actors, with requests from different callers batched dynamically.
 
-Requests wait at most `max_wait_ms` (or until `max_batch_responses` responses are queued), then go as one
-batch to the least busy actor of the model's pool, which scores them in one padded forward pass.
+A batch goes to an actor only when one is free; while every actor is busy, callers queue, and the next
+free actor takes all of them (up to `max_batch_responses`) in one packed forward. An idle system answers
+a lone caller at once; a loaded one batches as much as the load offers, without a fixed wait.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,16 +28,20 @@ class ScorerActor:
     """Holds one model. `num_cpus=0`: scoring and training share the machine's cores on a small host;
     on a cluster set `--scorer-gpus` so each replica gets its own accelerator."""
 
-    def __init__(self, model_dir: str, method: str):
+    def __init__(self, model_dir: str, method: str, dtype: str = "auto"):
         import os
 
         import torch
 
-        from wombat_core.engine.loading import load_for_serving
+        from wombat_core.rrhf.loading import load_rrhf_model, scoring_dtype
         from wombat_core.rrhf.scoring import RewardModel
 
-        # Ray gives a num_cpus=0 actor one thread; on a CPU host the scorer should use the cores it has.
-        if not torch.cuda.is_available():
+        # The GPU Ray reserved for this actor (num_gpus), else the CPU: never a GPU the actor does not hold.
+        device = (
+            torch.device("cuda") if ray.get_gpu_ids() and torch.cuda.is_available() else torch.device("cpu")
+        )
+        if device.type == "cpu":
+            # Ray gives a num_cpus=0 actor one thread; on a CPU host the scorer should use the cores it has.
             torch.set_num_threads(os.cpu_count() or 1)
         self.method = method
         # A model that cannot load (no tokenizer, a bad checkpoint) is the caller's to fix: the error is
@@ -44,12 +49,14 @@ class ScorerActor:
         # only the message, and the caller would see INTERNAL.
         self.load_error: tuple[str, str, str] | None = None
         try:
+            torch_dtype = scoring_dtype(dtype, device)
             if method == "reward_model":
-                self.reward = RewardModel.load(Path(model_dir))
+                self.reward = RewardModel.load(Path(model_dir), dtype=torch_dtype, device=device)
             else:
-                loaded = load_for_serving(Path(model_dir))
-                self.model, self.tokenizer = loaded.model, loaded.tokenizer
-                self.tokenizer.padding_side = "right"
+                self.model, self.tokenizer = load_rrhf_model(
+                    Path(model_dir), dtype=torch_dtype, device=device
+                )
+                self.model.eval()
         except WombatError as exc:
             self.load_error = (type(exc).__name__, exc.message, exc.reason)
 
@@ -91,16 +98,19 @@ class _Pending:
 
 
 class ScorerPool:
-    def __init__(self, model_dir: Path, method: str, replicas: int, max_batch_responses: int = 64,
-                 max_wait_ms: float = 5.0, gpus_per_replica: float = 0.0, max_pending: int = 64):  # fmt: skip
+    def __init__(self, model_dir: Path, method: str, replicas: int, max_batch_responses: int = 256,
+                 gpus_per_replica: float = 0.0, max_pending: int = 64, dtype: str = "auto"):  # fmt: skip
         self.model_dir, self.method = model_dir, method
         options = {"num_gpus": gpus_per_replica} if gpus_per_replica else {}
-        self.actors = [ScorerActor.options(**options).remote(str(model_dir), method) for _ in range(replicas)]
-        self._busy = [0] * replicas
+        self.actors = [
+            ScorerActor.options(**options).remote(str(model_dir), method, dtype) for _ in range(replicas)
+        ]
+        self._free: asyncio.Queue[int] | None = None  # indices of actors with no batch in flight
         self._queue: asyncio.Queue[_Pending] | None = None
         self._task: asyncio.Task | None = None
-        self.max_batch_responses, self.max_wait = max_batch_responses, max_wait_ms / 1000
-        self._round_robin = itertools.count()
+        self.max_batch_responses = max_batch_responses
+        self.last_used = time.monotonic()
+        self.batches = 0  # forwards dispatched, for tests and the benchmark
         # Admission control: requests queued or being scored. Beyond it a caller is refused at once
         # (RESOURCE_EXHAUSTED) instead of waiting in an unbounded queue.
         self.max_pending, self._pending = max_pending, 0
@@ -126,8 +136,11 @@ class ScorerPool:
                 f"the scorer for this model has {self._pending} requests in progress (the limit); "
                 "retry with backoff, or run the service with more --scorer-replicas"
             )
+        self.last_used = time.monotonic()
         if self._queue is None:
-            self._queue = asyncio.Queue()
+            self._queue, self._free = asyncio.Queue(), asyncio.Queue()
+            for index in range(len(self.actors)):
+                self._free.put_nowait(index)
             self._task = asyncio.create_task(self._batcher())
         future = asyncio.get_running_loop().create_future()
         self._pending += 1
@@ -138,26 +151,19 @@ class ScorerPool:
             self._pending -= 1
 
     async def _batcher(self) -> None:
-        assert self._queue is not None
+        assert self._queue is not None and self._free is not None
         while True:
-            batch = [await self._queue.get()]
-            size = len(batch[0].item.responses)
-            deadline = asyncio.get_running_loop().time() + self.max_wait
-            while size < self.max_batch_responses:
-                timeout = deadline - asyncio.get_running_loop().time()
-                if timeout <= 0:
-                    break
-                try:
-                    pending = await asyncio.wait_for(self._queue.get(), timeout)
-                except TimeoutError:
-                    break
+            first = await self._queue.get()
+            index = await self._free.get()  # callers keep queueing while every actor is busy
+            batch, size = [first], len(first.item.responses)
+            while not self._queue.empty() and size < self.max_batch_responses:
+                pending = self._queue.get_nowait()
                 batch.append(pending)
                 size += len(pending.item.responses)
-            asyncio.create_task(self._dispatch(batch))
+            self.batches += 1
+            asyncio.create_task(self._dispatch(index, batch))
 
-    async def _dispatch(self, batch: list[_Pending]) -> None:
-        index = min(range(len(self.actors)), key=lambda i: (self._busy[i], next(self._round_robin)))
-        self._busy[index] += 1
+    async def _dispatch(self, index: int, batch: list[_Pending]) -> None:
         try:
             results = await self.actors[index].score.remote([p.item for p in batch])
         except Exception as exc:  # noqa: BLE001 - delivered to each waiting caller
@@ -166,7 +172,8 @@ class ScorerPool:
                     pending.future.set_exception(exc)
             return
         finally:
-            self._busy[index] -= 1
+            assert self._free is not None
+            self._free.put_nowait(index)
         for pending, scores in zip(batch, results, strict=True):
             if pending.future.done():
                 continue

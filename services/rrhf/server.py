@@ -18,6 +18,7 @@ from services.rrhf.runner import JobRunner, init_ray
 from services.rrhf.servicer import RrhfServicer
 from services.scaffold import Service, ServiceRegistration
 from wombat.rrhf.v1 import rrhf_pb2, rrhf_pb2_grpc
+from wombat_core.dtypes import DTYPES
 from wombat_core.errors import InvalidArgument
 
 SERVICE_NAME = rrhf_pb2.DESCRIPTOR.services_by_name["RrhfService"].full_name
@@ -37,6 +38,8 @@ class RrhfSettings:
     max_failures: int = 2
     train_on_gpu: bool = False  # --training-device gpu: training and candidate jobs ask Ray for GPUs
     device_memory_gb: float | None = None  # one training device's memory (a GPU's); None: detected
+    scorer_dtype: str = "auto"  # auto: float16 on a GPU (as the reference scored), float32 on CPU
+    scorer_idle_seconds: float = 600.0  # an unused scorer pool is closed, giving its GPUs back
 
     def __post_init__(self) -> None:
         for name in ("model_root", "data_root"):
@@ -48,6 +51,12 @@ class RrhfSettings:
             raise InvalidArgument(f"--max-pending-scores must be >= 1, got {self.max_pending_scores}")
         if self.device_memory_gb is not None and not 0 < self.device_memory_gb < 1e6:
             raise InvalidArgument(f"--device-memory-gb must be in (0, 1e6), got {self.device_memory_gb}")
+        if self.scorer_idle_seconds <= 0:
+            raise InvalidArgument(f"--scorer-idle-seconds must be > 0, got {self.scorer_idle_seconds}")
+        if self.scorer_dtype not in ("auto", *DTYPES):
+            raise InvalidArgument(
+                f"--scorer-dtype must be auto, {', '.join(DTYPES)}; got {self.scorer_dtype}"
+            )
         if self.scorer_gpus < 0:
             raise InvalidArgument(f"--scorer-gpus must be >= 0, got {self.scorer_gpus}")
 
@@ -67,7 +76,8 @@ class RrhfService(Service):
         runner = JobRunner(store, state_dir, root, settings.max_failures, settings.train_on_gpu)
         self.servicer = RrhfServicer(root, Path(settings.data_root), store, runner, defaults, settings.scorer_replicas,
                                      settings.scorer_gpus, settings.max_pending_scores,
-                                     settings.device_memory_gb)  # fmt: skip
+                                     settings.device_memory_gb, settings.scorer_dtype,
+                                     settings.scorer_idle_seconds)  # fmt: skip
         self._owns_ray = False
 
     def registrations(self) -> list[ServiceRegistration]:

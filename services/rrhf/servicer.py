@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -35,6 +37,7 @@ from wombat_core.rrhf.memory_plan import (
 from wombat_core.rrhf.scoring import ScoreItem
 
 MAX_MODEL_POOLS = 4
+MAX_QUERIES_PER_CALL = 256
 log = logging.getLogger(__name__)
 
 
@@ -42,7 +45,8 @@ class RrhfServicer(rrhf_pb2_grpc.RrhfServiceServicer):
     def __init__(self, model_root: Path, data_root: Path, store: JobStore, runner: JobRunner,
                  default_models: dict[str, Path | None], scorer_replicas: int,
                  scorer_gpus: float = 0.0, max_pending_scores: int = 64,
-                 device_memory_gb: float | None = None):  # fmt: skip
+                 device_memory_gb: float | None = None, scorer_dtype: str = "auto",
+                 scorer_idle_seconds: float = 600.0):  # fmt: skip
         self.models = ConfinedRoot(model_root)
         self.data = ConfinedRoot(data_root)
         self.store, self.runner = store, runner
@@ -50,14 +54,28 @@ class RrhfServicer(rrhf_pb2_grpc.RrhfServiceServicer):
         self.scorer_replicas, self.scorer_gpus = scorer_replicas, scorer_gpus
         self.max_pending_scores = max_pending_scores
         self.device_memory_gb = device_memory_gb  # one training device's memory; None: detected
+        self.scorer_dtype, self.scorer_idle_seconds = scorer_dtype, scorer_idle_seconds
+        self._reaper: asyncio.Task | None = None
         self._pools: dict[tuple[str, Path], ScorerPool] = {}
 
     # --- scoring --------------------------------------------------------------------------------------
 
     async def Score(self, request: pb.ScoreRequest, context) -> pb.ScoreResponse:
-        scores = await self._score(request.query, request.responses, request.options)
-        ranking = sorted(range(len(scores)), key=lambda i: (-scores[i], i))
-        return pb.ScoreResponse(scores=scores, ranking=ranking)
+        if not request.queries:
+            scores = await self._score(request.query, request.responses, request.options)
+            return pb.ScoreResponse(scores=scores, ranking=_ranking(scores))
+        if request.query or request.responses:
+            raise InvalidArgument(
+                "send either query and responses, or queries; not both", metadata={"field": "queries"}
+            )
+        if len(request.queries) > MAX_QUERIES_PER_CALL:
+            raise InvalidArgument(f"queries may hold at most {MAX_QUERIES_PER_CALL} entries, got {len(request.queries)}",
+                                  metadata={"field": "queries"})  # fmt: skip
+        # Every query goes to the pool at once, so they share packed forwards with each other and with other
+        # callers; one invalid query fails the call with its position.
+        results = await asyncio.gather(*(self._score(q.query, q.responses, request.options, where=f"queries[{n}]")
+                                         for n, q in enumerate(request.queries)))  # fmt: skip
+        return pb.ScoreResponse(results=[pb.QueryScores(scores=s, ranking=_ranking(s)) for s in results])
 
     async def Rank(self, request: pb.RankRequest, context) -> pb.RankResponse:
         scores = await self._score(request.query, request.responses, request.options)
@@ -66,9 +84,14 @@ class RrhfServicer(rrhf_pb2_grpc.RrhfServiceServicer):
             ranked=[pb.RankedResponse(index=i, response=request.responses[i], score=scores[i]) for i in order]
         )
 
-    async def _score(self, query: str, responses, options: pb.ScoringOptions) -> list[float]:
+    async def _score(self, query: str, responses, options: pb.ScoringOptions, where: str = "") -> list[float]:
         length_penalty = options.length_penalty if options.HasField("length_penalty") else 1.0
-        item = ScoreItem(query, tuple(responses), length_penalty, options.alpaca_prompt)  # validates
+        try:
+            item = ScoreItem(query, tuple(responses), length_penalty, options.alpaca_prompt)  # validates
+        except InvalidArgument as exc:
+            if where:
+                raise InvalidArgument(f"{where}: {exc.message}", metadata={"field": where}) from None
+            raise
         pool = self._pool(convert.scoring_method(options.method), options.model_path)
         try:
             await pool.wait_ready()
@@ -77,7 +100,12 @@ class RrhfServicer(rrhf_pb2_grpc.RrhfServiceServicer):
             self._pools = {key: value for key, value in self._pools.items() if value is not pool}
             await pool.close()
             raise
-        return await pool.score(item)
+        try:
+            return await pool.score(item)
+        except InvalidArgument as exc:
+            if where:
+                raise InvalidArgument(f"{where}: {exc.message}", metadata={"field": where}) from None
+            raise
 
     def _pool(self, method: str, model_path: str) -> ScorerPool:
         if model_path:
@@ -94,19 +122,33 @@ class RrhfServicer(rrhf_pb2_grpc.RrhfServiceServicer):
         if key not in self._pools:
             if len(self._pools) >= MAX_MODEL_POOLS:
                 raise ResourceExhausted(f"at most {MAX_MODEL_POOLS} scoring models are loaded at once")
-            self._pools[key] = ScorerPool(
-                directory,
-                method,
-                self.scorer_replicas,
-                gpus_per_replica=self.scorer_gpus,
-                max_pending=self.max_pending_scores,
-            )
+            self._pools[key] = ScorerPool(directory, method, self.scorer_replicas, gpus_per_replica=self.scorer_gpus,
+                                          max_pending=self.max_pending_scores, dtype=self.scorer_dtype)  # fmt: skip
+            if self._reaper is None:
+                self._reaper = asyncio.create_task(self._close_idle_pools())
         return self._pools[key]
+
+    async def _close_idle_pools(self) -> None:
+        """Closes scorer pools unused for `scorer_idle_seconds`, so their actors give back the GPUs (and
+        memory) they hold; the next call for the model loads it again."""
+        while True:
+            await asyncio.sleep(max(0.05, min(1.0, self.scorer_idle_seconds / 4)))
+            now = time.monotonic()
+            idle = [key for key, pool in self._pools.items()
+                    if pool.in_progress == 0 and now - pool.last_used > self.scorer_idle_seconds]  # fmt: skip
+            for key in idle:
+                pool = self._pools.pop(key)
+                log.info("closing the idle %s scorer of %s", key[0], key[1].name)
+                await pool.close()
 
     def scores_in_progress(self) -> int:
         return sum(pool.in_progress for pool in list(self._pools.values()))
 
     async def close(self) -> None:
+        if self._reaper is not None:
+            self._reaper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reaper
         for pool in self._pools.values():
             await pool.close()
         self._pools.clear()
@@ -291,3 +333,7 @@ class RrhfServicer(rrhf_pb2_grpc.RrhfServiceServicer):
             else ""
         )
         return pb.ListJobsResponse(jobs=[convert.job(j) for j in page], next_page_token=token)
+
+
+def _ranking(scores: list[float]) -> list[int]:
+    return sorted(range(len(scores)), key=lambda i: (-scores[i], i))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -178,3 +180,51 @@ def test_sampled_candidates_that_stay_empty_fail_clearly(tmp_path):
             sample_candidates(engine, [1, word], k=2, max_new_tokens=4, seed=0)
     finally:
         engine.stop()
+
+
+def test_packed_scoring_equals_the_training_p_i_of_each_item(models):
+    """Several items packed into one row (each query once, block mask, positions restarting after the
+    query) give each response the p_i that training's padded forward and loss give it alone."""
+    from wombat_core.rrhf.collate import collate_group
+    from wombat_core.rrhf.loading import load_rrhf_model
+    from wombat_core.rrhf.loss import compute_loss
+    from wombat_core.rrhf.scoring import ScoreItem, pack_items, policy_scores
+    from wombat_core.rrhf.training import TrainingConfig
+
+    model, tokenizer = load_rrhf_model(models[0])
+    items = [ScoreItem("Name three colours.", ("Red, green and blue.", "Blue.")),
+             ScoreItem("What is 2 + 2? Answer briefly please.", ("4", "It is four.", "Five, obviously, or six."), 0.5),
+             ScoreItem("Hi", ("Hello there, how are you today?",))]  # fmt: skip
+    packed = policy_scores(model, tokenizer, items)
+    config = TrainingConfig()
+    for item, scores in zip(items, packed, strict=True):
+        group = collate_group(
+            tokenizer, item.query, item.responses, (0.0,) * len(item.responses), config.collation
+        )
+        loss = replace(config.loss, length_penalty=item.length_penalty)
+        with torch.no_grad():
+            expected = compute_loss(model.eval(), group, loss).response_scores.tolist()
+        assert scores == pytest.approx(expected, abs=1e-5)
+    groups = [
+        collate_group(tokenizer, i.query, i.responses, (0.0,) * len(i.responses), config.collation)
+        for i in items
+    ]
+    real_tokens = sum(int(g.attention_mask.sum()) for g in groups)
+    assert pack_items(groups).input_ids.shape[1] < real_tokens  # each query once, no padding
+    # A token budget smaller than the items splits them over forwards without changing a score.
+    split = policy_scores(model, tokenizer, items, max_tokens_per_forward=8)
+    assert [x for row in split for x in row] == pytest.approx([x for row in packed for x in row], abs=1e-6)
+
+
+def test_reward_models_score_a_padded_batch_as_they_score_each_text_alone(models):
+    _, classifier_dir, value_dir = models
+    texts = [
+        "Short.",
+        "A much longer answer with many more tokens in it than the first.",
+        "Medium answer here.",
+    ]
+    for directory in (classifier_dir, value_dir):
+        reward = RewardModel.load(directory)
+        alone = [reward.score([text])[0] for text in texts]
+        assert reward.score(texts) == pytest.approx(alone, abs=1e-5)
+        assert reward.score(texts, batch_size=2) == pytest.approx(alone, abs=1e-5)

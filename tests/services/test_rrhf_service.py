@@ -443,3 +443,44 @@ def test_plan_training_and_a_job_that_does_not_fit_is_refused_before_it_starts(s
         and "a configuration that fits" in error.details()
     )
     assert len(stub.ListJobs(pb.ListJobsRequest(), timeout=10).jobs) == before
+
+
+def test_many_queries_in_one_score_call_score_as_single_calls_do(stub):
+    queries = [
+        ("Name three colours.", RESPONSES),
+        ("What is two plus two?", ["Four.", "5"]),
+        ("Hi", ["Hello."]),
+    ]
+    alone = [list(stub.Score(pb.ScoreRequest(query=q, responses=r), timeout=60).scores) for q, r in queries]
+    request = pb.ScoreRequest(queries=[pb.ScoreQuery(query=q, responses=r) for q, r in queries])
+    results = stub.Score(request, timeout=60).results
+    assert len(results) == 3
+    for result, expected in zip(results, alone, strict=True):
+        assert list(result.scores) == pytest.approx(expected, abs=1e-5)
+        assert list(result.ranking) == sorted(range(len(expected)), key=lambda i: -expected[i])
+    both = rpc_error(
+        lambda: stub.Score(pb.ScoreRequest(query="q", responses=["a"], queries=request.queries), timeout=10)
+    )
+    assert both.code() == grpc.StatusCode.INVALID_ARGUMENT and "not both" in both.details()
+    request.queries[1].responses[:] = ["fine", ""]
+    bad = rpc_error(lambda: stub.Score(request, timeout=30))
+    assert bad.code() == grpc.StatusCode.INVALID_ARGUMENT and bad.details().startswith("queries[1]: ")
+
+
+def test_an_idle_scorer_pool_is_closed_and_loads_again_when_called(server, stub):
+    import time
+
+    servicer = server.servicer
+    stub.Score(pb.ScoreRequest(query="Warm?", responses=["Yes."]), timeout=60)
+    assert any(key[0] == "policy_logprob" for key in servicer._pools)
+    servicer.scorer_idle_seconds = 0.5
+    try:
+        deadline = time.monotonic() + 20
+        while servicer._pools and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not servicer._pools  # the actors are gone, and with them any GPU they held
+    finally:
+        servicer.scorer_idle_seconds = 600.0
+    assert (
+        len(stub.Score(pb.ScoreRequest(query="Again?", responses=["Yes.", "No."]), timeout=120).scores) == 2
+    )

@@ -146,14 +146,11 @@ class TrainingConfig:
 
 
 def load_for_training(model_dir: Path, dtype: torch.dtype = torch.float32) -> tuple[torch.nn.Module, object]:
-    """The model and tokenizer a training worker starts from, on the CPU. Padding follows the one RRHF
-    policy (wombat_core.rrhf.collate): no [PAD] token is added, the vocabulary keeps its size."""
-    from transformers import AutoModelForCausalLM
+    """The model and tokenizer a training worker starts from, on the CPU (sharding moves it), through the
+    one RRHF loader that scoring uses too."""
+    from wombat_core.rrhf.loading import load_rrhf_model
 
-    from wombat_core.tokenizer import load_tokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, local_files_only=True)
-    return model, load_tokenizer(model_dir, padding_side="right")
+    return load_rrhf_model(model_dir, dtype=dtype)
 
 
 @dataclass(frozen=True)

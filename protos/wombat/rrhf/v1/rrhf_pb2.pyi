@@ -92,22 +92,42 @@ class ScoringOptions(_message.Message):
     def __init__(self, method: _Optional[_Union[ScoringMethod, str]] = ..., model_path: _Optional[str] = ..., length_penalty: _Optional[float] = ..., alpaca_prompt: _Optional[bool] = ...) -> None: ...
 
 class ScoreRequest(_message.Message):
-    __slots__ = ("query", "responses", "options")
+    __slots__ = ("query", "responses", "options", "queries")
     QUERY_FIELD_NUMBER: _ClassVar[int]
     RESPONSES_FIELD_NUMBER: _ClassVar[int]
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    QUERIES_FIELD_NUMBER: _ClassVar[int]
     query: str
     responses: _containers.RepeatedScalarFieldContainer[str]
     options: ScoringOptions
-    def __init__(self, query: _Optional[str] = ..., responses: _Optional[_Iterable[str]] = ..., options: _Optional[_Union[ScoringOptions, _Mapping]] = ...) -> None: ...
+    queries: _containers.RepeatedCompositeFieldContainer[ScoreQuery]
+    def __init__(self, query: _Optional[str] = ..., responses: _Optional[_Iterable[str]] = ..., options: _Optional[_Union[ScoringOptions, _Mapping]] = ..., queries: _Optional[_Iterable[_Union[ScoreQuery, _Mapping]]] = ...) -> None: ...
 
-class ScoreResponse(_message.Message):
+class ScoreQuery(_message.Message):
+    __slots__ = ("query", "responses")
+    QUERY_FIELD_NUMBER: _ClassVar[int]
+    RESPONSES_FIELD_NUMBER: _ClassVar[int]
+    query: str
+    responses: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, query: _Optional[str] = ..., responses: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class QueryScores(_message.Message):
     __slots__ = ("scores", "ranking")
     SCORES_FIELD_NUMBER: _ClassVar[int]
     RANKING_FIELD_NUMBER: _ClassVar[int]
     scores: _containers.RepeatedScalarFieldContainer[float]
     ranking: _containers.RepeatedScalarFieldContainer[int]
     def __init__(self, scores: _Optional[_Iterable[float]] = ..., ranking: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class ScoreResponse(_message.Message):
+    __slots__ = ("scores", "ranking", "results")
+    SCORES_FIELD_NUMBER: _ClassVar[int]
+    RANKING_FIELD_NUMBER: _ClassVar[int]
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    scores: _containers.RepeatedScalarFieldContainer[float]
+    ranking: _containers.RepeatedScalarFieldContainer[int]
+    results: _containers.RepeatedCompositeFieldContainer[QueryScores]
+    def __init__(self, scores: _Optional[_Iterable[float]] = ..., ranking: _Optional[_Iterable[int]] = ..., results: _Optional[_Iterable[_Union[QueryScores, _Mapping]]] = ...) -> None: ...
 
 class RankRequest(_message.Message):
     __slots__ = ("query", "responses", "options")
