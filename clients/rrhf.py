@@ -34,7 +34,9 @@ class RrhfClient(ServiceClient):
     def score_many(self, queries: Sequence[tuple[str, Sequence[str]]], *, method: str = "policy_logprob",
                    model_path: str = "", alpaca_prompt: bool = False) -> list[pb.QueryScores]:  # fmt: skip
         """Scores many (query, responses) pairs in one call; results in the same order."""
-        options = pb.ScoringOptions(method=METHODS[method], model_path=model_path, alpaca_prompt=alpaca_prompt)
+        options = pb.ScoringOptions(
+            method=METHODS[method], model_path=model_path, alpaca_prompt=alpaca_prompt
+        )
         request = pb.ScoreRequest(
             queries=[pb.ScoreQuery(query=q, responses=list(r)) for q, r in queries], options=options
         )
