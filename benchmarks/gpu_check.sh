@@ -2,7 +2,9 @@
 # The GPU check (issue 18), ready for a GPU machine; `make gpu-check` runs it, under 10 minutes:
 #   1. tests/cuda for both backends, in float16 and in bfloat16, with torch.cuda.set_sync_debug_mode("warn")
 #      inside the tests (a hidden host sync in a decode step fails them) and the SDPA backend asserted;
-#   2. the GPU benchmark: both backends on workloads (b)-(d) at 64 streams (benchmarks/inference.py --gpu).
+#   2. the GPU benchmark: both backends on workloads (b)-(d) at 64 streams (benchmarks/inference.py --gpu);
+#   3. RRHF training on the GPU (issue 19): FSDP2 bf16 with checkpointing, a DCP checkpoint and a resume,
+#      peak memory against the plan (benchmarks/gpu_check_rrhf.py).
 # It runs with whatever python3 holds a CUDA torch (the lent machine's image), from this source tree: the
 # suite's own small dependencies missing there travel as wheels in .whl/ (`benchmarks/gpu_check.sh --wheels`
 # downloads them on a machine with PyPI). vLLM itself is too large to carry; where it is absent the vllm
@@ -46,4 +48,6 @@ save_servable_tiny_model(Path('$MODEL'), context=2048, hidden_size=2048, interme
 ENGINES=wombat; $PY -c "import vllm" 2>/dev/null && ENGINES=wombat,vllm
 timeout 300 $PY benchmarks/inference.py --gpu --model $MODEL --workloads bcd --engines $ENGINES 2>&1 \
   | tee "$OUT/benchmark.txt" || status=1
+echo "== RRHF training on the GPU: FSDP2 bf16, checkpoint, resume, peak memory vs the plan"
+timeout 240 $PY benchmarks/gpu_check_rrhf.py 2>&1 | tee "$OUT/rrhf.txt" || status=1
 exit $status

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import socket
 from dataclasses import replace
 from pathlib import Path
@@ -35,12 +34,19 @@ def _worker(
         run_training(run, torch.device("cpu"), hooks(events, stop_after))
     finally:
         dist.destroy_process_group()
-    # Peak resident memory of this worker process (ru_maxrss is in KiB on Linux), for the memory plan's test.
-    Path(f"{events_file}.rss{rank}").write_text(
-        str(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-    )
+    Path(f"{events_file}.rss{rank}").write_text(str(peak_rss()))
     if rank == 0:
         Path(events_file).write_text(json.dumps([to_record(e) for e in events]))
+
+
+def peak_rss() -> int:
+    """This process's peak resident memory in bytes: VmHWM, the high-water mark of its own address space.
+    Not getrusage's ru_maxrss, which a spawned child inherits from the parent it was forked from (Linux
+    carries the old address space's peak across execve), so a big parent would inflate every worker's figure."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def hooks(events: list[JobEvent], stop_after: int | None) -> TrainingHooks:
