@@ -32,6 +32,7 @@ def _worker(
     events: list[JobEvent] = []
     try:
         run_training(run, torch.device("cpu"), hooks(events, stop_after))
+        dist.barrier()  # no worker tears the group down while another still uses it
     finally:
         dist.destroy_process_group()
     Path(f"{events_file}.rss{rank}").write_text(str(peak_rss()))

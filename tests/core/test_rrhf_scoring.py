@@ -75,25 +75,22 @@ def test_diverse_beam_search_first_group_is_greedy_and_groups_differ(models):
 
 def test_score_and_training_compute_the_same_p_i_for_a_model_without_a_pad_token(tmp_path):
     """The one pad policy (wombat_core.rrhf.collate): EOS pads when the tokenizer has no pad token, and the
-    vocabulary is never grown. p_i from the Score path (the scorer's loader and `policy_scores`) equals p_i
-    from the training path (the Ray worker's loader, collation and loss)."""
-    from transformers import AutoModelForCausalLM
-
+    vocabulary is never grown. p_i from the Score path (the scorer actor's loader and `policy_scores`) equals
+    p_i from the training path (the training worker's loader, collation and loss)."""
     from wombat_core.rrhf.collate import collate_record
     from wombat_core.rrhf.data import PreferenceRecord
+    from wombat_core.rrhf.loading import load_rrhf_model
     from wombat_core.rrhf.loss import compute_loss
     from wombat_core.rrhf.scoring import ScoreItem, policy_scores
-    from wombat_core.rrhf.training import TrainingConfig
-    from wombat_core.tokenizer import load_tokenizer
+    from wombat_core.rrhf.training import TrainingConfig, load_for_training
 
     directory = save_servable_tiny_model(tmp_path / "no-pad", pad_token=False)
     responses = ("Red, green and blue.", "Blue.", "The quick brown fox jumps over the lazy dog.")
-    scorer = load_for_serving(directory)  # as ScorerActor loads it
-    assert scorer.tokenizer.pad_token is None
-    scored = policy_scores(scorer.model, scorer.tokenizer, [ScoreItem("Name three colours.", responses)])[0]
+    scorer, scorer_tokenizer = load_rrhf_model(directory)  # as ScorerActor loads it on CPU
+    assert scorer_tokenizer.pad_token is None
+    scored = policy_scores(scorer.eval(), scorer_tokenizer, [ScoreItem("Name three colours.", responses)])[0]
 
-    model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch.float32)  # as the worker does
-    tokenizer = load_tokenizer(directory, padding_side="right")
+    model, tokenizer = load_for_training(directory)  # as run_training loads it
     config = TrainingConfig()
     group = collate_record(
         tokenizer, PreferenceRecord("Name three colours.", responses, (2.0, 0.0, 1.0)), config.collation

@@ -78,6 +78,7 @@ def run_training(run: TrainingRun, device: torch.device, hooks: TrainingHooks | 
         if parallel.any_worker(hooks.cancelled(), device):
             if rank == 0:
                 hooks.emit(TrainingStopped(step))
+            parallel.barrier()  # leave together: a worker tearing down gloo while another is mid-call aborts
             return Outcome.CANCELLED
         result = train_step(model, optimizer, tokenizer, run.records, config, step, steps.total_steps, rank)
         if rank == 0:
