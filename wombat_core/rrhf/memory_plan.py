@@ -105,9 +105,9 @@ def estimate(shape: ModelShape, config: TrainingConfig, *, use_gpu: bool, respon
     config = config.for_device(use_gpu)
     workers = config.num_workers
     sharded = config.strategy is Strategy.FSDP and workers > 1
-    # One worker is never wrapped in DDP; FSDP on one worker still shards (over a mesh of one).
-    fsdp = config.strategy is Strategy.FSDP
     bf16 = config.precision is Precision.BF16
+    # As parallel.uses_fsdp: one worker is wrapped (in FSDP) only for bf16 on a GPU, never in DDP.
+    fsdp = sharded or (config.strategy is Strategy.FSDP and bf16 and use_gpu)
     compute_bytes = 2 if bf16 else 4
     p, shards = shape.parameters, workers if sharded else 1
     items = [
@@ -144,7 +144,7 @@ def estimate(shape: ModelShape, config: TrainingConfig, *, use_gpu: bool, respon
     items.append(
         ("logits, log-softmax and their gradient (fp32)", tokens * shape.vocab * (12 + (2 if bf16 else 0)))
     )
-    load_bytes = p * (2 if bf16 and sharded else 4)
+    load_bytes = p * (2 if bf16 and fsdp else 4)
     if use_gpu:
         subtotal = sum(size for _, size in items)
         items.append(("CUDA runtime and allocator fragmentation",

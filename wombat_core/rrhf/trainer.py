@@ -66,7 +66,7 @@ def run_training(run: TrainingRun, device: torch.device, hooks: TrainingHooks | 
             f"the run is configured for {config.num_workers} workers but {world} started"
         )
     torch.manual_seed(config.seed)
-    model, tokenizer = load_for_training(run.model_dir, parallel.load_dtype(config))
+    model, tokenizer = load_for_training(run.model_dir, parallel.load_dtype(config, device))
     model = parallel.prepare_model(model, config, device)
     optimizer = build_optimizer(model, config)  # after sharding: it must hold the sharded parameters
     steps = plan(config, len(run.records))
