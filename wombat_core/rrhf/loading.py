@@ -15,8 +15,6 @@ import torch
 from wombat_core.dtypes import DTYPES
 from wombat_core.errors import FailedPrecondition, InvalidArgument
 
-ARCHITECTURES = ("causal_lm", "sequence_classification", "base")
-
 
 def scoring_dtype(name: str, device: torch.device) -> torch.dtype:
     """`auto`: float16 on CUDA (the reference scored in fp16) and float32 on CPU, where half precision is
