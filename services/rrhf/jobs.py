@@ -117,6 +117,13 @@ class Job:
     def finished(self) -> bool:
         return self.state.finished
 
+    def require_resumable(self) -> None:
+        if not self.state.resumable:
+            raise FailedPrecondition(
+                f"job {self.job_id} is {self.state}; only a failed or cancelled job can be resumed",
+                metadata={"job_id": self.job_id},
+            )
+
     def apply(self, event: JobEvent) -> None:
         """Folds one event into the derived fields."""
         if isinstance(event, StepFinished):
@@ -245,11 +252,7 @@ class JobStore:
         """A failed or cancelled job goes back to PENDING, to be resumed."""
         with self._lock:
             job = self.get(job_id)
-            if not job.state.resumable:
-                raise FailedPrecondition(
-                    f"job {job_id} is {job.state}; only a failed or cancelled job can be resumed",
-                    metadata={"job_id": job_id},
-                )
+            job.require_resumable()
             job.state, job.error, job.finished_at, job.attempts = JobState.PENDING, "", 0.0, job.attempts + 1
             write_file_atomically(self._snapshot_path(job_id), job.snapshot())
         return self.append(job_id, StateChanged(JobState.PENDING.value))

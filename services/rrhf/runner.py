@@ -68,17 +68,15 @@ class JobRunner:
         self.state_dir = Path(state_dir).resolve()  # Ray Train needs an absolute storage path
         self.model_root = Path(model_root).resolve()
         self.max_failures = max_failures
-        self.train_on_gpu = train_on_gpu
+        self.train_on_gpu = train_on_gpu  # the default of jobs whose request does not say
         self._channels: dict[str, object] = {}
 
     def job_directory(self, job_id: str) -> Path:
         return self.model_root / JOBS_DIR / job_id
 
     def start_training(self, model_dir: Path, output_dir: Path, output_display: str,
-                       records: list[PreferenceRecord], config: TrainingConfig,
-                       use_gpu: bool | None = None) -> str:  # fmt: skip
+                       records: list[PreferenceRecord], config: TrainingConfig, use_gpu: bool) -> str:  # fmt: skip
         job = self.store.create(JobKind.TRAINING, output_display)
-        use_gpu = self.train_on_gpu if use_gpu is None else use_gpu
         directory = self.job_directory(job.job_id)
         run = TrainingRun(model_dir, tuple(records), config.for_device(use_gpu), directory / CHECKPOINTS,
                           output_dir, output_display, f"{JOBS_DIR}/{job.job_id}/{CHECKPOINTS}",
@@ -93,9 +91,7 @@ class JobRunner:
         job = self.store.get(job_id)
         if job.kind is not JobKind.TRAINING:
             raise FailedPrecondition(f"job {job_id} generates candidates; only training jobs resume")
-        if not job.state.resumable:
-            raise FailedPrecondition(f"job {job_id} is {job.state}; only a failed or cancelled job can be resumed",
-                                     metadata={"job_id": job_id})  # fmt: skip
+        job.require_resumable()
         directory = self.job_directory(job_id)
         if not (directory / RUN_FILE).is_file():
             raise FailedPrecondition(f"job {job_id} has no run spec in {JOBS_DIR}/{job_id}; start a new job")
@@ -173,10 +169,9 @@ class JobRunner:
         self._supervise(job.job_id, channel, lambda: trainer.fit().error)
 
     def start_candidates(self, model_dir: Path, reward_model_dir: Path, output_file: Path, output_display: str,
-                         config: CandidatesConfig, use_gpu: bool | None = None) -> str:  # fmt: skip
+                         config: CandidatesConfig, use_gpu: bool) -> str:  # fmt: skip
         job = self.store.create(JobKind.CANDIDATES, output_display)
         channel = self._channels[job.job_id] = create_channel(job.job_id)
-        use_gpu = self.train_on_gpu if use_gpu is None else use_gpu
         spec = CandidatesJob(
             job.job_id, model_dir, reward_model_dir, output_file, output_display, config, use_gpu
         )

@@ -110,7 +110,6 @@ class ScorerPool:
         self._task: asyncio.Task | None = None
         self.max_batch_responses = max_batch_responses
         self.last_used = time.monotonic()
-        self.batches = 0  # forwards dispatched, for tests and the benchmark
         # Admission control: requests queued or being scored. Beyond it a caller is refused at once
         # (RESOURCE_EXHAUSTED) instead of waiting in an unbounded queue.
         self.max_pending, self._pending = max_pending, 0
@@ -160,7 +159,6 @@ class ScorerPool:
                 pending = self._queue.get_nowait()
                 batch.append(pending)
                 size += len(pending.item.responses)
-            self.batches += 1
             asyncio.create_task(self._dispatch(index, batch))
 
     async def _dispatch(self, index: int, batch: list[_Pending]) -> None:

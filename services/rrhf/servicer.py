@@ -7,7 +7,7 @@ import base64
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 from services.rrhf import convert
@@ -79,19 +79,15 @@ class RrhfServicer(rrhf_pb2_grpc.RrhfServiceServicer):
 
     async def Rank(self, request: pb.RankRequest, context) -> pb.RankResponse:
         scores = await self._score(request.query, request.responses, request.options)
-        order = sorted(range(len(scores)), key=lambda i: (-scores[i], i))
+        order = _ranking(scores)
         return pb.RankResponse(
             ranked=[pb.RankedResponse(index=i, response=request.responses[i], score=scores[i]) for i in order]
         )
 
     async def _score(self, query: str, responses, options: pb.ScoringOptions, where: str = "") -> list[float]:
         length_penalty = options.length_penalty if options.HasField("length_penalty") else 1.0
-        try:
+        with _located(where):
             item = ScoreItem(query, tuple(responses), length_penalty, options.alpaca_prompt)  # validates
-        except InvalidArgument as exc:
-            if where:
-                raise InvalidArgument(f"{where}: {exc.message}", metadata={"field": where}) from None
-            raise
         pool = self._pool(convert.scoring_method(options.method), options.model_path)
         try:
             await pool.wait_ready()
@@ -100,17 +96,12 @@ class RrhfServicer(rrhf_pb2_grpc.RrhfServiceServicer):
             self._pools = {key: value for key, value in self._pools.items() if value is not pool}
             await pool.close()
             raise
-        try:
+        with _located(where):
             return await pool.score(item)
-        except InvalidArgument as exc:
-            if where:
-                raise InvalidArgument(f"{where}: {exc.message}", metadata={"field": where}) from None
-            raise
 
     def _pool(self, method: str, model_path: str) -> ScorerPool:
         if model_path:
-            directory = self.models.resolve(model_path, field="options.model_path", must_exist=True)
-            Checkpoint.open(directory, role="model", confine_to=self.models.root)
+            directory = self._model_dir(model_path, "options.model_path")
         else:
             directory = self.default_models.get(method)
             if directory is None:
@@ -156,22 +147,20 @@ class RrhfServicer(rrhf_pb2_grpc.RrhfServiceServicer):
     # --- jobs -------------------------------------------------------------------------------------------
 
     async def StartTraining(self, request: pb.StartTrainingRequest, context) -> pb.StartTrainingResponse:
-        model_dir = self.models.resolve(request.model_path, field="model_path", must_exist=True)
-        Checkpoint.open(model_dir, role="model", confine_to=self.models.root)
+        model_dir = self._model_dir(request.model_path, "model_path")
         output = self._new_output(request.output_path)
         config = convert.training_config(request.hyperparameters)
         records = await asyncio.to_thread(self._records, request)
         responses, length = await asyncio.to_thread(self._precheck, model_dir, records, config)
-        use_gpu = request.use_gpu if request.HasField("use_gpu") else self.runner.train_on_gpu
+        use_gpu = self._use_gpu(request)
         await asyncio.to_thread(self._check_memory, model_dir, config, use_gpu, responses, length)
         job_id = self.runner.start_training(model_dir, output, request.output_path, records, config, use_gpu)
         return pb.StartTrainingResponse(job_id=job_id)
 
     async def PlanTraining(self, request: pb.PlanTrainingRequest, context) -> pb.PlanTrainingResponse:
-        model_dir = self.models.resolve(request.model_path, field="model_path", must_exist=True)
-        Checkpoint.open(model_dir, role="model", confine_to=self.models.root)
+        model_dir = self._model_dir(request.model_path, "model_path")
         config = convert.training_config(request.hyperparameters)
-        use_gpu = request.use_gpu if request.HasField("use_gpu") else self.runner.train_on_gpu
+        use_gpu = self._use_gpu(request)
         responses = request.responses_per_query if request.HasField("responses_per_query") else 4
         length = request.sequence_length if request.HasField("sequence_length") else config.model_max_length
         if responses < 1 or length < 2:
@@ -183,6 +172,16 @@ class RrhfServicer(rrhf_pb2_grpc.RrhfServiceServicer):
             )
         plan = await asyncio.to_thread(self._plan, model_dir, config, use_gpu, responses, length, memory)
         return pb.PlanTrainingResponse(plan=convert.memory_plan(plan))
+
+    def _model_dir(self, path: str, field: str) -> Path:
+        """A model directory under the model root that holds weights (NOT_FOUND or FAILED_PRECONDITION if not)."""
+        directory = self.models.resolve(path, field=field, must_exist=True)
+        Checkpoint.open(directory, role="model", confine_to=self.models.root)
+        return directory
+
+    def _use_gpu(self, request) -> bool:
+        """The request's `use_gpu`, else the service's --training-device."""
+        return request.use_gpu if request.HasField("use_gpu") else self.runner.train_on_gpu
 
     def _plan(
         self, model_dir: Path, config, use_gpu: bool, responses: int, length: int, memory_gb: float | None
@@ -282,7 +281,7 @@ class RrhfServicer(rrhf_pb2_grpc.RrhfServiceServicer):
         output = self.data.resolve(request.output_path, field="output_path")
         if output.exists():
             raise AlreadyExists(f"output_path {request.output_path!r} already exists; choose a new file")
-        use_gpu = request.use_gpu if request.HasField("use_gpu") else None
+        use_gpu = self._use_gpu(request)
         job_id = self.runner.start_candidates(
             model_dir, reward_dir, output, request.output_path, config, use_gpu
         )
@@ -337,3 +336,14 @@ class RrhfServicer(rrhf_pb2_grpc.RrhfServiceServicer):
 
 def _ranking(scores: list[float]) -> list[int]:
     return sorted(range(len(scores)), key=lambda i: (-scores[i], i))
+
+
+@contextlib.contextmanager
+def _located(where: str) -> Iterator[None]:
+    """Prefixes an InvalidArgument with the request element it is about (e.g. "queries[3]: ..."), if any."""
+    try:
+        yield
+    except InvalidArgument as exc:
+        if not where:
+            raise
+        raise InvalidArgument(f"{where}: {exc.message}", metadata={"field": where}) from None

@@ -49,9 +49,13 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return gathered * mask
 
 
+def length_normalised(logp_sums: torch.Tensor, lengths: torch.Tensor, length_penalty: float) -> torch.Tensor:
+    """p_i = sum_t logp / len_i ** length_penalty (a length of 0 counts as 1)."""
+    return logp_sums / lengths.clamp(min=1).to(logp_sums.dtype) ** length_penalty
+
+
 def response_scores(logp: torch.Tensor, labels: torch.Tensor, length_penalty: float) -> torch.Tensor:
-    lengths = (labels != IGNORE_INDEX).sum(-1).clamp(min=1).to(logp.dtype)
-    return logp.sum(-1) / lengths**length_penalty
+    return length_normalised(logp.sum(-1), (labels != IGNORE_INDEX).sum(-1), length_penalty)
 
 
 def rank_loss(p: torch.Tensor, rewards: torch.Tensor) -> torch.Tensor:

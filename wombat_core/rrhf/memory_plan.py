@@ -92,12 +92,6 @@ class MemoryPlan:
     def fits(self) -> bool:
         return self.per_device_bytes <= self.device_memory_bytes * USABLE_FRACTION
 
-    def as_dict(self) -> dict:
-        return {"per_device_bytes": self.per_device_bytes, "device_memory_bytes": self.device_memory_bytes,
-                "fits": self.fits, "parameters": self.parameters, "workers": self.workers, "device": self.device,
-                "host_load_bytes": self.host_load_bytes, "suggestion": self.suggestion,
-                "items": {name: size for name, size in self.items}}  # fmt: skip
-
 
 def estimate(shape: ModelShape, config: TrainingConfig, *, use_gpu: bool, responses_per_query: int,
              device_memory_bytes: int, sequence_length: int | None = None) -> MemoryPlan:  # fmt: skip
@@ -122,7 +116,8 @@ def estimate(shape: ModelShape, config: TrainingConfig, *, use_gpu: bool, respon
         items.append(("FSDP all-gathered units", gathered))
     elif bf16:
         items.append(("bf16 weight copies (autocast)", 2 * p))
-    tokens = responses_per_query * (sequence_length or config.model_max_length)
+    length = sequence_length or config.model_max_length
+    tokens = responses_per_query * length
     per_token_layer = (
         8 * shape.hidden + 2 * shape.hidden * shape.kv_heads // shape.heads + 4 * shape.intermediate
     )
@@ -134,7 +129,6 @@ def estimate(shape: ModelShape, config: TrainingConfig, *, use_gpu: bool, respon
     items.append(("activations", activations))
     items.append(("backward working set (a layer's gradients in flight)", 2 * layer_activations))
     if not use_gpu:
-        length = sequence_length or config.model_max_length
         items.append(
             (
                 "attention probabilities (CPU)",
@@ -166,7 +160,7 @@ def estimate(shape: ModelShape, config: TrainingConfig, *, use_gpu: bool, respon
 def plan_with_suggestion(shape: ModelShape, config: TrainingConfig, *, use_gpu: bool, responses_per_query: int,
                          device_memory_bytes: int, sequence_length: int | None = None) -> MemoryPlan:  # fmt: skip
     """The plan, with `suggestion` naming the first configuration that fits when it does not: FSDP, then
-    gradient checkpointing, then bf16, then more workers (keeping the global batch where it can)."""
+    gradient checkpointing, then bf16, then twice the workers, again and again."""
     kwargs = dict(use_gpu=use_gpu, responses_per_query=responses_per_query, device_memory_bytes=device_memory_bytes,
                   sequence_length=sequence_length)  # fmt: skip
     config = config.for_device(use_gpu)  # so a suggestion names only what changes

@@ -21,6 +21,7 @@ import torch
 from wombat_core.errors import FailedPrecondition, InvalidArgument
 from wombat_core.rrhf.collate import IGNORE_INDEX, CollationConfig, collate_group, pad_token_id
 from wombat_core.rrhf.data import MAX_RESPONSES, MAX_TEXT_CHARS
+from wombat_core.rrhf.loss import length_normalised
 
 VALUE_HEAD_FILE = "value_head.safetensors"
 REWARD_MAX_TOKENS = 1024
@@ -119,13 +120,13 @@ def policy_scores(model: torch.nn.Module, tokenizer, items: list[ScoreItem], mod
         for n, item in enumerate(items)
     ]  # fmt: skip
     device = next(model.parameters()).device
+    head = model.get_output_embeddings()
     sums, counts = [], []
     for chunk in _chunks(groups, max_tokens_per_forward):
         packed = pack_items(chunk)
         hidden = model.get_decoder()(input_ids=packed.input_ids.to(device), attention_mask=packed.mask.to(device),
                                      position_ids=packed.position_ids.to(device)).last_hidden_state[0]  # fmt: skip
         logp = torch.empty(len(packed.targets), dtype=torch.float32, device=device)
-        head = model.get_output_embeddings()
         targets, at = packed.targets.to(device), packed.predict_at.to(device)
         for start in range(0, len(targets), 1024):  # bounds the [positions, vocabulary] logits
             rows = slice(start, start + 1024)
@@ -134,11 +135,11 @@ def policy_scores(model: torch.nn.Module, tokenizer, items: list[ScoreItem], mod
         owner = packed.response_of.to(device)
         sums.append(torch.zeros(packed.responses, device=device).index_add_(0, owner, logp))
         counts.append(torch.bincount(owner, minlength=packed.responses))
-    total, lengths = torch.cat(sums).cpu(), torch.cat(counts).cpu().clamp(min=1).float()
+    total, lengths = torch.cat(sums).cpu(), torch.cat(counts).cpu()
     results, row = [], 0
     for item in items:  # each caller's own length penalty on its own rows
         rows = slice(row, row + len(item.responses))
-        results.append((total[rows] / lengths[rows] ** item.length_penalty).tolist())
+        results.append(length_normalised(total[rows], lengths[rows], item.length_penalty).tolist())
         row = rows.stop
     return results
 
