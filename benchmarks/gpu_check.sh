@@ -11,7 +11,8 @@
 # cases say so (skipped, with the reason) and only the in-house engine is measured.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-WHEELS=(grpcio-health-checking==1.85.1 grpcio-reflection==1.85.1 grpcio-status==1.85.1
+# grpcio and protobuf travel too: the generated stubs refuse a runtime older than their generator.
+WHEELS=(grpcio==1.85.1 protobuf==7.35.1 grpcio-health-checking==1.85.1 grpcio-reflection==1.85.1 grpcio-status==1.85.1
         googleapis-common-protos==1.76.0 gguf==0.17.1 fastapi==0.136.3 starlette==1.10.0 uvicorn==0.55.0
         pydantic==2.14.4 pydantic-core==2.50.5 annotated-doc==0.0.7 typing-inspection==0.4.5)
 if [[ "${1:-}" == "--wheels" ]]; then
@@ -31,11 +32,13 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT
 $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"
 $PY -c "import vllm; print('vllm', vllm.__version__)" 2>/dev/null || echo "vllm: not installed here (its cases are skipped)"
 status=0
-for dtype in float16 bfloat16; do
+PARTS=${GPU_CHECK_PARTS:-tests,bench,rrhf}  # a rerun can skip what already passed, e.g. GPU_CHECK_PARTS=bench,rrhf
+[[ $PARTS == *tests* ]] && for dtype in float16 bfloat16; do
   echo "== tests/cuda, $dtype"
   WOMBAT_CUDA_DTYPE=$dtype timeout 200 $PY -m pytest tests/cuda -m cuda -p no:cacheprovider -q -rs \
     -o addopts="" 2>&1 | tee "$OUT/tests-$dtype.txt" || status=1
 done
+[[ $PARTS == *bench* ]] && {
 echo "== benchmark (GPU: workloads b-d at 64 streams, both backends where present)"
 # No model hub and no room to carry one: a random LLaMA with a 1B-class body (16 layers, hidden 2048, GQA
 # 32/8 heads, context 2048) and the tests' SentencePiece tokenizer, made on the machine. Throughput does
@@ -48,6 +51,9 @@ save_servable_tiny_model(Path('$MODEL'), context=2048, hidden_size=2048, interme
 ENGINES=wombat; $PY -c "import vllm" 2>/dev/null && ENGINES=wombat,vllm
 timeout 300 $PY benchmarks/inference.py --gpu --model $MODEL --workloads bcd --engines $ENGINES 2>&1 \
   | tee "$OUT/benchmark.txt" || status=1
+}
+[[ $PARTS == *rrhf* ]] && {
 echo "== RRHF training on the GPU: FSDP2 bf16, checkpoint, resume, peak memory vs the plan"
 timeout 240 $PY benchmarks/gpu_check_rrhf.py 2>&1 | tee "$OUT/rrhf.txt" || status=1
+}
 exit $status

@@ -65,14 +65,39 @@ def main() -> None:
     def cancelled() -> bool:  # interrupt after the first checkpoint, to resume from it below
         return any(isinstance(e, StepFinished) and e.step >= stop_after for e in events)
 
+    phases: list[tuple[str, float]] = []  # (what ended, peak allocated since the previous event)
+
+    def measured(sink):  # the peak between two events, so the table says where the peak is
+        def emit(event) -> None:
+            phases.append((type(event).__name__ + (f" {event.step}" if hasattr(event, "step") else ""),
+                           torch.cuda.max_memory_allocated()))  # fmt: skip
+            torch.cuda.reset_peak_memory_stats()
+            sink(event)
+
+        return emit
+
     torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
-    run_training(run, torch.device("cuda", 0), TrainingHooks(emit=events.append, cancelled=cancelled))
+    run_training(
+        run, torch.device("cuda", 0), TrainingHooks(emit=measured(events.append), cancelled=cancelled)
+    )
     first = time.perf_counter() - started
-    resumed_events: list = []
-    run_training(run, torch.device("cuda", 0), TrainingHooks(emit=resumed_events.append))
-    dist.destroy_process_group()
+    first_phases, phases = phases, []
+    peak_allocated = max(size for _, size in first_phases)
     peak = torch.cuda.max_memory_reserved()
+    # The resumed run in the same process: what the first left behind is freed before it is measured.
+    import gc
+
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    resumed_events: list = []
+    run_training(run, torch.device("cuda", 0), TrainingHooks(emit=measured(resumed_events.append)))
+    dist.destroy_process_group()
+    resumed_peak = max(size for _, size in phases)
+    print("peak GPU memory allocated between events (first run | resumed run):")
+    for name, size in first_phases + [("--- resumed", 0)] + phases:
+        print(f"  {name:32} {gib(size):>10}")
 
     tokenizer = load_tokenizer(model_dir, padding_side="right")
     shapes = [collate_record(tokenizer, r, config.collation).input_ids.shape for r in records]
@@ -92,8 +117,9 @@ def main() -> None:
     for name, size in plan.items:
         print(f"  plan  {name:55} {gib(size):>10}")
     ratio = plan.per_device_bytes / peak
-    print(f"peak GPU memory reserved {gib(peak)}, allocated {gib(torch.cuda.max_memory_allocated())}; "
-          f"plan {gib(plan.per_device_bytes)}; plan / measured = {ratio:.2f} (goal 0.75-1.25)")  # fmt: skip
+    print(f"first run: peak GPU memory reserved {gib(peak)}, allocated {gib(peak_allocated)}; resumed run: "
+          f"allocated {gib(resumed_peak)}; plan {gib(plan.per_device_bytes)}; plan / reserved = {ratio:.2f} "
+          f"(goal 0.75-1.25)")  # fmt: skip
     ok = (
         resume.step == stop_after
         and steps[-1].step == args.steps
