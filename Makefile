@@ -16,7 +16,7 @@ VLLM_STAMP := $(VLLM_VENV)/.installed-stamp
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@echo "installing the suite into $(VENV) (first time: a few minutes)"
-	@$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]' 2> >(grep -v "is ignored: it is neither" >&2)
+	@$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev,callers]' 2> >(grep -v "is ignored: it is neither" >&2)
 	@touch $(STAMP)
 
 venv: $(STAMP)

@@ -367,6 +367,68 @@ def gateway_vs_direct(
     }
 
 
+# A schema whose output can run for the whole budget (an array of integers), so constrained and free
+# decoding make the same number of tokens (ignore_eos) and the ratio is the mask's cost per token.
+LONG_SCHEMA = {"type": "object", "properties": {"numbers": {"type": "array", "items": {"type": "integer"}}},
+               "required": ["numbers"], "additionalProperties": False}  # fmt: skip
+
+
+def gateway_features(url: str, model: str, texts: list[str], rounds: int) -> dict:
+    """(e), the callers' features through the gateway, each against its plain counterpart in the same run:
+    16 streams constrained by a json_schema vs free; n=4 in one request (4 such callers) vs 16 single
+    requests; lm-eval's scoring request (echo, logprobs 1, max_tokens 1) vs a 1-token generate of the same
+    prompt, one at a time, alternating (median latency)."""
+    httpx = _httpx()
+
+    async def run(bodies: list[dict]) -> float:
+        """Every body at once, non-streaming; completion tokens per second over the run."""
+        async with httpx.AsyncClient(timeout=None, limits=httpx.Limits(max_connections=64)) as http:
+            started = time.perf_counter()
+            responses = await asyncio.gather(*(http.post(f"{url}/v1/completions", json=b) for b in bodies))
+            seconds = time.perf_counter() - started
+        for response in responses:
+            response.raise_for_status()
+        return sum(r.json()["usage"]["completion_tokens"] for r in responses) / seconds
+
+    def body(index: int, **extra) -> dict:
+        return {"model": model, "prompt": texts[index % len(texts)], "max_tokens": 128, "temperature": 0,
+                "ignore_eos": True, **extra}  # fmt: skip
+
+    constrained, free, fanned, single = [], [], [], []
+    schema = {"type": "json_schema", "json_schema": {"name": "numbers", "schema": LONG_SCHEMA}}
+    for _ in range(rounds):  # alternating, so drift hits both sides alike
+        free.append(asyncio.run(run([body(i) for i in range(SLOTS)])))
+        settle()
+        constrained.append(asyncio.run(run([body(i, response_format=schema) for i in range(SLOTS)])))
+        settle()
+        single.append(asyncio.run(run([body(i) for i in range(SLOTS)])))
+        settle()
+        fanned.append(asyncio.run(run([body(i, n=4, temperature=1.0, seed=i) for i in range(SLOTS // 4)])))
+        settle()
+
+    async def scoring() -> tuple[list[float], list[float]]:
+        echo, plain = [], []
+        async with httpx.AsyncClient(timeout=None) as http:
+            for n in range(12):
+                text = texts[n % len(texts)]
+                for kind, extra in (("echo", {"echo": True, "logprobs": 1}), ("plain", {})):
+                    started = time.perf_counter()
+                    response = await http.post(f"{url}/v1/completions", json={
+                        "model": model, "prompt": text, "max_tokens": 1, "temperature": 0, **extra})  # fmt: skip
+                    response.raise_for_status()
+                    (echo if kind == "echo" else plain).append(time.perf_counter() - started)
+        return echo, plain
+
+    echo, plain = asyncio.run(scoring())
+    return {
+        "e/json_schema": {"tok_s": max(constrained), "ttft": []},
+        "e/free": {"tok_s": max(free), "ttft": []},
+        "e/n4": {"tok_s": max(fanned), "ttft": []},
+        "e/n1x16": {"tok_s": max(single), "ttft": []},
+        "echo_over_generate": statistics.median(echo) / statistics.median(plain),
+    }
+
+
 # --- profile ----------------------------------------------------------------------------------------
 
 
@@ -596,6 +658,9 @@ def main() -> None:
                         one_request = 128 / results["a/grpc"]["tok_s"] if "a/grpc" in results else 2.5
                         results.update(gateway_vs_direct(address, gateway.process.pid, gateway.port,
                                                          args.model.name, short, args.rounds, one_request))  # fmt: skip
+                        settle()
+                        results.update(gateway_features(f"http://127.0.0.1:{gateway.port}", args.model.name,
+                                                        short, args.rounds))  # fmt: skip
                     finally:
                         gateway.stop()
             finally:
@@ -665,6 +730,13 @@ def main() -> None:
         ("(e) gateway TTFT p50 overhead, ms", overhead, "<= 10"),
         ("(e) the same, one stream at a time, ms", single_overhead, ""),
         ("(e) gateway CPU per relayed token, ms", results.get("gateway_cpu_ms_per_token"), ""),
+        ("(e) json_schema-constrained / free decode, 16 streams", ratio("e/json_schema", "e/free"), ">= 0.8"),
+        ("(e) n=4 in one request (x4) / 16 single requests, tok/s", ratio("e/n4", "e/n1x16"), ">= 0.95"),
+        (
+            "(e) echo + logprobs (lm-eval) / 1-token generate, latency",
+            results.get("echo_over_generate"),
+            "<= 1.3",
+        ),
         ("gRPC --engine vllm / vLLM in-process LLM.generate, (b)", ratio("b/grpc-vllm", "b/vllm"), ">= 0.9"),
         ("gRPC --engine vllm TTFT p50 - in-process, 1 stream, ms", vllm_ttft_overhead, "<= 15"),
         *[

@@ -119,11 +119,12 @@ class _Client:
     def _open(self, options):
         raise NotImplementedError
 
-    def _call(self, timeout: float | None = None) -> dict:
-        """Keyword arguments of every stub call: its deadline and the call metadata (the token)."""
+    def _call(self, timeout: float | None = None, request_id: str | None = None) -> dict:
+        """Keyword arguments of every stub call: its deadline and the call metadata (the token, and the
+        caller's request id, which the server logs and echoes)."""
         return {
             "timeout": timeout if timeout is not None else self.timeout,
-            "metadata": self.settings.metadata(),
+            "metadata": self.settings.metadata(request_id),
         }
 
 

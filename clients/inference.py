@@ -1,13 +1,15 @@
 """Sync and asyncio clients for the inference service.
 
 Generation is never retried automatically: a retry after tokens were streamed would duplicate output.
-Tokenize, ModelInfo and GetLoad are idempotent and retried on UNAVAILABLE (for example while a replica warms up).
+Tokenize, Detokenize, ModelInfo and GetLoad are idempotent and retried on UNAVAILABLE (for example while a replica warms up).
 Every call takes a deadline (`timeout`, seconds); the server stops generating when it passes.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+
+import grpc
 
 from clients.base import AsyncServiceClient, ServiceClient
 from wombat.inference.v1 import inference_pb2 as pb
@@ -47,13 +49,19 @@ def sampling(**fields) -> pb.SamplingParams:
 class InferenceClient(ServiceClient):
     SERVICE = pb.DESCRIPTOR.services_by_name["InferenceService"].full_name
     STUB = inference_pb2_grpc.InferenceServiceStub
-    RETRYABLE = ("Tokenize", "ModelInfo", "GetLoad")
+    RETRYABLE = ("Tokenize", "Detokenize", "ModelInfo", "GetLoad")
 
     def generate(
-        self, prompt_input: pb.PromptInput, params: pb.SamplingParams | None = None
+        self,
+        prompt_input: pb.PromptInput,
+        params: pb.SamplingParams | None = None,
+        *,
+        request_id: str | None = None,
     ) -> Iterator[pb.GenerateResponse]:
         """Streams responses; call `.cancel()` on the returned iterator to stop generation early."""
-        return self.stub.Generate(pb.GenerateRequest(prompt=prompt_input, sampling=params), **self._call())
+        return self.stub.Generate(
+            pb.GenerateRequest(prompt=prompt_input, sampling=params), **self._call(request_id=request_id)
+        )
 
     def complete(
         self, prompt_input: pb.PromptInput, params: pb.SamplingParams | None = None
@@ -62,6 +70,10 @@ class InferenceClient(ServiceClient):
 
     def tokenize(self, prompt_input: pb.PromptInput) -> pb.TokenizeResponse:
         return self.stub.Tokenize(pb.TokenizeRequest(prompt=prompt_input), **self._call())
+
+    def detokenize(self, token_ids: Sequence[int], skip_special_tokens: bool = True) -> pb.DetokenizeResponse:
+        request = pb.DetokenizeRequest(token_ids=token_ids, skip_special_tokens=skip_special_tokens)
+        return self.stub.Detokenize(request, **self._call())
 
     def model_info(self, timeout: float | None = None) -> pb.ModelInfoResponse:
         return self.stub.ModelInfo(pb.ModelInfoRequest(), **self._call(timeout))
@@ -76,9 +88,17 @@ class AsyncInferenceClient(AsyncServiceClient):
     SERVICE, STUB, RETRYABLE = InferenceClient.SERVICE, InferenceClient.STUB, InferenceClient.RETRYABLE
 
     def generate(
-        self, prompt_input: pb.PromptInput, params: pb.SamplingParams | None = None
-    ) -> AsyncIterator[pb.GenerateResponse]:
-        return self.stub.Generate(pb.GenerateRequest(prompt=prompt_input, sampling=params), **self._call())
+        self,
+        prompt_input: pb.PromptInput,
+        params: pb.SamplingParams | None = None,
+        *,
+        request_id: str | None = None,
+    ) -> grpc.aio.UnaryStreamCall:
+        """The Generate call: iterate it, or `await call.read()` message by message; `call.cancel()` stops
+        generation on the replica."""
+        return self.stub.Generate(
+            pb.GenerateRequest(prompt=prompt_input, sampling=params), **self._call(request_id=request_id)
+        )
 
     async def complete(
         self, prompt_input: pb.PromptInput, params: pb.SamplingParams | None = None
@@ -87,8 +107,17 @@ class AsyncInferenceClient(AsyncServiceClient):
             pb.CompleteRequest(prompt=prompt_input, sampling=params), **self._call()
         )
 
-    async def tokenize(self, prompt_input: pb.PromptInput) -> pb.TokenizeResponse:
-        return await self.stub.Tokenize(pb.TokenizeRequest(prompt=prompt_input), **self._call())
+    async def tokenize(
+        self, prompt_input: pb.PromptInput, *, request_id: str | None = None
+    ) -> pb.TokenizeResponse:
+        return await self.stub.Tokenize(
+            pb.TokenizeRequest(prompt=prompt_input), **self._call(request_id=request_id)
+        )
+
+    async def detokenize(self, token_ids: Sequence[int], skip_special_tokens: bool = True, *,
+                         request_id: str | None = None) -> pb.DetokenizeResponse:  # fmt: skip
+        request = pb.DetokenizeRequest(token_ids=token_ids, skip_special_tokens=skip_special_tokens)
+        return await self.stub.Detokenize(request, **self._call(request_id=request_id))
 
     async def model_info(self, timeout: float | None = None) -> pb.ModelInfoResponse:
         return await self.stub.ModelInfo(pb.ModelInfoRequest(), **self._call(timeout))

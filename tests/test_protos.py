@@ -80,7 +80,7 @@ def test_every_service_has_a_versioned_package_and_unique_request_response_pairs
 
     expected = {
         materializer_pb2: {"Materialize", "MakeDelta", "Convert", "Verify", "Describe", "ListModels"},
-        inference_pb2: {"Generate", "Complete", "Tokenize", "ModelInfo", "GetLoad"},
+        inference_pb2: {"Generate", "Complete", "Tokenize", "Detokenize", "ModelInfo", "GetLoad"},
         rrhf_pb2: {
             "Score",
             "Rank",

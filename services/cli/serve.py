@@ -236,6 +236,9 @@ def serve_gateway(
     ] = 512,
     upstream_timeout: Annotated[float, typer.Option(help="seconds one generation may take")] = 600.0,
     poll_seconds: Annotated[float, typer.Option(help="how often each replica's load is read")] = 0.5,
+    max_body_bytes: Annotated[
+        int, typer.Option(help="largest request body accepted (413 beyond, before it is parsed)")
+    ] = 8 * 1024 * 1024,
     drain_seconds: DrainOpt = 30.0,
     log_level: LogLevelOpt = "INFO",
 ) -> None:
@@ -249,6 +252,7 @@ def serve_gateway(
     if balance not in balances:
         fail(f"--balance must be {' or '.join(balances)}, got {balance}")
     configure_logging(log_level)
+    # A key file that is there must hold a key: an empty one would be "check nothing", so it refuses to start.
     key = api_key_file.read_text().strip() if api_key_file else os.environ.get(API_KEY_ENV) or None
     settings = core(
         lambda: GatewaySettings(
@@ -262,6 +266,7 @@ def serve_gateway(
             drain_seconds=drain_seconds,
             upstream_timeout=upstream_timeout,
             poll_seconds=poll_seconds,
+            max_body_bytes=max_body_bytes,
         )
     )
     asyncio.run(serve(settings))

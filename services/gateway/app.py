@@ -1,21 +1,17 @@
 """The OpenAI-compatible HTTP API (FastAPI), over the inference gRPC contract.
 
-Every generation is one Generate stream to one replica; a non-streaming response collects it. The
-gateway waits for the first message before answering, so a refused request (a bad parameter, a full
-queue) gets its HTTP status instead of a 200 stream that breaks. If the chosen replica is unavailable or
-full before it produced anything, the next replica is tried. When the HTTP client goes away, the gRPC
-call is cancelled at once, and the replica drops the request from its batch before its next step.
+Routes: /v1/completions, /v1/chat/completions, /v1/models, vLLM's /tokenize and /detokenize, /health,
+/metrics. The edge (edge.py) checks the API key and caps the body before anything is parsed; each
+generation's choices are Generate streams fanned out over the replicas (generation.py) and shaped into
+OpenAI's objects (shapes.py). Every error, before or during a stream, is OpenAI-shaped (errors.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
-import json
 import logging
 import time
-import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -27,16 +23,33 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from services.gateway import convert
+from services.gateway.edge import REQUEST_ID_HEADER, CountRequests, Edge, request_id
 from services.gateway.errors import OpenAIError, from_rpc_error
+from services.gateway.generation import (
+    Choice,
+    ChoiceSpec,
+    Disconnect,
+    Identity,
+    choice_specs,
+    gather,
+    interleave,
+    messages,
+    open_choices,
+    sse,
+    usage_of,
+)
 from services.gateway.metrics import GatewayMetrics
-from services.gateway.replicas import Replica, ReplicaPool
-from services.gateway.schema import ChatCompletionRequest, CompletionRequest
+from services.gateway.replicas import ReplicaPool
+from services.gateway.schema import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+)
+from services.gateway.shapes import ChatShape, CompletionShape, chunk, response, usage_chunk
 from wombat.inference.v1 import inference_pb2 as pb
 
 log = logging.getLogger(__name__)
-
-REQUEST_ID_HEADER = "x-request-id"
-FAILOVER_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
 
 
 @dataclass
@@ -53,6 +66,7 @@ class GatewayState:
     created: int = field(default_factory=lambda: int(time.time()))
     draining: bool = False
     in_flight: int = 0
+    max_body_bytes: int = 8 * 1024 * 1024
 
     @property
     def ready(self) -> bool:
@@ -93,7 +107,9 @@ def create_app(state: GatewayState) -> FastAPI:
             500, "internal error in the gateway; its log has the details", kind="api_error"
         ).response()
 
-    app.add_middleware(_CountRequests, metrics=state.metrics)
+    # Outermost last: requests are counted (401 and 413 included), then the edge refuses what it must.
+    app.add_middleware(Edge, api_key=state.api_key, max_body_bytes=state.max_body_bytes)
+    app.add_middleware(CountRequests, metrics=state.metrics)
 
     @app.get("/health")
     async def health() -> Response:
@@ -110,76 +126,85 @@ def create_app(state: GatewayState) -> FastAPI:
 
     @app.get("/v1/models")
     async def models(request: Request) -> JSONResponse:
-        _admit(state, request)
+        _admit(state)
         return JSONResponse({"object": "list", "data": [_model_card(state)]})
 
     @app.get("/v1/models/{model_id}")
     async def model(model_id: str, request: Request) -> JSONResponse:
-        _admit(state, request)
+        _admit(state)
         _check_model(state, model_id)
         return JSONResponse(_model_card(state))
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
-        _admit(state, request)
+        _admit(state)
         _check_request(state, body)
-        params = convert.sampling(body, body.max_tokens)
-        return await _generate(
-            state, request, body, convert.completion_prompt(body), params, _CompletionShape()
-        )
+        shape = CompletionShape(body)
+        prompts = body.prompts()
+        texts = await _prompt_texts(state, prompts, shape) if body.echo else None
+        specs = choice_specs([convert.completion_prompt(p, body) for p in prompts],
+                             convert.sampling(body, body.new_tokens), body.choices_per_prompt, texts)  # fmt: skip
+        return await _generate(state, request, body, specs, shape)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
-        _admit(state, request)
+        _admit(state)
         _check_request(state, body)
         max_tokens = body.max_completion_tokens or body.max_tokens or state.default_max_tokens
-        params = convert.sampling(body, max_tokens)
         prompt = convert.chat_prompt(body, state.info.default_prompt_format)
-        return await _generate(state, request, body, prompt, params, _ChatShape())
+        specs = choice_specs([prompt], convert.sampling(body, max_tokens), body.choices_per_prompt)
+        return await _generate(state, request, body, specs, ChatShape(body))
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest, request: Request) -> JSONResponse:
+        """vLLM's /tokenize: a prompt rendered as /v1/completions renders it, or messages as chat does."""
+        _admit(state)
+        if body.model is not None:
+            _check_model(state, body.model)
+        if (body.prompt is None) == (body.messages is None):
+            raise OpenAIError(400, "send either prompt or messages", "prompt")
+        if body.prompt is not None:
+            prompt = pb.PromptInput(format=pb.PROMPT_FORMAT_RAW, text=body.prompt)
+            if body.add_special_tokens is not None:
+                prompt.add_special_tokens = body.add_special_tokens
+        else:
+            if body.add_generation_prompt is False:
+                raise OpenAIError(400, "add_generation_prompt: false is not supported: the chat template "
+                                       "always ends with the generation prompt", "add_generation_prompt")  # fmt: skip
+            prompt = convert.chat_prompt(body, state.info.default_prompt_format)
+        tokenized = await _unary(
+            state, lambda client: client.tokenize(prompt, request_id=request_id(request.headers))
+        )
+        result = {"count": len(tokenized.token_ids), "max_model_len": state.info.context_length,
+                  "tokens": list(tokenized.token_ids)}  # fmt: skip
+        if body.return_token_strs:
+            result["token_strs"] = list(tokenized.tokens)
+        return JSONResponse(result)
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info() -> JSONResponse:
+        """vLLM's /tokenizer_info (what lm-eval's remote tokenizer reads): the special tokens and template."""
+        _admit(state)
+        info = state.info
+        return JSONResponse({"eos_token": info.eos_token or None, "bos_token": info.bos_token or None,
+                             "pad_token": info.pad_token or None, "chat_template": info.chat_template or None,
+                             "model_max_length": info.context_length, "vocab_size": info.vocab_size})  # fmt: skip
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest, request: Request) -> JSONResponse:
+        _admit(state)
+        if body.model is not None:
+            _check_model(state, body.model)
+        text = await _unary(
+            state, lambda client: client.detokenize(body.tokens, request_id=request_id(request.headers))
+        )
+        return JSONResponse({"prompt": text.text})
 
     return app
 
 
-class _CountRequests:
-    """Counts every HTTP request by route and status, timed to the last byte. Plain ASGI: Starlette's
-    BaseHTTPMiddleware would wrap `receive` and hide the client's disconnect from the routes."""
-
-    ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models")
-
-    def __init__(self, app, metrics: GatewayMetrics):
-        self.app, self.metrics = app, metrics
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        started, status = time.monotonic(), 500
-        path = scope["path"]
-        route = next((r for r in self.ROUTES if path.startswith(r)), "other")
-
-        async def send_and_note(message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_and_note)
-        finally:
-            self.metrics.requests.labels(route, str(status)).inc()
-            self.metrics.duration.labels(route).observe(time.monotonic() - started)
-
-
-def _admit(state: GatewayState, request: Request) -> None:
-    """The API key (constant-time comparison), then the lifecycle: 503 while loading or draining."""
-    if state.api_key is not None:
-        header = request.headers.get("authorization", "")
-        scheme, _, given = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(
-            given.strip().encode(), state.api_key.encode()
-        ):
-            raise OpenAIError(401, "invalid API key: send it as 'Authorization: Bearer <key>'",
-                              code="invalid_api_key")  # fmt: skip
+def _admit(state: GatewayState) -> None:
+    """The lifecycle: 503 while loading or draining (the API key was checked at the edge)."""
     if state.draining:
         raise OpenAIError(503, "the gateway is shutting down; retry (another gateway replica will answer)")
     if state.info is None:
@@ -207,177 +232,89 @@ def _model_card(state: GatewayState) -> dict:
 # --- generation --------------------------------------------------------------------------------------
 
 
-async def _open(
-    state: GatewayState, prompt: pb.PromptInput, params: pb.SamplingParams, request_id: str, fields: dict
-) -> tuple[Replica, grpc.aio.UnaryStreamCall, pb.GenerateResponse]:
-    """Starts the Generate stream on the best replica and reads its first message; fails over to the next
-    replica while the one tried is unavailable or full (nothing was generated there)."""
-    last_error: grpc.RpcError | None = None
-    for replica in state.pool.candidates():
-        client = replica.client
-        call = client.stub.Generate(
-            pb.GenerateRequest(prompt=prompt, sampling=params),
-            timeout=client.timeout,
-            metadata=client.settings.metadata(request_id),
-        )
-        replica.sent_since_poll += 1
-        try:
-            first = await call.read()
-        except grpc.RpcError as exc:
-            if exc.code() not in FAILOVER_CODES:
-                raise from_rpc_error(exc, fields) from None
-            last_error = exc
-            if exc.code() is grpc.StatusCode.UNAVAILABLE:
-                replica.up = False
-            continue
-        except BaseException:
-            call.cancel()
-            raise
-        state.metrics.replica_requests.labels(replica.address).inc()
-        return replica, call, first
-    if last_error is not None:
-        raise from_rpc_error(last_error, fields)
-    raise OpenAIError(503, "no inference replica is up; retry shortly")
+async def _unary(state: GatewayState, call):
+    """A unary RPC (Tokenize, Detokenize) on the best replica that is up."""
+    candidates = state.pool.candidates()
+    if not candidates:
+        raise OpenAIError(503, "no inference replica is up; retry shortly")
+    try:
+        return await call(candidates[0].client)
+    except grpc.RpcError as exc:
+        raise from_rpc_error(exc, {"token_ids": "tokens"}) from None
 
 
-async def _cancel_on_disconnect(request: Request, call: grpc.aio.UnaryStreamCall) -> None:
-    """Cancels the gRPC call the moment the HTTP client disconnects (uvicorn reports it on `receive`)."""
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            call.cancel()
-            return
+async def _prompt_texts(state: GatewayState, prompts: list, shape: CompletionShape) -> list[str]:
+    """The text echo prepends for each prompt: a string as given, token ids decoded by a replica."""
+    texts = []
+    for prompt in prompts:
+        if isinstance(prompt, str):
+            texts.append(prompt)
+        else:
+            decoded = await _unary(state, lambda client, ids=prompt: client.detokenize(ids))
+            texts.append(decoded.text)
+    return texts
 
 
-async def _generate(state, request: Request, body, prompt, params, shape) -> Response:
+async def _generate(state: GatewayState, request: Request, body, specs: list[ChoiceSpec], shape) -> Response:
     started = time.monotonic()
     route = request.url.path
-    request_id = request.headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex
-    fields = shape.field_names
+    rid = request_id(request.headers)
+    fields, n = shape.field_names, body.choices_per_prompt
     # Counted from arrival, so a drain also waits for requests still waiting for their first token.
     state.in_flight += 1
+    disconnect = Disconnect(request)
     try:
-        replica, call, first = await _open(state, prompt, params, request_id, fields)
+        choices = await open_choices(state.pool, specs, rid, fields, disconnect)
     except BaseException:
         state.in_flight -= 1
+        disconnect.close()
         raise
     state.metrics.ttft.labels(route).observe(time.monotonic() - started)
-    replica.in_flight += 1
-    watcher = asyncio.create_task(_cancel_on_disconnect(request, call))
+    for choice in choices:
+        state.metrics.replica_requests.labels(choice.replica.upstream).inc()
+    identity = Identity(f"{shape.prefix}-{rid}", int(time.time()), state.model_name)
+    headers = {REQUEST_ID_HEADER: rid}
 
-    async def messages() -> AsyncIterator[pb.GenerateResponse]:
-        try:
-            message = first
-            while message is not grpc.aio.EOF:
-                yield message
-                message = await call.read()
-        except grpc.RpcError as exc:
-            raise from_rpc_error(exc, fields) from None
-        finally:
-            watcher.cancel()
-            call.cancel()  # a no-op after the stream ended; otherwise frees the replica's slot
-            replica.in_flight -= 1
-            state.in_flight -= 1
+    def done() -> None:
+        state.in_flight -= 1
+        disconnect.close()
 
-    identity = _Identity(f"{shape.prefix}-{request_id}", int(time.time()), state.model_name)
-    headers = {REQUEST_ID_HEADER: request_id}
-    if body.stream:
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        events = _sse(shape.chunks(identity, messages(), include_usage))
-        return StreamingResponse(events, media_type="text/event-stream", headers=headers)
-    async with contextlib.aclosing(messages()) as stream:
-        return JSONResponse(await _collect(shape, identity, stream), headers=headers)
-
-
-async def _sse(chunks: AsyncIterator[dict]) -> AsyncIterator[str]:
-    """Server-sent events as OpenAI sends them; an error after the stream began is an `error` event (the
-    openai SDK raises it as APIError), then [DONE]."""
+    if body.streaming:
+        return StreamingResponse(sse(_chunks(state, identity, shape, choices, fields, n, body.include_usage, done)),
+                                 media_type="text/event-stream", headers=headers)  # fmt: skip
     try:
-        async for chunk in chunks:
-            yield f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
-    except OpenAIError as exc:
-        yield f"data: {json.dumps(exc.body())}\n\n"
-    yield "data: [DONE]\n\n"
+        outcomes = await asyncio.gather(*(gather(state.pool, choice, fields) for choice in choices))
+    finally:
+        for choice in choices:  # a failed sibling: the others' calls are cancelled and their slots freed
+            choice.call.cancel()
+        done()
+    whole = [shape.whole(choice.spec, outcome) for choice, outcome in zip(choices, outcomes, strict=True)]
+    usage = usage_of(specs, [o.final for o in outcomes], n)
+    return JSONResponse(response(identity, shape, whole, usage), headers=headers)
 
 
-@dataclass(frozen=True)
-class _Identity:
-    id: str
-    created: int
-    model: str
+async def _chunks(state: GatewayState, identity: Identity, shape, choices: list[Choice], fields: dict, n: int,
+                  include_usage: bool, done) -> AsyncIterator[dict]:  # fmt: skip
+    finals: dict[int, pb.GenerateResponse] = {}
 
-    def fields(self, kind: str) -> dict:
-        return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
+    async def one(choice: Choice) -> AsyncIterator[dict]:
+        async def noted() -> AsyncIterator[pb.GenerateResponse]:
+            async for message in messages(state.pool, choice, fields):
+                if message.finish_reason != pb.FINISH_REASON_UNSPECIFIED:
+                    finals[choice.spec.index] = message
+                yield message
 
+        async with contextlib.aclosing(shape.chunks(choice.spec, noted())) as stream:
+            async for item in stream:
+                yield chunk(identity, shape, item)
 
-async def _collect(shape, identity: _Identity, messages: AsyncIterator[pb.GenerateResponse]) -> dict:
-    """A non-streaming response: the whole stream gathered, in the shape's object."""
-    texts, logprobs, final = [], [], None
-    async for message in messages:
-        texts.append(message.text)
-        logprobs.extend(message.logprobs)
-        final = message
-    return shape.whole(identity, "".join(texts), logprobs, final)
-
-
-class _CompletionShape:
-    """/v1/completions: `text_completion` objects, legacy logprobs."""
-
-    prefix = "cmpl"
-    # Contract field names (ErrorInfo "field") as a caller of this endpoint knows them.
-    field_names = {**convert.OPENAI_FIELDS, "prompt": "prompt", "top_logprobs": "logprobs"}
-
-    def whole(self, identity: _Identity, text: str, logprobs: list, final: pb.GenerateResponse) -> dict:
-        choice = {"index": 0, "text": text, "finish_reason": convert.FINISH_REASONS[final.finish_reason],
-                  "logprobs": convert.completion_logprobs(logprobs, 0) if logprobs else None}  # fmt: skip
-        return {**identity.fields("text_completion"), "choices": [choice], "usage": convert.usage(final),
-                "seed": final.seed}  # fmt: skip
-
-    async def chunks(self, identity, messages, include_usage: bool) -> AsyncIterator[dict]:
-        offset = 0
-        async for message in messages:
-            finished = message.finish_reason != pb.FINISH_REASON_UNSPECIFIED
-            logprobs = convert.completion_logprobs(message.logprobs, offset) if message.logprobs else None
-            offset += len(message.text)
-            choice = {"index": 0, "text": message.text, "logprobs": logprobs,
-                      "finish_reason": convert.FINISH_REASONS[message.finish_reason] if finished else None}  # fmt: skip
-            chunk = {**identity.fields("text_completion"), "choices": [choice]}
-            if finished:
-                chunk["seed"] = message.seed
-            yield chunk
-            if finished and include_usage:
-                yield {**identity.fields("text_completion"), "choices": [], "usage": convert.usage(message)}
-
-
-class _ChatShape:
-    """/v1/chat/completions: `chat.completion` objects and `chat.completion.chunk` deltas."""
-
-    prefix = "chatcmpl"
-    field_names = {**convert.OPENAI_FIELDS, "prompt": "messages", "top_logprobs": "top_logprobs"}
-
-    def whole(self, identity: _Identity, text: str, logprobs: list, final: pb.GenerateResponse) -> dict:
-        choice = {"index": 0, "message": {"role": "assistant", "content": text},
-                  "finish_reason": convert.FINISH_REASONS[final.finish_reason],
-                  "logprobs": convert.chat_logprobs(logprobs) if logprobs else None}  # fmt: skip
-        return {**identity.fields("chat.completion"), "choices": [choice], "usage": convert.usage(final),
-                "seed": final.seed}  # fmt: skip
-
-    async def chunks(self, identity, messages, include_usage: bool) -> AsyncIterator[dict]:
-        def chunk(delta: dict, finish_reason: str | None = None, logprobs: dict | None = None) -> dict:
-            choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
-            return {**identity.fields("chat.completion.chunk"), "choices": [choice]}
-
-        yield chunk({"role": "assistant", "content": ""})
-        async for message in messages:
-            finished = message.finish_reason != pb.FINISH_REASON_UNSPECIFIED
-            logprobs = convert.chat_logprobs(message.logprobs) if message.logprobs else None
-            if message.text or logprobs:
-                yield chunk({"content": message.text}, logprobs=logprobs)
-            if finished:
-                yield {**chunk({}, convert.FINISH_REASONS[message.finish_reason]), "seed": message.seed}
-                if include_usage:
-                    yield {
-                        **identity.fields("chat.completion.chunk"),
-                        "choices": [],
-                        "usage": convert.usage(message),
-                    }
+    try:
+        async for item in interleave([one(choice) for choice in choices]):
+            yield item
+        if include_usage:
+            specs = [c.spec for c in choices]
+            yield usage_chunk(identity, shape, usage_of(specs, [finals[s.index] for s in specs], n))
+    finally:
+        for choice in choices:
+            choice.call.cancel()
+        done()

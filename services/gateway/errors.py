@@ -24,7 +24,8 @@ _HTTP = {
     grpc.StatusCode.CANCELLED: (499, "cancelled"),
 }
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-          429: "rate_limit_error", 503: "service_unavailable"}  # fmt: skip
+          413: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable",
+          504: "timeout"}  # fmt: skip
 DEFAULT_RETRY_AFTER_SECONDS = "1"
 
 
@@ -46,9 +47,19 @@ class OpenAIError(Exception):
         return JSONResponse(self.body(), status_code=self.status, headers=headers)
 
 
+def replica_full(error: grpc.RpcError) -> bool:
+    """RESOURCE_EXHAUSTED from a replica's queue (it carries the server's ErrorInfo), as against gRPC's own
+    RESOURCE_EXHAUSTED for a message over the size limit, raised in the client: that one is the request's
+    fault, and no other replica would take it either."""
+    return error.code() is grpc.StatusCode.RESOURCE_EXHAUSTED and error_info(error) is not None
+
+
 def from_rpc_error(error: grpc.RpcError, field_names: dict[str, str]) -> OpenAIError:
     """The OpenAI error for a replica's gRPC status; `field_names` maps contract fields to OpenAI's."""
     code = error.code()
+    if code is grpc.StatusCode.RESOURCE_EXHAUSTED and not replica_full(error):
+        return OpenAIError(413, f"the request is too large to send to a replica ({error.details()}); send fewer "
+                                "or shorter prompts", code="request_too_large")  # fmt: skip
     status, kind = _HTTP.get(code, (502, "api_error"))
     info = error_info(error)
     metadata = dict(info.metadata) if info is not None else {}

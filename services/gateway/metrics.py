@@ -28,8 +28,8 @@ class GatewayMetrics:
         )
         self.replica_requests = Counter(
             "wombat_gateway_replica_requests",
-            "Generation requests sent, by replica",
-            ["replica"],
+            "Generation requests sent, by the --upstream that names the replica (bounded: not the pod's IP)",
+            ["upstream"],
             registry=registry,
         )
         self.replicas_up = Gauge(

@@ -50,6 +50,7 @@ class Replica:
     retired: bool = False  # its address no longer resolves: no new requests; closed once idle
     server_name: str | None = None  # the DNS name it was resolved from
     warned: bool = False  # its first failure to answer was logged
+    upstream: str = ""  # the --upstream it came from: the metric label (pod IPs would be unbounded)
 
     def score(self) -> float:
         if self.load is None:
@@ -78,18 +79,19 @@ class ReplicaPool:
         await self._resolve()
         self._poller = asyncio.create_task(self._poll_forever())
 
-    def _connect(self, address: str, server_name: str | None = None) -> Replica:
+    def _connect(self, address: str, upstream: str, server_name: str | None = None) -> Replica:
         settings = dataclasses.replace(ChannelSettings.from_env(address), server_name=server_name)
         client = AsyncInferenceClient(settings, timeout=self.call_timeout)
-        return Replica(address, client, server_name=server_name)
+        return Replica(address, client, server_name=server_name, upstream=upstream)
 
     async def _resolve(self) -> None:
         """(Re)builds the replica list: plain addresses once, `dns:///` names into one replica per address."""
         self._resolved_at = time.monotonic()
         wanted: dict[str, str | None] = {}
+        origin: dict[str, str] = {}
         for upstream in self.addresses:
             if not upstream.startswith(DNS_PREFIX):
-                wanted[upstream] = None
+                wanted[upstream], origin[upstream] = None, upstream
                 continue
             host, _, port = upstream.removeprefix(DNS_PREFIX).rpartition(":")
             try:
@@ -97,15 +99,19 @@ class ReplicaPool:
             except OSError as exc:  # keep what it resolved to before
                 log.warning("cannot resolve %s: %s", upstream, exc)
                 wanted.update({r.address: host for r in self.replicas if r.server_name == host})
+                origin.update({r.address: upstream for r in self.replicas if r.server_name == host})
                 continue
             for family, _, _, _, sockaddr in infos:
                 ip = sockaddr[0]
-                wanted[f"[{ip}]:{port}" if family == socket.AF_INET6 else f"{ip}:{port}"] = host
+                address = f"[{ip}]:{port}" if family == socket.AF_INET6 else f"{ip}:{port}"
+                wanted[address], origin[address] = host, upstream
         known = {r.address for r in self.replicas}
         for replica in self.replicas:
             replica.retired = replica.address not in wanted
         self.replicas += [
-            self._connect(address, host) for address, host in wanted.items() if address not in known
+            self._connect(address, origin[address], host)
+            for address, host in wanted.items()
+            if address not in known
         ]
         for replica in [r for r in self.replicas if r.retired and r.in_flight == 0]:
             log.info("replica %s is gone from DNS", replica.address)
@@ -130,6 +136,23 @@ class ReplicaPool:
     @property
     def any_up(self) -> bool:
         return self.replicas_up > 0
+
+    # The accounting of one request on a replica, kept here so that no caller touches the counters.
+
+    def dispatched(self, replica: Replica) -> None:
+        """A request was sent to `replica` (it counts towards its load until the next poll)."""
+        replica.sent_since_poll += 1
+
+    def refused(self, replica: Replica, code: grpc.StatusCode) -> None:
+        """`replica` refused a request before producing anything; UNAVAILABLE marks it down until a poll."""
+        if code is grpc.StatusCode.UNAVAILABLE:
+            replica.up = False
+
+    def started(self, replica: Replica) -> None:
+        replica.in_flight += 1
+
+    def finished(self, replica: Replica) -> None:
+        replica.in_flight -= 1
 
     def candidates(self) -> list[Replica]:
         """Replicas to try for one request, best first; replicas last seen down come last (they may be

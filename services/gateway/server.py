@@ -46,8 +46,14 @@ class GatewaySettings:
     drain_seconds: float = 30.0
     upstream_timeout: float = 600.0
     poll_seconds: float = 0.5
+    max_body_bytes: int = 8 * 1024 * 1024  # below the 16 MiB gRPC message limit, so a body never overflows it
 
     def __post_init__(self) -> None:
+        if self.api_key is not None and not self.api_key:
+            raise InvalidArgument("the API key is empty (an empty --api-key-file?); put the key in it, or leave "
+                                  "the option out to check no key")  # fmt: skip
+        if self.max_body_bytes < 1024:
+            raise InvalidArgument(f"--max-body-bytes must be >= 1024, got {self.max_body_bytes}")
         if not self.upstreams:
             raise InvalidArgument("the gateway needs at least one --upstream inference replica (host:port)")
         if self.poll_seconds <= 0:
@@ -96,7 +102,7 @@ async def serve(settings: GatewaySettings) -> None:
         list(settings.upstreams), settings.balance, settings.poll_seconds, settings.upstream_timeout
     )
     state = GatewayState(pool, GatewayMetrics(registry), registry, settings.api_key, settings.served_model_name,
-                         settings.default_max_tokens)  # fmt: skip
+                         settings.default_max_tokens, max_body_bytes=settings.max_body_bytes)  # fmt: skip
     sock = bind(settings.host, settings.port)
     port = sock.getsockname()[1]
     config = uvicorn.Config(create_app(state), log_config=None, access_log=False, lifespan="off",

@@ -5,6 +5,7 @@ from __future__ import annotations
 from wombat.inference.v1 import inference_pb2 as pb
 from wombat_core.engine import SamplingParams
 from wombat_core.engine.prompting import PromptFormat, PromptSpec
+from wombat_core.engine.sampling import StructuredOutput
 from wombat_core.engine.types import FinishReason, StreamEvent, TokenLogprob
 from wombat_core.errors import InvalidArgument
 
@@ -35,6 +36,7 @@ def prompt_spec(message: pb.PromptInput) -> PromptSpec:
         if message.HasField("truncate_left_tokens")
         else None,
         token_ids=tuple(message.token_ids),
+        add_special_tokens=message.add_special_tokens if message.HasField("add_special_tokens") else None,
     )
 
 
@@ -43,14 +45,29 @@ def sampling_params(message: pb.SamplingParams) -> SamplingParams:
     optional = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "max_new_tokens",
                 "min_new_tokens", "seed")  # fmt: skip
     values = {name: getattr(message, name) for name in optional if message.HasField(name)}
+    if message.HasField("prompt_logprobs"):
+        values["prompt_logprobs"] = message.prompt_logprobs
+    if message.HasField("structured_output"):
+        values["structured"] = structured_output(message.structured_output)
     return SamplingParams(
         **values,
+        presence_penalty=message.presence_penalty,
+        frequency_penalty=message.frequency_penalty,
+        logit_bias=tuple(sorted(message.logit_bias.items())),
         stop=tuple(message.stop),
         stop_token_ids=tuple(message.stop_token_ids),
         ignore_eos=message.ignore_eos,
         logprobs=message.logprobs or message.top_logprobs > 0,
         top_logprobs=message.top_logprobs,
     )
+
+
+def structured_output(message: pb.StructuredOutput) -> StructuredOutput:
+    kind = message.WhichOneof("kind")
+    if kind is None:
+        raise InvalidArgument("structured_output is set but names no structure (json_schema, json_object or "
+                              "regex)", metadata={"field": "structured_output"})  # fmt: skip
+    return StructuredOutput(kind, "" if kind == "json_object" else getattr(message, kind))
 
 
 def logprobs(items: tuple[TokenLogprob, ...]) -> list[pb.TokenLogprob]:
@@ -72,6 +89,7 @@ def generate_response(events: list[StreamEvent]) -> pb.GenerateResponse:
         token_ids=[t for e in events for t in e.token_ids],
         text="".join(e.text for e in events),
         logprobs=logprobs(tuple(lp for e in events for lp in e.logprobs)),
+        prompt_logprobs=logprobs(tuple(lp for e in events for lp in e.prompt_logprobs)),
     )
     if last.finish_reason is not None:
         _fill_final(message, last)
@@ -83,6 +101,7 @@ def complete_response(events: list[StreamEvent]) -> pb.CompleteResponse:
         text="".join(e.text for e in events),
         token_ids=[t for e in events for t in e.token_ids],
         logprobs=logprobs(tuple(lp for e in events for lp in e.logprobs)),
+        prompt_logprobs=logprobs(tuple(lp for e in events for lp in e.prompt_logprobs)),
     )
     _fill_final(message, events[-1])
     return message

@@ -23,7 +23,7 @@ from wombat.inference.v1 import inference_pb2 as pb
 from wombat.inference.v1 import inference_pb2_grpc
 from wombat_core.engine import GenerationRequest
 from wombat_core.engine.backend import EngineBackend
-from wombat_core.engine.prompting import EncodedPrompt, PromptFormat, encode
+from wombat_core.engine.prompting import EncodedPrompt, PromptFormat, decode, encode
 from wombat_core.engine.types import StreamEvent
 from wombat_core.errors import Unavailable
 
@@ -67,8 +67,16 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         tokens = backend.tokenizer.convert_ids_to_tokens(list(encoded.token_ids))
         return pb.TokenizeResponse(rendered=encoded.rendered, token_ids=encoded.token_ids, tokens=tokens)
 
+    async def Detokenize(self, request: pb.DetokenizeRequest, context) -> pb.DetokenizeResponse:
+        backend = self._ready()
+        skip = request.skip_special_tokens if request.HasField("skip_special_tokens") else True
+        text = await asyncio.to_thread(decode, tuple(request.token_ids), backend.tokenizer, backend.facts.vocab_size,
+                                       skip_special_tokens=skip)  # fmt: skip
+        return pb.DetokenizeResponse(text=text)
+
     async def ModelInfo(self, request: pb.ModelInfoRequest, context) -> pb.ModelInfoResponse:
-        facts = self._ready().facts
+        backend = self._ready()
+        facts, tokenizer = backend.facts, backend.tokenizer
         return pb.ModelInfoResponse(
             name=facts.name,
             model_type=facts.model_type,
@@ -80,6 +88,10 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             eos_token_id=facts.eos_token_ids[0] if facts.eos_token_ids else -1,
             max_batch_size=facts.max_batch_size,
             eos_token_ids=facts.eos_token_ids,
+            eos_token=tokenizer.eos_token or "",
+            bos_token=tokenizer.bos_token or "",
+            pad_token=tokenizer.pad_token or "",
+            chat_template=getattr(tokenizer, "chat_template", None) or "",
         )
 
     async def GetLoad(self, request: pb.GetLoadRequest, context) -> pb.GetLoadResponse:

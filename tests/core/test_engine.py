@@ -336,3 +336,132 @@ def test_incremental_detokenizer_never_splits_a_character(loaded, text):
     assert "".join(chunks) == tokenizer.decode(ids, skip_special_tokens=True)
     assert not any("\ufffd" in chunk for chunk in chunks)
     assert len([c for c in chunks if c]) > 1  # it really streamed
+
+
+def hf_prompt_logprobs(loaded, prompt_ids) -> torch.Tensor:
+    """Hugging Face's forward over the prompt, log-softmax in float32: row t scores token t + 1."""
+    with torch.no_grad():
+        logits = loaded.model(torch.tensor([prompt_ids])).logits[0].float()
+    return torch.log_softmax(logits, dim=-1)
+
+
+@pytest.fixture(scope="module")
+def loaded_plain(tmp_path_factory):
+    """The model's own forward (as on CUDA), not the lean CPU one."""
+    return load_for_serving(
+        save_servable_tiny_model(tmp_path_factory.mktemp("plain") / "tiny"), packed_kernels=False
+    )
+
+
+@pytest.mark.parametrize("forward", ["lean CPU forward", "the model's own forward"])
+def test_prompt_logprobs_equal_hf_log_softmax_in_a_padded_chunked_group(request, forward):
+    """Three prompts of different lengths admitted as one group (left padding), prefilled in chunks of a
+    few tokens, one of them not asking: each asking prompt's logprobs equal HF's over its own ids."""
+    loaded = request.getfixturevalue("loaded" if forward.startswith("lean") else "loaded_plain")
+    engine = Engine(loaded.model, loaded.tokenizer,
+                    EngineConfig(max_batch_size=4, context_length=256, max_prefill_tokens=12))  # fmt: skip
+    assert (engine.runner._lean is not None) == forward.startswith("lean")
+    texts = ["The quick brown fox jumps over the lazy dog.", "café", "Name three colours, then stop."]
+    ids = [loaded.tokenizer(t)["input_ids"] for t in texts]
+    collectors = []
+    with engine.scheduler.lock:  # all three queued before the engine admits any: one group
+        for i, (prompt, wanted) in enumerate(zip(ids, (3, None, 0), strict=True)):
+            extra = {} if wanted is None else {"prompt_logprobs": wanted}
+            collectors.append(submit(engine, prompt, f"p{i}", temperature=0, max_new_tokens=3, **extra))
+    engine.start()
+    try:
+        finals = [c.wait() for c in collectors]
+    finally:
+        engine.stop()
+    assert not collectors[1].events[0].prompt_logprobs
+    for prompt, collector, top in ((ids[0], collectors[0], 3), (ids[2], collectors[2], 0)):
+        scored = collector.events[0].prompt_logprobs
+        reference = hf_prompt_logprobs(loaded, prompt)
+        assert [s.token_id for s in scored] == prompt[1:]
+        expected = reference[torch.arange(len(prompt) - 1), torch.tensor(prompt[1:])]
+        torch.testing.assert_close(torch.tensor([s.logprob for s in scored]), expected, atol=1e-4, rtol=0)
+        for position, entry in enumerate(scored):
+            assert len(entry.top) == top
+            if top:
+                best = reference[position].topk(top)
+                assert [t.token_id for t in entry.top] == best.indices.tolist()
+                torch.testing.assert_close(
+                    torch.tensor([t.logprob for t in entry.top]), best.values, atol=1e-4, rtol=0
+                )
+        # The texts of the scored tokens, after the first token's, add up to the prompt's text.
+        first = loaded.tokenizer.decode(prompt[:1], skip_special_tokens=True)
+        assert first + "".join(s.text for s in scored) == loaded.tokenizer.decode(
+            prompt, skip_special_tokens=True
+        )
+    assert all(len(tokens) == 3 for tokens, _, _ in finals)
+
+
+def test_max_new_tokens_zero_scores_the_prompt_and_generates_nothing(loaded, engine):
+    prompt = loaded.tokenizer("The quick brown fox")["input_ids"]
+    tokens, text, final = submit(engine, prompt, "score", max_new_tokens=0, prompt_logprobs=1).wait()
+    assert tokens == [] and text == "" and final.finish_reason is FinishReason.LENGTH
+    assert final.usage.completion_tokens == 0 and len(final.prompt_logprobs) == len(prompt) - 1
+    with pytest.raises(InvalidArgument, match="max_new_tokens must be >= 1 .0 only with prompt_logprobs"):
+        SamplingParams(max_new_tokens=0)
+
+
+BOUNDED_SCHEMA = {"type": "object", "additionalProperties": False, "required": ["colour", "count", "tag"],
+                  "properties": {"colour": {"enum": ["red", "green", "blue"]},
+                                 "count": {"type": "integer", "minimum": 0, "maximum": 99},
+                                 "tag": {"type": "string", "maxLength": 4}}}  # fmt: skip
+
+
+def test_structured_output_follows_a_json_schema_a_json_object_and_a_regex_in_one_batch(loaded, engine):
+    """A random model, so nothing but the mask makes its output valid: three constrained rows and a free one
+    decoded together; each constrained output is complete, valid, and ended by EOS."""
+    import json
+    import re
+
+    from wombat_core.engine.sampling import StructuredOutput
+
+    prompt = loaded.tokenizer("Answer:")["input_ids"]
+    schema = StructuredOutput("json_schema", json.dumps(BOUNDED_SCHEMA))
+    runs = {
+        "schema": submit(
+            engine, prompt, "schema", temperature=0.8, seed=1, max_new_tokens=64, structured=schema
+        ),
+        "object": submit(
+            engine,
+            prompt,
+            "object",
+            temperature=0.8,
+            seed=2,
+            max_new_tokens=200,
+            structured=StructuredOutput("json_object"),
+        ),  # fmt: skip
+        "regex": submit(
+            engine,
+            prompt,
+            "regex",
+            temperature=0.8,
+            seed=3,
+            max_new_tokens=32,
+            structured=StructuredOutput("regex", "[0-9]{3}-[a-z]{2}"),
+        ),  # fmt: skip
+        "free": submit(engine, prompt, "free", temperature=0.8, seed=4, max_new_tokens=16),
+    }
+    results = {name: run.wait() for name, run in runs.items()}
+    value = json.loads(results["schema"][1])
+    assert set(value) == {"colour", "count", "tag"} and value["colour"] in ("red", "green", "blue")
+    assert isinstance(value["count"], int) and 0 <= value["count"] <= 99 and len(value["tag"]) <= 4
+    assert results["schema"][2].finish_reason is FinishReason.EOS
+    if results["object"][2].finish_reason is FinishReason.EOS:
+        assert isinstance(json.loads(results["object"][1]), dict)
+    else:  # an unbounded object may run out of tokens; what it made is still a valid prefix
+        assert results["object"][1].startswith("{")
+    assert re.fullmatch("[0-9]{3}-[a-z]{2}", results["regex"][1])
+    assert results["regex"][2].finish_reason is FinishReason.EOS
+
+
+def test_an_invalid_schema_is_refused_at_submit_naming_the_field(engine):
+    from wombat_core.engine.sampling import StructuredOutput
+
+    for spec in ('{"type": "nonsense"}', "not json"):
+        with pytest.raises(InvalidArgument, match="structured_output json_schema cannot be used") as caught:
+            submit(engine, (5, 6), "bad", structured=StructuredOutput("json_schema", spec))
+        assert caught.value.metadata["field"] == "structured_output"

@@ -162,3 +162,74 @@ def test_uniform_draws_are_uniform_and_depend_on_seed_and_step_only():
         uniform(seeds[:5], torch.zeros(5, dtype=torch.int64)),
         uniform(seeds[:5], torch.ones(5, dtype=torch.int64)),
     )
+
+
+def openai_penalties_reference(logits: torch.Tensor, params: SamplingParams, prompt, output) -> torch.Tensor:
+    """The per-row formula, written out one token at a time: vLLM's order (logit_bias on the raw logits,
+    then repetition over prompt + output, then OpenAI's documented
+    mu[j] - c[j] * frequency_penalty - (c[j] > 0) * presence_penalty over the output's counts)."""
+    scores = logits.clone()
+    for token, bias in params.logit_bias:
+        scores[token] += bias
+    if params.repetition_penalty != 1.0:
+        for token in set(prompt) | set(output):
+            value = scores[token]
+            scores[token] = (
+                value * params.repetition_penalty if value < 0 else value / params.repetition_penalty
+            )
+    for token in set(output):
+        count = output.count(token)
+        scores[token] -= count * params.frequency_penalty + params.presence_penalty
+    return scores
+
+
+PENALTY_ROWS = [  # mixed with rows that use none of it, in one batch
+    SamplingParams(temperature=0),
+    SamplingParams(temperature=0, presence_penalty=1.5),
+    SamplingParams(temperature=0.8, frequency_penalty=0.7),
+    SamplingParams(temperature=0, presence_penalty=-0.5, frequency_penalty=-1.2),
+    SamplingParams(temperature=0, logit_bias=((3, 100.0), (9, -100.0), (40, 2.5))),
+    SamplingParams(
+        temperature=0,
+        repetition_penalty=1.3,
+        presence_penalty=0.4,
+        frequency_penalty=0.3,
+        logit_bias=((7, -3.0),),
+    ),  # fmt: skip
+]
+
+
+def test_presence_frequency_penalties_and_logit_bias_match_the_per_row_formula():
+    torch.manual_seed(3)
+    sampler = sampler_with(PENALTY_ROWS)
+    generated = (30, 7, 41, 30, 30, 7)
+    force(sampler, generated)
+    logits = torch.randn(len(PENALTY_ROWS), VOCAB) * 3
+    ours = sampler.processed_scores(logits.clone(), slice(0, len(PENALTY_ROWS)))
+    for row, params in enumerate(PENALTY_ROWS):
+        expected = openai_penalties_reference(logits[row], params, PROMPT, list(generated))
+        if params.greedy:
+            torch.testing.assert_close(ours[row], expected, rtol=1e-6, atol=1e-5, msg=f"row {row}")
+        else:  # the warpers follow; the penalised scores divided by the temperature are what they see
+            torch.testing.assert_close(ours[row], expected / params.temperature, rtol=1e-6, atol=1e-5)
+        if params.penalises_output or params.logit_bias:
+            assert not torch.equal(expected, logits[row]), (
+                f"row {row}: nothing moved, the test would prove little"
+            )
+
+
+def test_logit_bias_forces_and_bans_tokens_and_penalties_follow_moved_rows():
+    sampler = sampler_with(PENALTY_ROWS)
+    logits = torch.randn(len(PENALTY_ROWS), VOCAB)
+    assert sampler.sample(logits.clone(), slice(0, len(PENALTY_ROWS))).tokens[4] == 3  # +100 forces token 3
+    # Row 1 (presence 1.5) moves to row 0 when row 0 leaves; its counts travel with it.
+    sampler.move_rows([(0, 1)])
+    assert sampler.counts is not None and sampler.counts[0].sum() == 1
+    assert sampler.frequency[0] == 0 and sampler.presence[0] == 1.5
+
+
+def test_a_new_row_does_not_inherit_its_slot_predecessors_counts_or_bias():
+    sampler = sampler_with(PENALTY_ROWS)
+    force(sampler, (30, 30))
+    sampler.add_rows(4, [SamplingRow(SamplingParams(temperature=0), 0, PROMPT, EOS)])
+    assert sampler.counts[4].sum() == 0 and sampler.bias[4].abs().sum() == 0

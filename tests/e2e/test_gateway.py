@@ -143,12 +143,26 @@ def test_logprobs_for_completions_and_chat(client):
     ("arguments", "param", "message"),
     [
         ({"temperature": 5}, "temperature", "less than or equal to 2"),
-        ({"n": 2}, "n", "only n=1"),
-        ({"presence_penalty": 0.5}, "presence_penalty", "use repetition_penalty"),
-        ({"extra_body": {"top_k": -3}}, "top_k", "top_k must be >= 0"),
+        ({"n": 200}, "n", "less than or equal to 128"),
+        ({"presence_penalty": 2.5}, "presence_penalty", "less than or equal to 2"),
+        ({"extra_body": {"top_k": -3}}, "top_k", "greater than or equal to -1"),
+        ({"logit_bias": {"999999": 5}}, "logit_bias", "logit_bias token ids must be < vocab size"),
         ({"max_tokens": 10_000}, "max_tokens", "max_new_tokens must be <= 4096"),
+        ({"max_tokens": 2**40}, "max_tokens", "less than or equal to 2147483647"),
+        ({"extra_body": {"stop_token_ids": [2**33]}}, "stop_token_ids", "less than or equal to 2147483647"),
+        ({"extra_body": {"include_stop_str_in_output": True}}, "include_stop_str_in_output", "not supported"),
     ],
-    ids=["temperature", "n", "presence_penalty", "top_k (checked by the replica)", "max_tokens"],
+    ids=[
+        "temperature",
+        "n",
+        "presence_penalty",
+        "top_k",
+        "logit_bias (checked by the replica)",
+        "max_tokens (checked by the replica)",
+        "max_tokens beyond int32",
+        "token ids beyond int32",
+        "a vLLM extra this server does not do",
+    ],  # fmt: skip
 )
 def test_a_bad_parameter_is_bad_request_naming_the_field(client, arguments, param, message):
     with pytest.raises(openai.BadRequestError) as caught:

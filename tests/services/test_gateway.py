@@ -87,7 +87,7 @@ def _replica_requests(gateway: ServiceProcess) -> dict:
         return {}
     from prometheus_client.parser import text_string_to_metric_families
 
-    return {s.labels["replica"]: s.value for f in text_string_to_metric_families(body) for s in f.samples
+    return {s.labels["upstream"]: s.value for f in text_string_to_metric_families(body) for s in f.samples
             if s.name == "wombat_gateway_replica_requests_total"}  # fmt: skip
 
 

@@ -26,7 +26,8 @@ from wombat_core.engine.types import GenerationRequest, StreamEvent
 log = logging.getLogger(__name__)
 
 # Warm-up requests run every sampler path (greedy; seeded sampling with top-k/top-p/min-p, repetition
-# penalty and min-new-tokens), so a model or device that cannot sample fails before the pod says SERVING.
+# penalty and min-new-tokens; penalties, bias and logprobs of the output and the prompt), so a model or
+# device that cannot sample fails before the pod says SERVING.
 WARM_UP = (
     SamplingParams(temperature=0, max_new_tokens=2),
     SamplingParams(
@@ -38,6 +39,17 @@ WARM_UP = (
         min_new_tokens=2,
         max_new_tokens=2,
         seed=0,
+    ),  # fmt: skip
+    # OpenAI's penalties and logit_bias, and prompt logprobs (the LM head over every prompt position).
+    SamplingParams(
+        temperature=0,
+        presence_penalty=0.5,
+        frequency_penalty=0.5,
+        logit_bias=((0, 1.0),),
+        prompt_logprobs=1,
+        logprobs=True,
+        top_logprobs=1,
+        max_new_tokens=2,
     ),  # fmt: skip
 )
 

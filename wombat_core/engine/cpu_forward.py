@@ -42,12 +42,20 @@ class Segment:
     """Rows that run the same number of tokens in a forward: a decode step (T = 1) or a prefill chunk.
 
     input_ids, position_ids: [rows, T]; mask: [rows, 1, T, columns], True where a query may attend; write:
-    where the rows' keys and values go in the cache (the runner's plan)."""
+    where the rows' keys and values go in the cache (the runner's plan); every_position: the rows (indices
+    among the segment's) whose logits are wanted at every position, not only the last (prompt logprobs)."""
 
     input_ids: torch.Tensor
     position_ids: torch.Tensor
     mask: torch.Tensor
     write: CacheWrite
+    every_position: torch.Tensor | None = None
+
+
+@dataclass
+class SegmentLogits:
+    last: torch.Tensor  # [rows, vocab]: each row's last position
+    every: torch.Tensor | None = None  # [len(every_position), T, vocab], when the segment asked
 
 
 class LeanLlamaForward:
@@ -63,11 +71,11 @@ class LeanLlamaForward:
         self.layers = [_Layer(layer) for layer in body.layers[: config.num_hidden_layers]]
 
     @torch.inference_mode()
-    def __call__(self, segments: list[Segment], cache: KVCache) -> list[torch.Tensor]:
+    def __call__(self, segments: list[Segment], cache: KVCache) -> list[SegmentLogits]:
         """Runs the segments' tokens as one batch of N tokens: every matrix multiplication, norm and the
         rotary embedding take all N at once, and only attention runs per segment (each over its own rows of
         the cache, with its own mask). Returns each segment's logits at its rows' last position,
-        [rows, vocab] in the model's dtype."""
+        [rows, vocab] in the model's dtype, and at every position of the rows it asked for."""
         heads, kv_heads, head_dim = self.heads, self.kv_heads, self.head_dim
         x = self.embed(torch.cat([s.input_ids.reshape(-1) for s in segments]))  # [N, hidden]
         positions = torch.cat([s.position_ids.reshape(-1) for s in segments])
@@ -110,7 +118,13 @@ class LeanLlamaForward:
             length = segment.input_ids.shape[1]
             lasts.append(torch.arange(first + length - 1, last, length, device=x.device))
         logits = self.lm_head(rms_norm(x[torch.cat(lasts)], self.final_norm))
-        return list(logits.split([len(index) for index in lasts]))
+        results = [SegmentLogits(part) for part in logits.split([len(index) for index in lasts])]
+        for segment, (first, last), result in zip(segments, bounds, results, strict=True):
+            if segment.every_position is not None:  # the LM head over those rows' every token
+                rows, length = segment.input_ids.shape
+                hidden = x[first:last].view(rows, length, -1)[segment.every_position]
+                result.every = self.lm_head(rms_norm(hidden, self.final_norm))
+        return results
 
 
 def rms_norm(x: torch.Tensor, norm: torch.nn.Module) -> torch.Tensor:

@@ -14,8 +14,50 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from wombat_core.engine.types import TokenLogprob, TopLogprob
+
 REPLACEMENT_CHAR = "\ufffd"
 _WINDOW = 6  # tokens of left context; enough to settle spacing and multi-token characters
+LOGPROB_CONTEXT = 6  # tokens of left context for a logprob token's text: enough to settle a leading space
+# A prompt token's score: (token id, its logprob, [(alternative id, logprob), ...] best first).
+PromptScore = tuple[int, float, list[tuple[int, float]]]
+
+
+def added_text(tokenizer, context: list[int], token_id: int) -> str:
+    """The text `token_id` adds after `context`: a SentencePiece "▁the" is " the" (decoded alone it would be
+    "the"), so the texts of consecutive tokens add up to the text (OpenAI's `tokens` and `text_offset`)."""
+    before = tokenizer.decode(context, skip_special_tokens=True)
+    after = tokenizer.decode([*context, token_id], skip_special_tokens=True)
+    return after[len(before) :] if after.startswith(before) else after[_common_prefix(before, after) :]
+
+
+def name_prompt_logprobs(
+    tokenizer, prompt: tuple[int, ...], entries: list[PromptScore]
+) -> tuple[TokenLogprob, ...]:
+    """Prompt logprobs (the last len(entries) tokens of `prompt`) as TokenLogprobs named by `added_text`;
+    both backends name them so."""
+    names: dict[tuple[int, int], str] = {}
+
+    def text(position: int, token_id: int) -> str:
+        if (position, token_id) not in names:
+            context = list(prompt[max(0, position - LOGPROB_CONTEXT) : position])
+            names[position, token_id] = added_text(tokenizer, context, token_id)
+        return names[position, token_id]
+
+    first = len(prompt) - len(entries)
+    return tuple(
+        TokenLogprob(token, logprob, tuple(TopLogprob(t, text(p, t), lp) for t, lp in top), text(p, token))
+        for p, (token, logprob, top) in enumerate(entries, start=first)
+    )
+
+
+def _common_prefix(a: str, b: str) -> int:
+    length = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        length += 1
+    return length
 
 
 @dataclass

@@ -38,12 +38,19 @@ from dataclasses import dataclass
 import torch
 
 from wombat_core.engine.cpu_kernels import use_threads
+from wombat_core.engine.grammar import Grammars
 from wombat_core.engine.kv_cache import KVCacheFull
 from wombat_core.engine.output import OutputProcessor, RequestState, Sink
-from wombat_core.engine.runner import ModelRunner, PrefillGroup
+from wombat_core.engine.runner import ModelRunner, PrefillGroup, PromptScores
 from wombat_core.engine.sampler import BatchSampler, SamplingRow
 from wombat_core.engine.scheduler import Scheduler
-from wombat_core.engine.types import FinishReason, GenerationRequest, StreamEvent, TokenLogprob
+from wombat_core.engine.types import (
+    GRAMMAR_REFUSED,
+    FinishReason,
+    GenerationRequest,
+    StreamEvent,
+    TokenLogprob,
+)
 from wombat_core.errors import InvalidArgument, Unavailable
 
 log = logging.getLogger(__name__)
@@ -108,6 +115,7 @@ class Engine:
         self.sampler = BatchSampler(config.max_batch_size, model.config.vocab_size, self.runner.device)
         self.scheduler = Scheduler(config.max_batch_size, config.max_queue, config.max_prefill_tokens)
         self.output = OutputProcessor(tokenizer, self.eos_token_ids, config.context_length)
+        self.grammars = Grammars(tokenizer, int(model.config.vocab_size), self.eos_token_ids)
         self._decode_steps = 0
         self._group = None  # the runner's PrefillGroup in flight
         self._thread: threading.Thread | None = None
@@ -139,7 +147,10 @@ class Engine:
         """Queues a request. Raises ResourceExhausted at once when the waiting queue is full."""
         request.check_against_model(vocab_size=self.vocab_size, context_length=self.config.context_length,
                                     max_new_tokens_limit=self.config.max_new_tokens_limit)  # fmt: skip
-        self.scheduler.add(self.output.new_request(request, sink))
+        state = self.output.new_request(request, sink)
+        if request.params.structured is not None:  # compiled now: an invalid schema never takes a slot
+            state.matcher = self.grammars.matcher(request.params.structured)
+        self.scheduler.add(state)
 
     def generate(self, request: GenerationRequest) -> Iterator[list[StreamEvent]]:
         """Submits `request` now (a full queue raises ResourceExhausted here) and returns its events as they
@@ -226,7 +237,7 @@ class Engine:
             self._sample_and_emit(logits.decode, slice(0, len(self.scheduler.running)))
         if logits.prefill is not None:
             assert group is not None
-            self._complete_prefill(group, logits.prefill)
+            self._complete_prefill(group, logits.prefill, logits.prompt)
 
     def _apply_cancellations(self, ids: set[str]) -> None:
         """Takes the cancelled requests out of the queue, the prefill group and the running rows, then
@@ -246,33 +257,56 @@ class Engine:
             return
         prompts = [s.request.prompt_token_ids for s in chosen]
         try:
-            self._group = self.runner.new_group(prompts, max(s.request.params.max_new_tokens for s in chosen))
+            self._group = self.runner.new_group(prompts, max(s.request.params.max_new_tokens for s in chosen),
+                                                [s.request.params.prompt_logprobs for s in chosen])  # fmt: skip
         except KVCacheFull as exc:  # the cache is as it was: only these newcomers fail
             log.warning("%s", exc.message)
             for state in self.scheduler.abandon_prefill():
                 self._deliver(state, self.output.failed(state, exc))
 
-    def _complete_prefill(self, group: PrefillGroup, logits: torch.Tensor) -> None:
+    def _complete_prefill(
+        self, group: PrefillGroup, logits: torch.Tensor, prompt: PromptScores | None
+    ) -> None:
         """The group's prompts are complete: its live newcomers join the running rows (after the rows that
-        finished in this step left) and get their first tokens."""
+        finished in this step left) and get their first tokens (and their prompt logprobs, when asked)."""
         self._group = None
         newcomers = self.scheduler.prefilled()
+        if prompt is not None:
+            self._hand_prompt_logprobs(group, prompt, newcomers.rows, newcomers.requests)
         first = self.runner.complete_group(group, newcomers.rows)
         self.sampler.add_rows(first, [self._sampling_row(s) for s in newcomers.requests])
         if len(newcomers.rows) < group.rows:
             logits = logits[torch.tensor(newcomers.rows, device=logits.device)]
         self._sample_and_emit(logits, slice(first, first + len(newcomers.requests)))
 
+    def _hand_prompt_logprobs(self, group: PrefillGroup, prompt: PromptScores, rows: list[int],
+                              requests: list[RequestState]) -> None:  # fmt: skip
+        """One host transfer for the group's prompt logprobs; each asking newcomer gets its own columns (from
+        its first real token, past its left padding)."""
+        packed = prompt.packed.tolist()
+        for row, state in zip(rows, requests, strict=True):
+            wanted = state.request.params.prompt_logprobs
+            if wanted is None:
+                continue
+            columns = packed[prompt.rows.index(row)][group.offsets[row] :]
+            entries = [
+                (int(c[0]), c[1], [(int(c[2 + prompt.top + i]), c[2 + i]) for i in range(wanted)])
+                for c in columns
+            ]
+            self.output.set_prompt_logprobs(state, entries)
+
     def _sampling_row(self, state: RequestState) -> SamplingRow:
         params = state.request.params
         eos = () if params.ignore_eos else self.eos_token_ids
-        return SamplingRow(params, state.seed, state.request.prompt_token_ids, eos)
+        return SamplingRow(params, state.seed, state.request.prompt_token_ids, eos, state.matcher)
 
     def _sample_and_emit(self, logits: torch.Tensor, rows: slice) -> None:
         """One batched sampler call for `rows`, one host transfer, then the rows' events."""
         output = self.sampler.sample(logits, rows)
         self.runner.set_last_tokens(rows.start, output.tokens)
         tokens, logprobs = output.to_host()
+        for row in self.sampler.accept(rows.start, tokens):
+            tokens[row - rows.start] = GRAMMAR_REFUSED
         self._emit_and_retire(rows.start, tokens, logprobs)
 
     def _emit_and_retire(self, first: int, tokens: list[int], logprobs: list[TokenLogprob | None]) -> None:

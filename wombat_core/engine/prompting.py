@@ -28,6 +28,7 @@ class PromptSpec:
     truncate_left_tokens: int | None = None
     # A prompt given as token ids is used as it is: no template, no tokenisation (vLLM's TokensPrompt).
     token_ids: tuple[int, ...] = ()
+    add_special_tokens: bool | None = None  # None: the format's default (raw and alpaca yes, chat no)
 
     def __post_init__(self) -> None:
         if self.token_ids:
@@ -95,6 +96,8 @@ def encode(spec: PromptSpec, tokenizer, default: PromptFormat) -> EncodedPrompt:
         text = tokenizer.decode(ids)
     else:
         text, add_special = render(spec, tokenizer, default)
+        if spec.add_special_tokens is not None:
+            add_special = spec.add_special_tokens
         ids = tokenizer(text, add_special_tokens=add_special)["input_ids"]
     truncated = 0
     if spec.truncate_left_tokens is not None and len(ids) > spec.truncate_left_tokens:
@@ -102,3 +105,20 @@ def encode(spec: PromptSpec, tokenizer, default: PromptFormat) -> EncodedPrompt:
         truncated = len(ids) - spec.truncate_left_tokens
         ids = ids[truncated:]
     return EncodedPrompt(text, tuple(ids), truncated)
+
+
+def decode(
+    token_ids: tuple[int, ...], tokenizer, vocab_size: int, *, skip_special_tokens: bool = True
+) -> str:
+    """Text of `token_ids` (vLLM's /detokenize), each checked against the model's vocabulary."""
+    if len(token_ids) > MAX_PROMPT_TOKEN_IDS:
+        raise InvalidArgument(
+            f"token_ids may hold at most {MAX_PROMPT_TOKEN_IDS} ids, got {len(token_ids)}",
+            metadata={"field": "token_ids"},
+        )
+    bad = [t for t in token_ids if not 0 <= t < vocab_size]
+    if bad:
+        raise InvalidArgument(
+            f"token_ids must be in [0, {vocab_size}), got {bad[:8]}", metadata={"field": "token_ids"}
+        )
+    return tokenizer.decode(list(token_ids), skip_special_tokens=skip_special_tokens)

@@ -22,11 +22,11 @@ that writes the cache runs in inference mode, so a cache tensor reallocated ther
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-from wombat_core.engine.cpu_forward import LeanLlamaForward, Segment
+from wombat_core.engine.cpu_forward import LeanLlamaForward, Segment, SegmentLogits
 from wombat_core.engine.cpu_kernels import swapped
 from wombat_core.engine.kv_cache import INITIAL_CAPACITY, KVCache, check_preallocation
 
@@ -45,6 +45,11 @@ class PrefillGroup:
     real: torch.Tensor
     offsets: list[int]  # left padding of each row
     done: int = 0  # columns already prefilled
+    # Prompt logprobs: the rows (indices in the group) that asked, the most alternatives one asked for, and
+    # each prefilled chunk's scores, kept on the device until the group is complete.
+    score_rows: list[int] = field(default_factory=list)
+    score_top: int = 0
+    scored: list[torch.Tensor] = field(default_factory=list)
 
     @property
     def rows(self) -> int:
@@ -60,9 +65,21 @@ class PrefillGroup:
 
 
 @dataclass
+class PromptScores:
+    """Prompt logprobs of a completed group, still on the device: for each scoring row, the column t of
+    `packed` holds the prompt token at column t + 1, its logprob given columns <= t, then `top` best
+    logprobs and their ids. Columns before a row's offset (its left padding) mean nothing."""
+
+    rows: list[int]  # indices in the group
+    top: int
+    packed: torch.Tensor  # [len(rows), length - 1, 2 + 2 * top] float64
+
+
+@dataclass
 class StepLogits:
     decode: torch.Tensor | None  # [running rows, vocab]
     prefill: torch.Tensor | None  # [group rows, vocab], once the group's prompts are complete
+    prompt: PromptScores | None = None  # with `prefill`, when some newcomer asked for prompt logprobs
 
 
 class ModelRunner:
@@ -115,9 +132,11 @@ class ModelRunner:
     # --- prefill --------------------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def new_group(self, prompts: list[tuple[int, ...]], max_new_tokens: int = 0) -> PrefillGroup:
+    def new_group(self, prompts: list[tuple[int, ...]], max_new_tokens: int = 0,
+                  prompt_logprobs: list[int | None] | None = None) -> PrefillGroup:  # fmt: skip
         """Places newcomers in the top slots (the engine keeps running rows + group rows within the slots),
-        and grows the cache now, once, to the columns they may reach, rather than step by step later."""
+        and grows the cache now, once, to the columns they may reach, rather than step by step later.
+        `prompt_logprobs`, per prompt: None, or how many alternatives its prompt logprobs carry."""
         length = max(len(p) for p in prompts)
         self.cache.ensure_capacity(min(self.cache.max_capacity, length + max_new_tokens))
         offsets = [length - len(p) for p in prompts]
@@ -127,7 +146,11 @@ class ModelRunner:
         offsets_t = torch.tensor(offsets, dtype=torch.int64).to(self.device)[:, None]
         real = columns[None, :] >= offsets_t
         position_ids = (columns[None, :] - offsets_t).clamp(min=0)
-        return PrefillGroup(self.slots - len(prompts), input_ids, position_ids, real, offsets)
+        wanted = prompt_logprobs or [None] * len(prompts)
+        score_rows = [i for i, k in enumerate(wanted) if k is not None]
+        top = max((wanted[i] for i in score_rows), default=0)
+        return PrefillGroup(self.slots - len(prompts), input_ids, position_ids, real, offsets,
+                            score_rows=score_rows, score_top=top)  # fmt: skip
 
     @torch.inference_mode()
     def complete_group(self, group: PrefillGroup, keep: list[int]) -> int:
@@ -184,15 +207,35 @@ class ModelRunner:
             logits = [self._model_forward(segment) for segment in segments]
         result = StepLogits(None, None)
         if decoding:
-            result.decode = logits.pop(0).float()
+            result.decode = logits.pop(0).last.float()
             self._columns[: self.rows] += 1
             for row in range(self.rows):
                 self.columns[row] += 1
         if group is not None:
-            group.done = segments[-1].write.attend
+            start, group.done = group.done, segments[-1].write.attend
+            if logits[0].every is not None:
+                group.scored.append(self._score_prompt_chunk(group, logits[0].every, start))
             if group.finished:
-                result.prefill = logits[0].float()
+                result.prefill = logits[0].last.float()
+                if group.score_rows:
+                    packed = torch.cat(group.scored, dim=1)
+                    result.prompt = PromptScores(group.score_rows, group.score_top, packed)
         return result
+
+    def _score_prompt_chunk(self, group: PrefillGroup, logits: torch.Tensor, start: int) -> torch.Tensor:
+        """Prompt logprobs of one prefilled chunk: the logits at columns [start, end) of the scoring rows
+        [n, T, vocab] score the tokens at columns start + 1 ... (the last column predicts no prompt token).
+        Log-softmax in float32, as the sampler's logprobs. Returns [n, T', 2 + 2 * top] float64."""
+        end = min(start + logits.shape[1], group.length - 1)
+        rows = torch.tensor(group.score_rows, device=self.device)
+        targets = group.input_ids[rows, start + 1 : end + 1]  # [n, T']
+        logprobs = torch.log_softmax(logits[:, : end - start].float(), dim=-1)
+        chosen = logprobs.gather(2, targets[..., None])
+        parts = [targets[..., None].double(), chosen.double()]
+        if group.score_top:
+            values, ids = logprobs.topk(group.score_top, dim=-1)
+            parts += [values.double(), ids.double()]
+        return torch.cat(parts, dim=2)
 
     def _decode_segment(self) -> Segment:
         rows = self.rows
@@ -216,15 +259,19 @@ class ModelRunner:
         causal = keys[None, :] <= queries[:, None]  # [chunk, columns]
         itself = keys[None, :] == queries[:, None]
         mask = (group.real[:, None, :end] & causal[None]) | itself[None]  # [rows, chunk, columns]
-        return Segment(group.input_ids[:, start:end], group.position_ids[:, start:end], mask[:, None], write)
+        every = torch.tensor(group.score_rows, device=self.device) if group.score_rows else None
+        return Segment(group.input_ids[:, start:end], group.position_ids[:, start:end], mask[:, None], write,
+                       every)  # fmt: skip
 
-    def _model_forward(self, segment: Segment) -> torch.Tensor:
-        """The model's own forward on one segment; the logits of each row's last position [rows, vocab]."""
+    def _model_forward(self, segment: Segment) -> SegmentLogits:
+        """The model's own forward on one segment; the logits of each row's last position [rows, vocab], and
+        of every position of the rows that asked (then the LM head runs over every row's positions)."""
         self.cache.plan(segment.write)
+        every = segment.every_position
         output = self.model(input_ids=segment.input_ids, attention_mask=segment.mask,
-                            position_ids=segment.position_ids, use_cache=True, logits_to_keep=1,
+                            position_ids=segment.position_ids, use_cache=True, logits_to_keep=0 if every is not None else 1,
                             **{self._cache_argument: self.cache})  # fmt: skip
-        return output.logits[:, -1, :]
+        return SegmentLogits(output.logits[:, -1, :], output.logits[every] if every is not None else None)
 
     def _unpad(self, row: int) -> None:
         """A row at the last column drops its left padding: its context is its own tokens, not the group's

@@ -1,12 +1,16 @@
 """The batched sampler: one call per step turns the logits of many rows into their next tokens, on the
 logits' device (after vLLM's v1 sampler).
 
-Per-row parameters live in tensors indexed by row (the rows of the runner's KV cache): temperature,
-top-k, top-p, min-p, repetition penalty, min-new-tokens suppression of EOS and stop tokens, seed and
-step. An operation runs only when some row needs it, and with neutral values for the rows that do not
-(top-k 0, top-p 1, min-p 0, penalty 1), so one set of tensor ops serves a mixed batch. Order and
-formulas are Hugging Face's (RepetitionPenalty, MinNewTokensLength, Temperature, TopK, TopP, MinP);
-greedy rows take the argmax of the penalised scores, and an all-greedy batch skips the rest.
+Per-row parameters live in tensors indexed by row (the rows of the runner's KV cache): logit bias,
+temperature, top-k, top-p, min-p, repetition, presence and frequency penalties, min-new-tokens
+suppression of EOS and stop tokens, seed and step. An operation runs only when some row needs it, and
+with neutral values for the rows that do not (bias 0, top-k 0, top-p 1, min-p 0, penalties 1 and 0), so
+one set of tensor ops serves a mixed batch. The order is vLLM's: a constrained row's grammar mask first
+(grammar.py: tokens that would break its structure are -inf); logit_bias is added to the raw logits;
+then the penalties (repetition over prompt and output, Hugging Face's formula; then OpenAI's frequency
+penalty times each token's count in the output and presence penalty once per token the output holds);
+then min-new-tokens suppression; then temperature, top-k, top-p and min-p (Hugging Face's warpers).
+Greedy rows take the argmax of the penalised scores, and an all-greedy batch skips the rest.
 
 Sampling is counter-based: a row's draw at step t is a uniform number hashed from (seed, t), mapped
 through the cumulative distribution of its processed scores. The tokens of a seeded request therefore
@@ -27,6 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
+from wombat_core.engine.grammar import GrammarMasks
 from wombat_core.engine.sampling import SamplingParams
 from wombat_core.engine.types import NON_FINITE, TokenLogprob, TopLogprob
 
@@ -41,6 +46,7 @@ class SamplingRow:
     seed: int
     prompt_token_ids: tuple[int, ...]  # for the repetition penalty
     eos_token_ids: tuple[int, ...]  # held back while min_new_tokens is not reached (empty with ignore_eos)
+    matcher: object | None = None  # the request's llguidance matcher, when its output is constrained
 
 
 def _fmix32(x: torch.Tensor) -> torch.Tensor:
@@ -102,11 +108,15 @@ class BatchSampler:
             return torch.zeros(slots, dtype=dtype, device=device)
 
         self.temperature, self.top_p, self.min_p, self.penalty = (zeros(torch.float32) for _ in range(4))
+        self.presence, self.frequency = zeros(torch.float32), zeros(torch.float32)
         self.top_k, self.min_new, self.seeds, self.steps = (zeros(torch.int64) for _ in range(4))
         self.greedy = zeros(torch.bool)
         # [slots, vocab] masks, allocated the first time a request needs them.
         self.seen: torch.Tensor | None = None  # token ids in the prompt or output (repetition penalty)
         self.suppress: torch.Tensor | None = None  # EOS and stop ids held back by min_new_tokens
+        self.grammar = GrammarMasks(slots, vocab_size, device)
+        self.bias: torch.Tensor | None = None  # float32 logit_bias per row
+        self.counts: torch.Tensor | None = None  # int32: times each token is in the row's output
 
     # --- rows -----------------------------------------------------------------------------------------
 
@@ -122,6 +132,8 @@ class BatchSampler:
             "penalty": [p.repetition_penalty for p in params],
             "top_k": [min(p.top_k, self.vocab_size) for p in params],
             "min_new": [p.min_new_tokens for p in params],
+            "presence": [p.presence_penalty for p in params],
+            "frequency": [p.frequency_penalty for p in params],
             "seeds": [row.seed for row in rows],
             "greedy": [p.greedy for p in params],
         }
@@ -132,10 +144,18 @@ class BatchSampler:
         for index, row in enumerate(rows, start=first):
             p = row.params
             self.params[index], self.generated[index] = p, 0
+            self.grammar.matchers[index] = row.matcher
             penalised = row.prompt_token_ids if p.repetition_penalty != 1.0 else None
             self.seen = self._set_mask_row(self.seen, index, penalised)
             held_back = (*row.eos_token_ids, *p.stop_token_ids) if p.min_new_tokens else None
             self.suppress = self._set_mask_row(self.suppress, index, held_back)
+            self.bias = self._set_bias_row(self.bias, index, p.logit_bias)
+            if p.penalises_output or self.counts is not None:
+                if self.counts is None:
+                    self.counts = torch.zeros(
+                        self.slots, self.vocab_size, dtype=torch.int32, device=self.device
+                    )
+                self.counts[index] = 0
 
     def _set_mask_row(self, mask: torch.Tensor | None, row: int, token_ids: tuple[int, ...] | None):
         """Clears `row` of a [slots, vocab] mask (a slot's previous owner must not leak into it) and marks
@@ -150,16 +170,36 @@ class BatchSampler:
             mask[row].index_fill_(0, ids, True)
         return mask
 
+    def _set_bias_row(self, bias: torch.Tensor | None, row: int, entries: tuple[tuple[int, float], ...]):
+        if bias is None and not entries:
+            return None
+        if bias is None:
+            bias = torch.zeros(self.slots, self.vocab_size, dtype=torch.float32, device=self.device)
+        bias[row] = 0.0
+        if entries:
+            ids = torch.tensor([t for t, _ in entries], dtype=torch.int64).to(self.device)
+            values = torch.tensor([b for _, b in entries], dtype=torch.float32).to(self.device)
+            bias[row].index_copy_(0, ids, values)
+        return bias
+
+    def accept(self, first: int, tokens: list[int]) -> list[int]:
+        """Constrained rows' matchers take the tokens sampled for rows first..; returns the rows refused."""
+        return (
+            self.grammar.accept(first, tokens) if self.grammar.any(slice(first, first + len(tokens))) else []
+        )
+
     @torch.inference_mode()
     def move_rows(self, moves: list[tuple[int, int]]) -> None:
         """Applies the runner's compaction moves (destination, source) to every per-row state."""
+        self.grammar.move_rows(moves)
         for destination, source in moves:
             self.params[destination], self.generated[destination] = (
                 self.params[source],
                 self.generated[source],
             )
             for tensor in (self.temperature, self.top_p, self.min_p, self.penalty, self.top_k, self.min_new,
-                           self.seeds, self.steps, self.greedy, self.seen, self.suppress):  # fmt: skip
+                           self.seeds, self.steps, self.greedy, self.seen, self.suppress, self.presence,
+                           self.frequency, self.bias, self.counts):  # fmt: skip
                 if tensor is not None:
                     tensor[destination] = tensor[source]
 
@@ -200,19 +240,30 @@ class BatchSampler:
             self.generated[row] += 1
         if self.seen is not None:
             self.seen[rows].scatter_(1, tokens[:, None], True)
+        if self.counts is not None:
+            self.counts[rows].scatter_add_(
+                1, tokens[:, None], torch.ones_like(tokens[:, None], dtype=torch.int32)
+            )
         # NaN anywhere, or +inf, in a row's logits: no token is trustworthy (argmax of NaN is arbitrary).
         broken = logits.isnan().any(-1) | logits.isposinf().any(-1)
         reported = tokens.masked_fill(broken, NON_FINITE)
         return self._output(logits, tokens, reported, params)
 
     def _penalised(self, logits: torch.Tensor, rows: slice) -> torch.Tensor:
-        """Repetition penalty and min-new-tokens suppression: Hugging Face's processors, batched."""
+        """Logit bias, the penalties and min-new-tokens suppression, batched (the module docstring's order)."""
         params = self.params[rows]
         scores = logits
+        if self.grammar.any(rows):
+            scores = self.grammar.apply(scores, rows)
+        if self.bias is not None and any(p.logit_bias for p in params):
+            scores = scores + self.bias[rows]
         if self.seen is not None and any(p.repetition_penalty != 1.0 for p in params):
             penalty = self.penalty[rows, None]
             penalised = torch.where(scores < 0, scores * penalty, scores / penalty)
             scores = torch.where(self.seen[rows], penalised, scores)
+        if self.counts is not None and any(p.penalises_output for p in params):
+            counts = self.counts[rows]
+            scores = scores - self.frequency[rows, None] * counts - self.presence[rows, None] * (counts > 0)
         if self.suppress is not None and any(
             self.generated[row] < p.min_new_tokens for row, p in enumerate(params, start=rows.start)
         ):

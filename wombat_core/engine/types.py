@@ -10,6 +10,8 @@ from wombat_core.errors import InvalidArgument
 
 # The token the sampler reports for a row whose logits hold NaN or +inf; that request fails.
 NON_FINITE = -1
+# The token the engine reports for a constrained row whose grammar refused the sampled token; it fails.
+GRAMMAR_REFUSED = -2
 
 
 class FinishReason(enum.Enum):
@@ -91,6 +93,7 @@ class StreamEvent:
     error: Exception | None = field(default=None, compare=False)
     emitted_at: float = field(default=0.0, compare=False)  # time.monotonic() when the engine made it
     seed: int | None = None  # on the last event: the seed the request sampled with (its own or drawn)
+    prompt_logprobs: tuple[TokenLogprob, ...] = ()  # on the first event, when the request asked
 
     @property
     def finished(self) -> bool:

@@ -12,6 +12,11 @@ tokenizer for both backends) and goes to vLLM as a TokensPrompt; outputs stream 
   max_new_tokens, min_new_tokens max_tokens, min_tokens
   seed (drawn when unset)        seed: a per-request generator, so a seed reproduces whatever else runs
   logprobs, top_logprobs         logprobs=top_logprobs (vLLM always adds the sampled token), raw logprobs
+  prompt_logprobs                prompt_logprobs (token texts named here, as the in-house engine names them)
+  presence/frequency_penalty, logit_bias: the same names ({id: bias})
+  max_new_tokens 0 (score only)  max_tokens=1, the one token dropped (vLLM's own echo with max_tokens 0)
+  structured                     structured_outputs=StructuredOutputsParams(json | json_object | regex),
+                                 with vLLM's own structured-output backend
   finish: stop + no stop_reason  EOS; stop + a stop_reason (a stop string or id): STOP; length: LENGTH;
                                  abort: CANCELLED
 
@@ -29,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import secrets
@@ -37,7 +43,9 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from wombat_core.engine.backend import BackendSettings, EngineBackend, ModelFacts
+from wombat_core.engine.detokenizer import name_prompt_logprobs
 from wombat_core.engine.engine import EngineStats, merge_token_ids
+from wombat_core.engine.grammar import Grammars
 from wombat_core.engine.loading import pick_device
 from wombat_core.engine.output import NonFiniteLogits
 from wombat_core.engine.sampling import SamplingParams
@@ -89,6 +97,7 @@ class VllmBackend(EngineBackend):
 
     def __init__(self, llm, tokenizer, facts: ModelFacts, in_flight: _InFlight, max_new_tokens_limit: int):
         self.llm, self.tokenizer, self.facts, self._in_flight = llm, tokenizer, facts, in_flight
+        self._grammars = Grammars(tokenizer, facts.vocab_size, facts.eos_token_ids)
         self.max_new_tokens_limit = max_new_tokens_limit
         self._on_finish: Callable[[StreamEvent], None] | None = None
         self._failure: BaseException | None = None
@@ -118,6 +127,8 @@ class VllmBackend(EngineBackend):
         facts = self.facts
         request.check_against_model(vocab_size=facts.vocab_size, context_length=facts.context_length,
                                     max_new_tokens_limit=self.max_new_tokens_limit)  # fmt: skip
+        if request.params.structured is not None:  # the same check and message as the in-house engine's
+            self._grammars.matcher(request.params.structured)
         stats = self.stats()
         if self._in_flight.count >= facts.max_batch_size + facts.max_queue:
             raise ResourceExhausted(
@@ -175,19 +186,37 @@ class VllmBackend(EngineBackend):
         if stats is not None and stats.scheduled_ts and stats.queued_ts:  # engine-core monotonic clock
             progress.queued = max(0.0, stats.scheduled_ts - stats.queued_ts)
         now = time.monotonic()
-        tokens = tuple(completion.token_ids)
+        tokens, text = tuple(completion.token_ids), completion.text
         if tokens and not progress.first_token:
             progress.first_token = now
+        params = request.params
+        prompt_logprobs = ()
+        if params.prompt_logprobs is not None and getattr(output, "prompt_logprobs", None):
+            prompt_logprobs = self._prompt_logprobs(request, output.prompt_logprobs)
+        if params.max_new_tokens == 0:  # the prompt was only to be scored: the one token is dropped
+            tokens, text = (), ""
         progress.generated += len(tokens)
-        logprobs = _logprobs(tokens, completion.logprobs, request.params) if request.params.logprobs else ()
+        logprobs = _logprobs(tokens, completion.logprobs, params) if params.logprobs else ()
         if not output.finished:
-            if not tokens and not completion.text:
+            if not tokens and not text and not prompt_logprobs:
                 return []
-            return [StreamEvent(request.request_id, tokens, completion.text, logprobs, emitted_at=now)]
+            return [StreamEvent(request.request_id, tokens, text, logprobs, emitted_at=now,
+                                prompt_logprobs=prompt_logprobs)]  # fmt: skip
         reason = _finish_reason(completion.finish_reason, completion.stop_reason)
-        return [
-            _final(request, progress, reason, tokens=tokens, text=completion.text, logprobs=logprobs, now=now)
-        ]
+        if params.max_new_tokens == 0:
+            reason = FinishReason.LENGTH
+        final = _final(request, progress, reason, tokens=tokens, text=text, logprobs=logprobs, now=now)
+        return [dataclasses.replace(final, prompt_logprobs=prompt_logprobs)]
+
+    def _prompt_logprobs(self, request: GenerationRequest, positions) -> tuple[TokenLogprob, ...]:
+        """vLLM's prompt logprobs ([None, {id: Logprob}, ...]) named as the in-house engine names them."""
+        prompt, wanted = request.prompt_token_ids, request.params.prompt_logprobs
+        entries = []
+        for token, position in zip(prompt[1:], positions[1:], strict=False):
+            ranked = sorted((lp.rank, tid, lp.logprob) for tid, lp in position.items() if lp.rank is not None
+                            and lp.rank <= wanted)  # fmt: skip
+            entries.append((token, position[token].logprob, [(tid, lp) for _, tid, lp in ranked][:wanted]))
+        return name_prompt_logprobs(self.tokenizer, prompt, entries)
 
     def stats(self) -> EngineStats:
         running = min(self._in_flight.count, self.facts.max_batch_size)
@@ -311,10 +340,21 @@ def _start(settings: BackendSettings, in_flight: _InFlight) -> tuple[object, obj
 
 def _vllm_params(params: SamplingParams, seed: int, context: int, prompt_length: int):
     from vllm import SamplingParams as VllmSamplingParams
-    from vllm.sampling_params import RequestOutputKind
+    from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
+
+    structured = None
+    if params.structured is not None:
+        kind, spec = params.structured.kind, params.structured.spec
+        fields = {
+            "json_schema": {"json": spec},
+            "json_object": {"json_object": True},
+            "regex": {"regex": spec},
+        }[kind]
+        # Compact JSON, as the in-house engine makes it (grammar.py says why).
+        structured = StructuredOutputsParams(**fields, disable_any_whitespace=kind != "regex")
 
     # The context bounds the output on both backends the same way: prompt + output <= context.
-    max_tokens = min(params.max_new_tokens, context - prompt_length)
+    max_tokens = min(max(params.max_new_tokens, 1), context - prompt_length)
     return VllmSamplingParams(
         temperature=0.0 if params.greedy else params.temperature,
         top_p=params.top_p,
@@ -328,6 +368,11 @@ def _vllm_params(params: SamplingParams, seed: int, context: int, prompt_length:
         ignore_eos=params.ignore_eos,
         seed=seed,
         logprobs=params.top_logprobs if params.logprobs else None,
+        prompt_logprobs=params.prompt_logprobs,
+        presence_penalty=params.presence_penalty,
+        frequency_penalty=params.frequency_penalty,
+        logit_bias=dict(params.logit_bias) or None,
+        structured_outputs=structured,
         output_kind=RequestOutputKind.DELTA,
         skip_special_tokens=True,
     )

@@ -24,51 +24,61 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#wombat/inference/v1/inference.proto\x12\x13wombat.inference.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xe0\x01\n\x0bPromptInput\x12\x31\n\x06\x66ormat\x18\x01 \x01(\x0e\x32!.wombat.inference.v1.PromptFormat\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\r\n\x05input\x18\x03 \x01(\t\x12\x32\n\x08messages\x18\x04 \x03(\x0b\x32 .wombat.inference.v1.ChatMessage\x12!\n\x14truncate_left_tokens\x18\x05 \x01(\x05H\x00\x88\x01\x01\x12\x11\n\ttoken_ids\x18\x06 \x03(\x05\x42\x17\n\x15_truncate_left_tokens\"\xaa\x03\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x12\n\x05min_p\x18\x04 \x01(\x02H\x03\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x05 \x01(\x02H\x04\x88\x01\x01\x12\x1b\n\x0emax_new_tokens\x18\x06 \x01(\x05H\x05\x88\x01\x01\x12\x1b\n\x0emin_new_tokens\x18\x07 \x01(\x05H\x06\x88\x01\x01\x12\x0c\n\x04stop\x18\x08 \x03(\t\x12\x16\n\x0estop_token_ids\x18\t \x03(\x05\x12\x12\n\nignore_eos\x18\n \x01(\x08\x12\x11\n\x04seed\x18\x0b \x01(\x04H\x07\x88\x01\x01\x12\x10\n\x08logprobs\x18\x0c \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\r \x01(\x05\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x15\n\x13_repetition_penaltyB\x11\n\x0f_max_new_tokensB\x11\n\x0f_min_new_tokensB\x07\n\x05_seed\"z\n\x0fGenerateRequest\x12\x30\n\x06prompt\x18\x01 \x01(\x0b\x32 .wombat.inference.v1.PromptInput\x12\x35\n\x08sampling\x18\x02 \x01(\x0b\x32#.wombat.inference.v1.SamplingParams\"=\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\"m\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12,\n\x03top\x18\x03 \x03(\x0b\x32\x1f.wombat.inference.v1.TopLogprob\x12\x0c\n\x04text\x18\x04 \x01(\t\"Z\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x1f\n\x17truncated_prompt_tokens\x18\x03 \x01(\x05\"\\\n\x07Timings\x12\x15\n\rqueue_seconds\x18\x01 \x01(\x01\x12#\n\x1btime_to_first_token_seconds\x18\x02 \x01(\x01\x12\x15\n\rtotal_seconds\x18\x03 \x01(\x01\"\x98\x02\n\x10GenerateResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x33\n\x08logprobs\x18\x03 \x03(\x0b\x32!.wombat.inference.v1.TokenLogprob\x12\x38\n\rfinish_reason\x18\x04 \x01(\x0e\x32!.wombat.inference.v1.FinishReason\x12)\n\x05usage\x18\x05 \x01(\x0b\x32\x1a.wombat.inference.v1.Usage\x12-\n\x07timings\x18\x06 \x01(\x0b\x32\x1c.wombat.inference.v1.Timings\x12\x11\n\x04seed\x18\x07 \x01(\x04H\x00\x88\x01\x01\x42\x07\n\x05_seed\"z\n\x0f\x43ompleteRequest\x12\x30\n\x06prompt\x18\x01 \x01(\x0b\x32 .wombat.inference.v1.PromptInput\x12\x35\n\x08sampling\x18\x02 \x01(\x0b\x32#.wombat.inference.v1.SamplingParams\"\x98\x02\n\x10\x43ompleteResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x33\n\x08logprobs\x18\x03 \x03(\x0b\x32!.wombat.inference.v1.TokenLogprob\x12\x38\n\rfinish_reason\x18\x04 \x01(\x0e\x32!.wombat.inference.v1.FinishReason\x12)\n\x05usage\x18\x05 \x01(\x0b\x32\x1a.wombat.inference.v1.Usage\x12-\n\x07timings\x18\x06 \x01(\x0b\x32\x1c.wombat.inference.v1.Timings\x12\x11\n\x04seed\x18\x07 \x01(\x04H\x00\x88\x01\x01\x42\x07\n\x05_seed\"C\n\x0fTokenizeRequest\x12\x30\n\x06prompt\x18\x01 \x01(\x0b\x32 .wombat.inference.v1.PromptInput\"G\n\x10TokenizeResponse\x12\x10\n\x08rendered\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x0e\n\x06tokens\x18\x03 \x03(\t\"\x12\n\x10ModelInfoRequest\"\x87\x02\n\x11ModelInfoResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nmodel_type\x18\x02 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x03 \x01(\x05\x12\x12\n\nvocab_size\x18\x04 \x01(\x05\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x06 \x01(\t\x12@\n\x15\x64\x65\x66\x61ult_prompt_format\x18\x07 \x01(\x0e\x32!.wombat.inference.v1.PromptFormat\x12\x14\n\x0c\x65os_token_id\x18\x08 \x01(\x05\x12\x16\n\x0emax_batch_size\x18\t \x01(\x05\x12\x15\n\reos_token_ids\x18\n \x03(\x05\"\x10\n\x0eGetLoadRequest\"\x93\x01\n\x0fGetLoadResponse\x12\x18\n\x10waiting_requests\x18\x01 \x01(\x05\x12\x18\n\x10running_requests\x18\x02 \x01(\x05\x12\x16\n\x0emax_batch_size\x18\x03 \x01(\x05\x12\x1c\n\x14max_waiting_requests\x18\x04 \x01(\x05\x12\x16\n\x0ekv_cache_usage\x18\x05 \x01(\x02*v\n\x0cPromptFormat\x12\x1d\n\x19PROMPT_FORMAT_UNSPECIFIED\x10\x00\x12\x15\n\x11PROMPT_FORMAT_RAW\x10\x01\x12\x18\n\x14PROMPT_FORMAT_ALPACA\x10\x02\x12\x16\n\x12PROMPT_FORMAT_CHAT\x10\x03*\x93\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x02\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x03\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x04\x32\xd1\x03\n\x10InferenceService\x12Y\n\x08Generate\x12$.wombat.inference.v1.GenerateRequest\x1a%.wombat.inference.v1.GenerateResponse0\x01\x12W\n\x08\x43omplete\x12$.wombat.inference.v1.CompleteRequest\x1a%.wombat.inference.v1.CompleteResponse\x12W\n\x08Tokenize\x12$.wombat.inference.v1.TokenizeRequest\x1a%.wombat.inference.v1.TokenizeResponse\x12Z\n\tModelInfo\x12%.wombat.inference.v1.ModelInfoRequest\x1a&.wombat.inference.v1.ModelInfoResponse\x12T\n\x07GetLoad\x12#.wombat.inference.v1.GetLoadRequest\x1a$.wombat.inference.v1.GetLoadResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#wombat/inference/v1/inference.proto\x12\x13wombat.inference.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\x98\x02\n\x0bPromptInput\x12\x31\n\x06\x66ormat\x18\x01 \x01(\x0e\x32!.wombat.inference.v1.PromptFormat\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\r\n\x05input\x18\x03 \x01(\t\x12\x32\n\x08messages\x18\x04 \x03(\x0b\x32 .wombat.inference.v1.ChatMessage\x12!\n\x14truncate_left_tokens\x18\x05 \x01(\x05H\x00\x88\x01\x01\x12\x11\n\ttoken_ids\x18\x06 \x03(\x05\x12\x1f\n\x12\x61\x64\x64_special_tokens\x18\x07 \x01(\x08H\x01\x88\x01\x01\x42\x17\n\x15_truncate_left_tokensB\x15\n\x13_add_special_tokens\"\xcd\x05\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x12\n\x05min_p\x18\x04 \x01(\x02H\x03\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x05 \x01(\x02H\x04\x88\x01\x01\x12\x1b\n\x0emax_new_tokens\x18\x06 \x01(\x05H\x05\x88\x01\x01\x12\x1b\n\x0emin_new_tokens\x18\x07 \x01(\x05H\x06\x88\x01\x01\x12\x0c\n\x04stop\x18\x08 \x03(\t\x12\x16\n\x0estop_token_ids\x18\t \x03(\x05\x12\x12\n\nignore_eos\x18\n \x01(\x08\x12\x11\n\x04seed\x18\x0b \x01(\x04H\x07\x88\x01\x01\x12\x10\n\x08logprobs\x18\x0c \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\r \x01(\x05\x12\x1c\n\x0fprompt_logprobs\x18\x0e \x01(\x05H\x08\x88\x01\x01\x12\x18\n\x10presence_penalty\x18\x0f \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x10 \x01(\x02\x12\x46\n\nlogit_bias\x18\x11 \x03(\x0b\x32\x32.wombat.inference.v1.SamplingParams.LogitBiasEntry\x12@\n\x11structured_output\x18\x12 \x01(\x0b\x32%.wombat.inference.v1.StructuredOutput\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x15\n\x13_repetition_penaltyB\x11\n\x0f_max_new_tokensB\x11\n\x0f_min_new_tokensB\x07\n\x05_seedB\x12\n\x10_prompt_logprobs\"Y\n\x10StructuredOutput\x12\x15\n\x0bjson_schema\x18\x01 \x01(\tH\x00\x12\x15\n\x0bjson_object\x18\x02 \x01(\x08H\x00\x12\x0f\n\x05regex\x18\x03 \x01(\tH\x00\x42\x06\n\x04kind\"z\n\x0fGenerateRequest\x12\x30\n\x06prompt\x18\x01 \x01(\x0b\x32 .wombat.inference.v1.PromptInput\x12\x35\n\x08sampling\x18\x02 \x01(\x0b\x32#.wombat.inference.v1.SamplingParams\"=\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\"m\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12,\n\x03top\x18\x03 \x03(\x0b\x32\x1f.wombat.inference.v1.TopLogprob\x12\x0c\n\x04text\x18\x04 \x01(\t\"Z\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x1f\n\x17truncated_prompt_tokens\x18\x03 \x01(\x05\"\\\n\x07Timings\x12\x15\n\rqueue_seconds\x18\x01 \x01(\x01\x12#\n\x1btime_to_first_token_seconds\x18\x02 \x01(\x01\x12\x15\n\rtotal_seconds\x18\x03 \x01(\x01\"\xd4\x02\n\x10GenerateResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x33\n\x08logprobs\x18\x03 \x03(\x0b\x32!.wombat.inference.v1.TokenLogprob\x12\x38\n\rfinish_reason\x18\x04 \x01(\x0e\x32!.wombat.inference.v1.FinishReason\x12)\n\x05usage\x18\x05 \x01(\x0b\x32\x1a.wombat.inference.v1.Usage\x12-\n\x07timings\x18\x06 \x01(\x0b\x32\x1c.wombat.inference.v1.Timings\x12\x11\n\x04seed\x18\x07 \x01(\x04H\x00\x88\x01\x01\x12:\n\x0fprompt_logprobs\x18\x08 \x03(\x0b\x32!.wombat.inference.v1.TokenLogprobB\x07\n\x05_seed\"z\n\x0f\x43ompleteRequest\x12\x30\n\x06prompt\x18\x01 \x01(\x0b\x32 .wombat.inference.v1.PromptInput\x12\x35\n\x08sampling\x18\x02 \x01(\x0b\x32#.wombat.inference.v1.SamplingParams\"\xd4\x02\n\x10\x43ompleteResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x33\n\x08logprobs\x18\x03 \x03(\x0b\x32!.wombat.inference.v1.TokenLogprob\x12\x38\n\rfinish_reason\x18\x04 \x01(\x0e\x32!.wombat.inference.v1.FinishReason\x12)\n\x05usage\x18\x05 \x01(\x0b\x32\x1a.wombat.inference.v1.Usage\x12-\n\x07timings\x18\x06 \x01(\x0b\x32\x1c.wombat.inference.v1.Timings\x12\x11\n\x04seed\x18\x07 \x01(\x04H\x00\x88\x01\x01\x12:\n\x0fprompt_logprobs\x18\x08 \x03(\x0b\x32!.wombat.inference.v1.TokenLogprobB\x07\n\x05_seed\"C\n\x0fTokenizeRequest\x12\x30\n\x06prompt\x18\x01 \x01(\x0b\x32 .wombat.inference.v1.PromptInput\"G\n\x10TokenizeResponse\x12\x10\n\x08rendered\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x0e\n\x06tokens\x18\x03 \x03(\t\"`\n\x11\x44\x65tokenizeRequest\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12 \n\x13skip_special_tokens\x18\x02 \x01(\x08H\x00\x88\x01\x01\x42\x16\n\x14_skip_special_tokens\"\"\n\x12\x44\x65tokenizeResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\"\x12\n\x10ModelInfoRequest\"\xd7\x02\n\x11ModelInfoResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nmodel_type\x18\x02 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x03 \x01(\x05\x12\x12\n\nvocab_size\x18\x04 \x01(\x05\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x06 \x01(\t\x12@\n\x15\x64\x65\x66\x61ult_prompt_format\x18\x07 \x01(\x0e\x32!.wombat.inference.v1.PromptFormat\x12\x14\n\x0c\x65os_token_id\x18\x08 \x01(\x05\x12\x16\n\x0emax_batch_size\x18\t \x01(\x05\x12\x15\n\reos_token_ids\x18\n \x03(\x05\x12\x11\n\teos_token\x18\x0b \x01(\t\x12\x11\n\tbos_token\x18\x0c \x01(\t\x12\x11\n\tpad_token\x18\r \x01(\t\x12\x15\n\rchat_template\x18\x0e \x01(\t\"\x10\n\x0eGetLoadRequest\"\x93\x01\n\x0fGetLoadResponse\x12\x18\n\x10waiting_requests\x18\x01 \x01(\x05\x12\x18\n\x10running_requests\x18\x02 \x01(\x05\x12\x16\n\x0emax_batch_size\x18\x03 \x01(\x05\x12\x1c\n\x14max_waiting_requests\x18\x04 \x01(\x05\x12\x16\n\x0ekv_cache_usage\x18\x05 \x01(\x02*v\n\x0cPromptFormat\x12\x1d\n\x19PROMPT_FORMAT_UNSPECIFIED\x10\x00\x12\x15\n\x11PROMPT_FORMAT_RAW\x10\x01\x12\x18\n\x14PROMPT_FORMAT_ALPACA\x10\x02\x12\x16\n\x12PROMPT_FORMAT_CHAT\x10\x03*\x93\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x02\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x03\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x04\x32\xb0\x04\n\x10InferenceService\x12Y\n\x08Generate\x12$.wombat.inference.v1.GenerateRequest\x1a%.wombat.inference.v1.GenerateResponse0\x01\x12W\n\x08\x43omplete\x12$.wombat.inference.v1.CompleteRequest\x1a%.wombat.inference.v1.CompleteResponse\x12W\n\x08Tokenize\x12$.wombat.inference.v1.TokenizeRequest\x1a%.wombat.inference.v1.TokenizeResponse\x12]\n\nDetokenize\x12&.wombat.inference.v1.DetokenizeRequest\x1a\'.wombat.inference.v1.DetokenizeResponse\x12Z\n\tModelInfo\x12%.wombat.inference.v1.ModelInfoRequest\x1a&.wombat.inference.v1.ModelInfoResponse\x12T\n\x07GetLoad\x12#.wombat.inference.v1.GetLoadRequest\x1a$.wombat.inference.v1.GetLoadResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'wombat.inference.v1.inference_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PROMPTFORMAT']._serialized_start=2532
-  _globals['_PROMPTFORMAT']._serialized_end=2650
-  _globals['_FINISHREASON']._serialized_start=2653
-  _globals['_FINISHREASON']._serialized_end=2800
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._loaded_options = None
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_options = b'8\001'
+  _globals['_PROMPTFORMAT']._serialized_start=3304
+  _globals['_PROMPTFORMAT']._serialized_end=3422
+  _globals['_FINISHREASON']._serialized_start=3425
+  _globals['_FINISHREASON']._serialized_end=3572
   _globals['_CHATMESSAGE']._serialized_start=60
   _globals['_CHATMESSAGE']._serialized_end=104
   _globals['_PROMPTINPUT']._serialized_start=107
-  _globals['_PROMPTINPUT']._serialized_end=331
-  _globals['_SAMPLINGPARAMS']._serialized_start=334
-  _globals['_SAMPLINGPARAMS']._serialized_end=760
-  _globals['_GENERATEREQUEST']._serialized_start=762
-  _globals['_GENERATEREQUEST']._serialized_end=884
-  _globals['_TOPLOGPROB']._serialized_start=886
-  _globals['_TOPLOGPROB']._serialized_end=947
-  _globals['_TOKENLOGPROB']._serialized_start=949
-  _globals['_TOKENLOGPROB']._serialized_end=1058
-  _globals['_USAGE']._serialized_start=1060
-  _globals['_USAGE']._serialized_end=1150
-  _globals['_TIMINGS']._serialized_start=1152
-  _globals['_TIMINGS']._serialized_end=1244
-  _globals['_GENERATERESPONSE']._serialized_start=1247
-  _globals['_GENERATERESPONSE']._serialized_end=1527
-  _globals['_COMPLETEREQUEST']._serialized_start=1529
-  _globals['_COMPLETEREQUEST']._serialized_end=1651
-  _globals['_COMPLETERESPONSE']._serialized_start=1654
-  _globals['_COMPLETERESPONSE']._serialized_end=1934
-  _globals['_TOKENIZEREQUEST']._serialized_start=1936
-  _globals['_TOKENIZEREQUEST']._serialized_end=2003
-  _globals['_TOKENIZERESPONSE']._serialized_start=2005
-  _globals['_TOKENIZERESPONSE']._serialized_end=2076
-  _globals['_MODELINFOREQUEST']._serialized_start=2078
-  _globals['_MODELINFOREQUEST']._serialized_end=2096
-  _globals['_MODELINFORESPONSE']._serialized_start=2099
-  _globals['_MODELINFORESPONSE']._serialized_end=2362
-  _globals['_GETLOADREQUEST']._serialized_start=2364
-  _globals['_GETLOADREQUEST']._serialized_end=2380
-  _globals['_GETLOADRESPONSE']._serialized_start=2383
-  _globals['_GETLOADRESPONSE']._serialized_end=2530
-  _globals['_INFERENCESERVICE']._serialized_start=2803
-  _globals['_INFERENCESERVICE']._serialized_end=3268
+  _globals['_PROMPTINPUT']._serialized_end=387
+  _globals['_SAMPLINGPARAMS']._serialized_start=390
+  _globals['_SAMPLINGPARAMS']._serialized_end=1107
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=923
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=971
+  _globals['_STRUCTUREDOUTPUT']._serialized_start=1109
+  _globals['_STRUCTUREDOUTPUT']._serialized_end=1198
+  _globals['_GENERATEREQUEST']._serialized_start=1200
+  _globals['_GENERATEREQUEST']._serialized_end=1322
+  _globals['_TOPLOGPROB']._serialized_start=1324
+  _globals['_TOPLOGPROB']._serialized_end=1385
+  _globals['_TOKENLOGPROB']._serialized_start=1387
+  _globals['_TOKENLOGPROB']._serialized_end=1496
+  _globals['_USAGE']._serialized_start=1498
+  _globals['_USAGE']._serialized_end=1588
+  _globals['_TIMINGS']._serialized_start=1590
+  _globals['_TIMINGS']._serialized_end=1682
+  _globals['_GENERATERESPONSE']._serialized_start=1685
+  _globals['_GENERATERESPONSE']._serialized_end=2025
+  _globals['_COMPLETEREQUEST']._serialized_start=2027
+  _globals['_COMPLETEREQUEST']._serialized_end=2149
+  _globals['_COMPLETERESPONSE']._serialized_start=2152
+  _globals['_COMPLETERESPONSE']._serialized_end=2492
+  _globals['_TOKENIZEREQUEST']._serialized_start=2494
+  _globals['_TOKENIZEREQUEST']._serialized_end=2561
+  _globals['_TOKENIZERESPONSE']._serialized_start=2563
+  _globals['_TOKENIZERESPONSE']._serialized_end=2634
+  _globals['_DETOKENIZEREQUEST']._serialized_start=2636
+  _globals['_DETOKENIZEREQUEST']._serialized_end=2732
+  _globals['_DETOKENIZERESPONSE']._serialized_start=2734
+  _globals['_DETOKENIZERESPONSE']._serialized_end=2768
+  _globals['_MODELINFOREQUEST']._serialized_start=2770
+  _globals['_MODELINFOREQUEST']._serialized_end=2788
+  _globals['_MODELINFORESPONSE']._serialized_start=2791
+  _globals['_MODELINFORESPONSE']._serialized_end=3134
+  _globals['_GETLOADREQUEST']._serialized_start=3136
+  _globals['_GETLOADREQUEST']._serialized_end=3152
+  _globals['_GETLOADRESPONSE']._serialized_start=3155
+  _globals['_GETLOADRESPONSE']._serialized_end=3302
+  _globals['_INFERENCESERVICE']._serialized_start=3575
+  _globals['_INFERENCESERVICE']._serialized_end=4135
 # @@protoc_insertion_point(module_scope)
