@@ -21,7 +21,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "deploy" / "k8s"
 KUBERNETES_VERSION = "1.33.0"  # the oldest version we support; deploy/README.md says so
-OVERLAYS = ["overlays/gpu", "overlays/cpu-dev", "overlays/gpu-kuberay"]
+OVERLAYS = ["overlays/gpu", "overlays/cpu-dev", "overlays/gpu-kuberay", "overlays/gpu-router"]
 KUSTOMIZATIONS = ["base", *OVERLAYS, "kuberay", "jobs/recover-wombat-7b"]
 PLAIN_FILES = ["kuberay/rayjob-train.yaml"]  # applied with `kubectl create -f`
 SERVICES = ("materializer", "inference", "rrhf")  # the gRPC services
@@ -81,7 +81,7 @@ def test_core_objects_pass_strict_schema_validation(source):
     objects = _objects(source)
     assert objects
     for obj in objects:
-        if obj["apiVersion"].startswith("ray.io/"):
+        if obj["apiVersion"].startswith(("ray.io/", "inference.networking.k8s.io/")):
             continue  # custom resources: checked against their required fields below
         _validate(obj)
 
@@ -259,6 +259,9 @@ def test_inference_mounts_the_store_read_only_and_verifies_the_model_first():
         objects = render(overlay)
         pod = _deployment(objects, "inference")["spec"]["template"]["spec"]
         for container in [*pod["initContainers"], *pod["containers"]]:
+            if container["name"] == "gateway":  # the router overlay's sidecar holds no model
+                assert all(m["mountPath"] != "/models" for m in container["volumeMounts"])
+                continue
             model_mount = next(m for m in container["volumeMounts"] if m["mountPath"] == "/models")
             assert model_mount.get("readOnly") is True
         verify = pod["initContainers"][0]
@@ -497,3 +500,37 @@ def test_the_emptydirs_are_where_the_image_test_lets_the_containers_write():
                     scratch = {m["mountPath"] for m in container.get("volumeMounts", [])
                                if "emptyDir" in volumes[m["name"]] and m["mountPath"] != "/dev/shm"}  # fmt: skip
                     assert scratch == set(WRITABLE), f"{source}: {where} {container['name']}"
+
+
+def test_router_overlay_gives_each_inference_pod_an_openai_sidecar_and_an_inference_pool():
+    """overlays/gpu-router: each inference pod also speaks OpenAI HTTP (a gateway sidecar on its own pod)
+    beside its vLLM-named metrics, and an InferencePool (Gateway API Inference Extension, v1) selects those
+    pods at that port: what an endpoint picker or llm-d routes over."""
+    objects = render("overlays/gpu-router")
+    pod = _deployment(objects, "inference")["spec"]["template"]["spec"]
+    inference, sidecar = pod["containers"]
+    assert inference["name"] == "inference" and sidecar["name"] == "gateway"
+    env = {e["name"]: e.get("value") for e in sidecar["env"]}
+    assert env["WOMBAT_SERVE_GATEWAY_UPSTREAM"] == "localhost:50052"  # its own pod only
+    port = {p["name"]: p["containerPort"] for p in sidecar["ports"]}["openai"]
+    assert sidecar["readinessProbe"]["httpGet"]["path"] == "/health"
+    volumes = {v["name"] for v in pod["volumes"]}
+    assert {m["name"] for m in sidecar["volumeMounts"]} <= volumes
+    # Every WOMBAT_SERVE_GATEWAY_* variable is an option of `wombat serve gateway`.
+    options = {f"WOMBAT_SERVE_GATEWAY_{p.name.upper()}" for p in _serve_command("gateway").params}
+    assert {k for k in env if k.startswith("WOMBAT_SERVE_GATEWAY_")} <= options
+    (pool,) = _by_kind(objects, "InferencePool").values()
+    assert pool["apiVersion"] == "inference.networking.k8s.io/v1"
+    _require(pool["spec"], ["selector", "targetPorts", "endpointPickerRef"], "InferencePool.spec")
+    labels = _deployment(objects, "inference")["spec"]["template"]["metadata"]["labels"]
+    assert pool["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    assert [p["number"] for p in pool["spec"]["targetPorts"]] == [port]
+    _require(pool["spec"]["endpointPickerRef"], ["name", "port"], "InferencePool.spec.endpointPickerRef")
+    # The pod lets the router reach that port, and drains long enough for the sidecar's own drain.
+    assert pod["terminationGracePeriodSeconds"] >= 60 + 5
+
+
+def test_router_overlay_lets_the_router_reach_the_openai_port_and_the_metrics():
+    policy = _by_kind(render("overlays/gpu-router"), "NetworkPolicy")["wombat-inference"]
+    rules = [r for r in policy["spec"]["ingress"] if any("wombat.ai/router" in str(f) for f in r["from"])]
+    assert rules and {p["port"] for p in rules[0]["ports"]} == {8000, "metrics"}
