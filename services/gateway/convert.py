@@ -102,6 +102,8 @@ def sampling(request: CompletionRequest | ChatCompletionRequest, max_tokens: int
             params.prompt_logprobs = request.prompt_logprobs
         elif request.echo and request.logprobs is not None:
             params.prompt_logprobs = request.logprobs
+        elif request.echo and request.new_tokens == 0:  # the prompt echoed alone: scored, nothing generated
+            params.prompt_logprobs = 0
     if isinstance(request, ChatCompletionRequest) and request.logprobs:
         params.logprobs, params.top_logprobs = True, request.top_logprobs or 0
     structured = structured_output(request)

@@ -230,8 +230,11 @@ async def sse(chunks: AsyncIterator[dict]) -> AsyncIterator[str]:
     """Server-sent events as OpenAI sends them. Any failure after the stream began is an `error` event
     (the openai SDK raises it as APIError), then [DONE]: a stream never just stops."""
     try:
-        async for chunk in chunks:
-            yield f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
+        async with contextlib.aclosing(
+            chunks
+        ):  # closed at once when the client goes: its calls are cancelled
+            async for chunk in chunks:
+                yield f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
     except OpenAIError as exc:
         yield f"data: {json.dumps(exc.body())}\n\n"
     except Exception:  # noqa: BLE001 - logged; the caller gets an error event, not a cut stream

@@ -1,8 +1,12 @@
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from services.stack import ServiceProcess
 
 
 @pytest.fixture(scope="session")
@@ -13,3 +17,31 @@ def demo_workdir(tmp_path_factory) -> Path:
     workdir = tmp_path_factory.mktemp("demo")
     prepare_demo_model(workdir / "models" / "smollm2-135m")
     return workdir
+
+
+@contextlib.contextmanager
+def gateway_stack(demo_workdir: Path, logs: Path, *, engine: str = "wombat", batch: int, queue: int,
+                  metrics_port: str = "-1", api_key: str | None = None,
+                  gateway_args: tuple[str, ...] = ()) -> Iterator[tuple[ServiceProcess, ServiceProcess]]:  # fmt: skip
+    """One `wombat serve inference` process on the SmolLM2 demo weights (fp32, CPU, `engine`) and one
+    `wombat serve gateway` in front of it, each its own process as in a pod; both stopped on exit."""
+    model = demo_workdir / "models" / "smollm2-135m"
+    inference = ServiceProcess(["inference", "--model", str(model), "--port", "0", "--metrics-port", metrics_port,
+                                "--max-batch-size", str(batch), "--max-queue", str(queue), "--engine", engine,
+                                "--dtype", "float32", "--device", "cpu"], logs / "inference.log",
+                               ready_timeout=300)  # fmt: skip
+    key = ()
+    if api_key is not None:
+        (logs / "api-key").write_text(api_key)
+        key = ("--api-key-file", str(logs / "api-key"))
+    try:
+        gateway = ServiceProcess(["gateway", "--upstream", inference.address, "--port", "0", *key, *gateway_args],
+                                 logs / "gateway.log", ready_timeout=60)  # fmt: skip
+    except Exception:
+        inference.stop()
+        raise
+    try:
+        yield inference, gateway
+    finally:
+        gateway.stop()
+        inference.stop()

@@ -15,7 +15,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from clients.inference import InferenceClient
-from services.stack import ServiceProcess
+from tests.e2e.conftest import gateway_stack
 
 pytestmark = pytest.mark.slow
 
@@ -28,23 +28,9 @@ LONG = {"ignore_eos": True}  # vLLM's extension field, sent with extra_body
 def stack(request, demo_workdir, tmp_path_factory):
     """One inference replica (one slot, no queue: a second concurrent request is refused at once) and one
     gateway that checks an API key; the replica runs each engine backend in turn (vLLM in .venv-vllm)."""
-    logs = tmp_path_factory.mktemp("gateway-logs")
-    model = demo_workdir / "models" / MODEL
-    inference = ServiceProcess(["inference", "--model", str(model), "--port", "0", "--metrics-port", "0",
-                                "--max-batch-size", "1", "--max-queue", "0", "--engine", request.param,
-                                "--dtype", "float32", "--device", "cpu"], logs / "inference.log",
-                               ready_timeout=300)  # fmt: skip
-    key_file = logs / "api-key"
-    key_file.write_text(API_KEY)
-    try:
-        gateway = ServiceProcess(["gateway", "--upstream", inference.address, "--port", "0",
-                                  "--api-key-file", str(key_file)], logs / "gateway.log", ready_timeout=60)  # fmt: skip
-    except Exception:
-        inference.stop()
-        raise
-    yield inference, gateway
-    gateway.stop()
-    inference.stop()
+    with gateway_stack(demo_workdir, tmp_path_factory.mktemp("gateway-logs"), engine=request.param, batch=1, queue=0,
+                       metrics_port="0", api_key=API_KEY) as stack:  # fmt: skip
+        yield stack
 
 
 @pytest.fixture(scope="module")

@@ -19,6 +19,7 @@ from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
 from clients.inference import InferenceClient
 from services.stack import ServiceProcess
+from tests.e2e.conftest import gateway_stack
 
 pytestmark = pytest.mark.slow
 
@@ -28,23 +29,9 @@ KEY = "callers-key-0123456789"
 
 @pytest.fixture(scope="module", params=["wombat", pytest.param("vllm", marks=pytest.mark.vllm)])
 def stack(request, demo_workdir, tmp_path_factory):
-    logs = tmp_path_factory.mktemp("callers-logs")
-    model = demo_workdir / "models" / MODEL
-    inference = ServiceProcess(["inference", "--model", str(model), "--port", "0", "--metrics-port", "-1",
-                                "--max-batch-size", "8", "--max-queue", "16", "--engine", request.param,
-                                "--dtype", "float32", "--device", "cpu"], logs / "inference.log",
-                               ready_timeout=300)  # fmt: skip
-    (logs / "key").write_text(KEY)
-    try:
-        gateway = ServiceProcess(["gateway", "--upstream", inference.address, "--port", "0", "--api-key-file",
-                                  str(logs / "key"), "--max-body-bytes", "65536"], logs / "gateway.log",
-                                 ready_timeout=60)  # fmt: skip
-    except Exception:
-        inference.stop()
-        raise
-    yield inference, gateway
-    gateway.stop()
-    inference.stop()
+    with gateway_stack(demo_workdir, tmp_path_factory.mktemp("callers-logs"), engine=request.param, batch=8, queue=16,
+                       api_key=KEY, gateway_args=("--max-body-bytes", "65536")) as stack:  # fmt: skip
+        yield stack
 
 
 @pytest.fixture(scope="module")
@@ -132,6 +119,8 @@ def test_echo_streams_the_prompt_first_and_prompt_logprobs_extra(client):
     for c in chunks:
         validate_completion(c.model_dump())
     assert chunks[0].choices[0].text.startswith("Hello there")
+    echoed = client.completions.create(model=MODEL, prompt="Hello there", max_tokens=0, echo=True)
+    assert echoed.choices[0].text == "Hello there" and echoed.usage.completion_tokens == 0
     result = client.completions.create(model=MODEL, prompt="Hello there world", max_tokens=1, temperature=0,
                                        extra_body={"prompt_logprobs": 2})  # fmt: skip
     extra = result.choices[0].model_extra["prompt_logprobs"]

@@ -14,7 +14,7 @@ import pytest
 import torch
 from pydantic import BaseModel, Field
 
-from services.stack import ServiceProcess
+from tests.e2e.conftest import gateway_stack
 
 pytestmark = pytest.mark.slow
 
@@ -24,20 +24,8 @@ TASKS = Path(__file__).parent / "callers"
 
 @pytest.fixture(scope="module")
 def stack(demo_workdir, tmp_path_factory):
-    logs = tmp_path_factory.mktemp("real-callers")
-    model = demo_workdir / "models" / MODEL
-    inference = ServiceProcess(["inference", "--model", str(model), "--port", "0", "--metrics-port", "-1",
-                                "--max-batch-size", "8", "--max-queue", "64", "--dtype", "float32",
-                                "--device", "cpu"], logs / "inference.log", ready_timeout=300)  # fmt: skip
-    try:
-        gateway = ServiceProcess(["gateway", "--upstream", inference.address, "--port", "0"], logs / "gateway.log",
-                                 ready_timeout=60)  # fmt: skip
-    except Exception:
-        inference.stop()
-        raise
-    yield inference, gateway
-    gateway.stop()
-    inference.stop()
+    with gateway_stack(demo_workdir, tmp_path_factory.mktemp("real-callers"), batch=8, queue=64) as stack:
+        yield stack
 
 
 @pytest.fixture(scope="module")
