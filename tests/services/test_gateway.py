@@ -131,6 +131,20 @@ def test_every_replica_full_is_rate_limit_error(replicas, tmp_path):
         gateway.stop()
 
 
+def test_a_request_too_large_for_grpc_is_413_not_a_retried_429(replicas, tmp_path):
+    """A body the gateway accepts (its cap raised to 32 MiB here) but gRPC's 16 MiB message limit refuses:
+    gRPC's own RESOURCE_EXHAUSTED, raised in the client, is the request's fault, so no replica is tried
+    after it and the caller gets 413, not the 429 with Retry-After that SDKs would retry forever."""
+    gateway = _gateway(tmp_path, *(r.address for r in replicas), extra=("--max-body-bytes", str(32 * 2**20)))
+    try:
+        with pytest.raises(openai.APIStatusError) as caught:
+            _sdk(gateway.port).completions.create(model=MODEL, prompt="x" * (17 * 2**20), max_tokens=1)
+        assert caught.value.status_code == 413 and "too large" in caught.value.body["message"]
+        assert _replica_requests(gateway) == {}  # no replica was counted as tried
+    finally:
+        gateway.stop()
+
+
 def test_draining_refuses_new_requests_with_503_and_finishes_open_streams(replicas, tmp_path):
     gateway = _gateway(tmp_path, replicas[1].address)
     sdk = _sdk(gateway.port)
