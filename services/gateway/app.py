@@ -48,6 +48,7 @@ from services.gateway.schema import (
 )
 from services.gateway.shapes import ChatShape, CompletionShape, chunk, response, usage_chunk
 from wombat.inference.v1 import inference_pb2 as pb
+from wombat_core.engine.prompting import declares_tools
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +152,14 @@ def create_app(state: GatewayState) -> FastAPI:
         _admit(state)
         _check_request(state, body)
         max_tokens = body.max_completion_tokens or body.max_tokens or state.default_max_tokens
-        prompt = convert.chat_prompt(body, state.info.default_prompt_format)
+        template_tools = (state.info.default_prompt_format != pb.PROMPT_FORMAT_ALPACA
+                          and declares_tools(state.info.chat_template))  # fmt: skip
+        if body.may_call_tools and not template_tools:
+            raise OpenAIError(400, 'tool_choice "auto" (the default with tools) needs a model whose chat template '
+                                   "declares tool use, and this model's does not; send tool_choice \"required\" or "
+                                   '{"type": "function", "function": {"name": ...}}: the output is then constrained '
+                                   "to the tools' schemas", "tool_choice")  # fmt: skip
+        prompt = convert.chat_prompt(body, state.info.default_prompt_format, with_tools=template_tools)
         specs = choice_specs([prompt], convert.sampling(body, max_tokens), body.choices_per_prompt)
         return await _generate(state, request, body, specs, ChatShape(body))
 

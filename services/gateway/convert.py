@@ -28,6 +28,7 @@ The mapping (the README's gateway section shows it as a table):
 from __future__ import annotations
 
 import json
+import re
 import uuid
 
 from services.gateway.errors import OpenAIError
@@ -57,7 +58,8 @@ def completion_prompt(prompt: str | list[int], request: CompletionRequest) -> pb
     return message
 
 
-def chat_prompt(request: ChatCompletionRequest | TokenizeRequest, default_format: int) -> pb.PromptInput:
+def chat_prompt(request: ChatCompletionRequest | TokenizeRequest, default_format: int,
+                with_tools: bool = False) -> pb.PromptInput:  # fmt: skip
     if default_format == pb.PROMPT_FORMAT_ALPACA:
         users = [m for m in request.messages if m.role == "user"]
         if not users:
@@ -70,6 +72,8 @@ def chat_prompt(request: ChatCompletionRequest | TokenizeRequest, default_format
         for m in request.messages
     ]
     message = pb.PromptInput(format=pb.PROMPT_FORMAT_CHAT, messages=messages)
+    if with_tools and getattr(request, "tools", None):  # the template renders them (it declares tool use)
+        message.tools_json = json.dumps(request.tools)
     if getattr(request, "truncate_prompt_tokens", None) is not None:
         message.truncate_left_tokens = request.truncate_prompt_tokens
     if request.add_special_tokens is not None:
@@ -136,6 +140,38 @@ def _parameters(function: dict) -> dict:
     return function.get("parameters") or {"type": "object", "properties": {}}
 
 
+_HERMES_CALL = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.S)
+
+
+def auto_tool_calls(request: ChatCompletionRequest, text: str) -> tuple[str | None, list[dict] | None]:
+    """tool_choice "auto": the model wrote its calls in its own format. Two formats are parsed (vLLM's
+    `hermes` and `llama3_json` parsers): `<tool_call>{"name", "arguments"}</tool_call>` blocks (Hermes,
+    Qwen), or the whole output one JSON object {"name", "parameters" | "arguments"} (Llama 3.1). Anything
+    else, or a call to a tool the request does not offer, is plain content. Returns (content, calls)."""
+    blocks = _HERMES_CALL.findall(text)
+    candidates = blocks or ([text.strip()] if text.strip().startswith("{") else [])
+    names = {t["function"]["name"] for t in request.tools or []}
+    calls = []
+    for block in candidates:
+        try:
+            value = json.loads(block)
+        except ValueError:
+            return text, None
+        arguments = value.get("arguments", value.get("parameters")) if isinstance(value, dict) else None
+        if not isinstance(arguments, dict) or value.get("name") not in names:
+            return text, None
+        calls.append(_call(value["name"], arguments))
+    if not calls:
+        return text, None
+    content = _HERMES_CALL.sub("", text).strip() if blocks else ""
+    return content or None, calls
+
+
+def _call(name: str, arguments) -> dict:
+    return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+            "function": {"name": name, "arguments": json.dumps(arguments, ensure_ascii=False)}}  # fmt: skip
+
+
 def tool_calls(request: ChatCompletionRequest, text: str) -> list[dict] | None:
     """The output of a tool-calling request as OpenAI's tool_calls; None when it is not complete JSON (the
     output was cut by max_tokens): the caller then gets the text as content."""
@@ -145,9 +181,7 @@ def tool_calls(request: ChatCompletionRequest, text: str) -> list[dict] | None:
         return None
     named = request.named_tool()
     calls = [(named["name"], value)] if named is not None else [(c["name"], c["parameters"]) for c in value]
-    return [{"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
-             "function": {"name": name, "arguments": json.dumps(arguments, ensure_ascii=False)}}
-            for name, arguments in calls]  # fmt: skip
+    return [_call(name, arguments) for name, arguments in calls]
 
 
 def for_choice(params: pb.SamplingParams, index: int) -> pb.SamplingParams:

@@ -216,11 +216,6 @@ class ChatCompletionRequest(_Sampling):
             if not isinstance(function.get("parameters", {}), dict):
                 return "tools", f"tool {function['name']!r}: parameters must be a JSON Schema object"
         choice = self.tool_choice
-        if self.tools and choice in (None, "auto"):
-            return "tool_choice", ('tool_choice "auto" (the default with tools) needs a model whose chat template '
-                                   "declares tool use and a parser for its tool-call format, which this server does "
-                                   'not have; send tool_choice "required" or {"type": "function", "function": '
-                                   '{"name": ...}} and the output is constrained to the tools\' schemas')  # fmt: skip
         if choice not in (None, "none", "auto") and not self.tools:
             return "tool_choice", "tool_choice names a tool, but the request has no tools"
         if isinstance(choice, dict) and self.named_tool() is None:
@@ -256,7 +251,13 @@ class ChatCompletionRequest(_Sampling):
 
     @property
     def calls_tools(self) -> bool:
+        """The output is constrained to tool calls (tool_choice "required" or a named function)."""
         return bool(self.tools) and self.tool_choice not in (None, "none", "auto")
+
+    @property
+    def may_call_tools(self) -> bool:
+        """tool_choice "auto" (OpenAI's default with tools): the model decides; its output is parsed."""
+        return bool(self.tools) and self.tool_choice in (None, "auto")
 
 
 class TokenizeRequest(BaseModel):

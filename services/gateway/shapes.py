@@ -99,6 +99,11 @@ class ChatShape:
     def _message(self, text: str, reason: str) -> tuple[dict, str]:
         """The assistant message and finish reason: tool calls when the request called tools and the output
         is complete (finish "tool_calls" for "required", "stop" for a named function, as OpenAI)."""
+        if self.request.may_call_tools:  # "auto": the model's own call format, parsed
+            content, calls = convert.auto_tool_calls(self.request, text)
+            if calls is None:
+                return {"role": "assistant", "content": text}, reason
+            return {"role": "assistant", "content": content, "tool_calls": calls}, "tool_calls"
         calls = convert.tool_calls(self.request, text) if self.request.calls_tools else None
         if calls is None:
             return {"role": "assistant", "content": text}, reason
@@ -119,7 +124,7 @@ class ChatShape:
             return {"index": spec.index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
 
         yield choice({"role": "assistant", "content": ""})
-        if self.request.calls_tools:  # the calls go out whole, in one delta, once the output is complete
+        if self.request.calls_tools or self.request.may_call_tools:  # calls go out whole, once complete
             texts = []
             async for message in messages:
                 texts.append(message.text)
@@ -128,8 +133,9 @@ class ChatShape:
                         "".join(texts), convert.FINISH_REASONS[message.finish_reason]
                     )
                     calls = whole.get("tool_calls")
-                    delta = ({"tool_calls": [{"index": i, **call} for i, call in enumerate(calls)]} if calls
-                             else {"content": whole["content"]})  # fmt: skip
+                    delta = {"content": whole["content"]} if whole["content"] is not None else {}
+                    if calls:
+                        delta["tool_calls"] = [{"index": i, **call} for i, call in enumerate(calls)]
                     yield choice(delta)
                     yield {**choice({}, reason), "seed": message.seed}
             return

@@ -37,6 +37,7 @@ def prompt_spec(message: pb.PromptInput) -> PromptSpec:
         else None,
         token_ids=tuple(message.token_ids),
         add_special_tokens=message.add_special_tokens if message.HasField("add_special_tokens") else None,
+        tools_json=message.tools_json,
     )
 
 

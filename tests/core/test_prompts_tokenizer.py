@@ -81,3 +81,34 @@ def test_wombat_special_tokens_and_zero_pad_row(llama_like_tokenizer_dir):
     assert torch.count_nonzero(model.get_output_embeddings().weight[base_vocab:]) == 0
     batch = tokenizer(["short", "a longer sentence here"], padding=True)
     assert batch.input_ids[0][0] == tokenizer.pad_token_id  # left padding
+
+
+# A chat template that declares tool use, in the way tool-trained models' templates do (Hermes-style).
+TOOLS_TEMPLATE = (
+    "{% if tools %}<tools>{% for tool in tools %}{{ tool['function']['name'] }};{% endfor %}</tools>{% endif %}"
+    "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}"
+)
+
+
+def test_chat_tools_are_rendered_by_a_template_that_declares_them_and_refused_otherwise(
+    llama_like_tokenizer_dir,
+):
+    import json
+
+    from wombat_core.engine.prompting import PromptFormat, PromptSpec, encode
+    from wombat_core.errors import InvalidArgument
+
+    tokenizer = load_tokenizer(llama_like_tokenizer_dir)
+    tools = json.dumps(
+        [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    )
+    spec = PromptSpec(PromptFormat.CHAT, messages=(("user", "Weather?"),), tools_json=tools)
+    tokenizer.chat_template = TOOLS_TEMPLATE
+    assert (
+        encode(spec, tokenizer, PromptFormat.CHAT).rendered
+        == "<tools>get_weather;</tools><user>Weather?<assistant>"
+    )
+    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    with pytest.raises(InvalidArgument, match="does not declare tool use") as caught:
+        encode(spec, tokenizer, PromptFormat.CHAT)
+    assert caught.value.metadata["field"] == "tools"

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import signal
 import socket
 import subprocess
@@ -234,3 +235,25 @@ def test_a_dns_upstream_is_one_replica_per_address_and_follows_the_name():
     resolved, remaining = asyncio.run(run())
     assert "127.0.0.1:50999" in resolved and "127.0.0.1:50998" in resolved
     assert remaining == ["127.0.0.1:50998"]
+
+
+def test_auto_tool_calls_parse_hermes_blocks_and_llama3_json_and_leave_anything_else_as_content():
+    from services.gateway.convert import auto_tool_calls
+    from services.gateway.schema import ChatCompletionRequest
+
+    request = ChatCompletionRequest(model=MODEL, messages=[{"role": "user", "content": "x"}], tools=[
+        {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}])  # fmt: skip
+    content, calls = auto_tool_calls(request, 'Checking.\n<tool_call>\n{"name": "get_weather", "arguments": '
+                                              '{"city": "Paris"}}\n</tool_call>')  # fmt: skip
+    assert content == "Checking." and [c["function"]["name"] for c in calls] == ["get_weather"]
+    assert json.loads(calls[0]["function"]["arguments"]) == {"city": "Paris"} and calls[0]["id"].startswith(
+        "call_"
+    )
+    content, calls = auto_tool_calls(request, '{"name": "get_weather", "parameters": {"city": "Oslo"}}')
+    assert content is None and json.loads(calls[0]["function"]["arguments"]) == {"city": "Oslo"}
+    for text in (
+        "It is sunny.",
+        '{"name": "launch_rockets", "arguments": {}}',
+        "<tool_call>{broken</tool_call>",
+    ):
+        assert auto_tool_calls(request, text) == (text, None)

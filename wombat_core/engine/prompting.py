@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import json
 from dataclasses import dataclass
 
 from wombat_core.errors import InvalidArgument
@@ -29,6 +30,7 @@ class PromptSpec:
     # A prompt given as token ids is used as it is: no template, no tokenisation (vLLM's TokensPrompt).
     token_ids: tuple[int, ...] = ()
     add_special_tokens: bool | None = None  # None: the format's default (raw and alpaca yes, chat no)
+    tools_json: str = ""  # chat only: OpenAI's tools list (JSON) for a template that declares tool use
 
     def __post_init__(self) -> None:
         if self.token_ids:
@@ -44,7 +46,7 @@ class PromptSpec:
                 )
             if min(self.token_ids) < 0:
                 raise InvalidArgument("prompt token_ids must be >= 0", metadata={"field": "prompt"})
-        size = len(self.text) + len(self.input) + sum(len(c) for _, c in self.messages)
+        size = len(self.text) + len(self.input) + sum(len(c) for _, c in self.messages) + len(self.tools_json)
         if size > MAX_PROMPT_CHARS:
             raise InvalidArgument(f"prompt must be at most {MAX_PROMPT_CHARS} characters, got {size}")
         if self.truncate_left_tokens is not None and self.truncate_left_tokens < 1:
@@ -72,7 +74,13 @@ def render(spec: PromptSpec, tokenizer, default: PromptFormat) -> tuple[str, boo
         if not getattr(tokenizer, "chat_template", None):
             raise InvalidArgument("this model's tokenizer has no chat template; use the raw or alpaca format")
         messages = [{"role": role, "content": content} for role, content in spec.messages]
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True), False
+        tools = _tools(spec.tools_json, tokenizer) if spec.tools_json else None
+        text = tokenizer.apply_chat_template(
+            messages, tools=tools, tokenize=False, add_generation_prompt=True
+        )
+        return text, False
+    if spec.tools_json:
+        raise InvalidArgument("tools are only for the chat format", metadata={"field": "tools"})
     if spec.messages:
         raise InvalidArgument(f"`messages` is only for the chat format, not {fmt.value}")
     if not spec.text:
@@ -83,6 +91,24 @@ def render(spec: PromptSpec, tokenizer, default: PromptFormat) -> tuple[str, boo
     if spec.input:
         raise InvalidArgument("`input` is only for the alpaca format")
     return spec.text, True
+
+
+def declares_tools(chat_template: str | None) -> bool:
+    """Whether a chat template renders a `tools` list (as the templates of tool-trained models do)."""
+    return bool(chat_template) and "tools" in chat_template
+
+
+def _tools(tools_json: str, tokenizer) -> list:
+    if not declares_tools(getattr(tokenizer, "chat_template", None)):
+        raise InvalidArgument("this model's chat template does not declare tool use, so it cannot be given tools",
+                              metadata={"field": "tools"})  # fmt: skip
+    try:
+        tools = json.loads(tools_json)
+    except ValueError as exc:
+        raise InvalidArgument(f"tools_json is not JSON: {exc}", metadata={"field": "tools"}) from None
+    if not isinstance(tools, list):
+        raise InvalidArgument("tools_json must be a JSON list of tools", metadata={"field": "tools"})
+    return tools
 
 
 def encode(spec: PromptSpec, tokenizer, default: PromptFormat) -> EncodedPrompt:

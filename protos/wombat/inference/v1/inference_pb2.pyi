@@ -40,7 +40,7 @@ class ChatMessage(_message.Message):
     def __init__(self, role: _Optional[str] = ..., content: _Optional[str] = ...) -> None: ...
 
 class PromptInput(_message.Message):
-    __slots__ = ("format", "text", "input", "messages", "truncate_left_tokens", "token_ids", "add_special_tokens")
+    __slots__ = ("format", "text", "input", "messages", "truncate_left_tokens", "token_ids", "add_special_tokens", "tools_json")
     FORMAT_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     INPUT_FIELD_NUMBER: _ClassVar[int]
@@ -48,6 +48,7 @@ class PromptInput(_message.Message):
     TRUNCATE_LEFT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     ADD_SPECIAL_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TOOLS_JSON_FIELD_NUMBER: _ClassVar[int]
     format: PromptFormat
     text: str
     input: str
@@ -55,7 +56,8 @@ class PromptInput(_message.Message):
     truncate_left_tokens: int
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     add_special_tokens: bool
-    def __init__(self, format: _Optional[_Union[PromptFormat, str]] = ..., text: _Optional[str] = ..., input: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., truncate_left_tokens: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., add_special_tokens: _Optional[bool] = ...) -> None: ...
+    tools_json: str
+    def __init__(self, format: _Optional[_Union[PromptFormat, str]] = ..., text: _Optional[str] = ..., input: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., truncate_left_tokens: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., add_special_tokens: _Optional[bool] = ..., tools_json: _Optional[str] = ...) -> None: ...
 
 class SamplingParams(_message.Message):
     __slots__ = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "max_new_tokens", "min_new_tokens", "stop", "stop_token_ids", "ignore_eos", "seed", "logprobs", "top_logprobs", "prompt_logprobs", "presence_penalty", "frequency_penalty", "logit_bias", "structured_output")
