@@ -142,7 +142,7 @@ def create_app(state: GatewayState) -> FastAPI:
         _check_request(state, body)
         shape = CompletionShape(body)
         prompts = body.prompts()
-        texts = await _prompt_texts(state, prompts, shape) if body.echo else None
+        texts = await _prompt_texts(state, prompts) if body.echo else None
         specs = choice_specs([convert.completion_prompt(p, body) for p in prompts],
                              convert.sampling(body, body.new_tokens), body.choices_per_prompt, texts)  # fmt: skip
         return await _generate(state, request, body, specs, shape)
@@ -251,16 +251,16 @@ async def _unary(state: GatewayState, call):
         raise from_rpc_error(exc, {"token_ids": "tokens"}) from None
 
 
-async def _prompt_texts(state: GatewayState, prompts: list, shape: CompletionShape) -> list[str]:
-    """The text echo prepends for each prompt: a string as given, token ids decoded by a replica."""
-    texts = []
-    for prompt in prompts:
+async def _prompt_texts(state: GatewayState, prompts: list) -> list[str]:
+    """The text echo prepends for each prompt: a string as given, token ids decoded by a replica (the
+    Detokenize calls of a batch run together)."""
+
+    async def text(prompt) -> str:
         if isinstance(prompt, str):
-            texts.append(prompt)
-        else:
-            decoded = await _unary(state, lambda client, ids=prompt: client.detokenize(ids))
-            texts.append(decoded.text)
-    return texts
+            return prompt
+        return (await _unary(state, lambda client: client.detokenize(prompt))).text
+
+    return list(await asyncio.gather(*(text(p) for p in prompts)))
 
 
 async def _generate(state: GatewayState, request: Request, body, specs: list[ChoiceSpec], shape) -> Response:
