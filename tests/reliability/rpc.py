@@ -82,7 +82,16 @@ def _fixed_value(field: d.FieldDescriptor):
     return 1
 
 
+def _is_map(field: d.FieldDescriptor) -> bool:
+    return field.type == d.FieldDescriptor.TYPE_MESSAGE and field.message_type.GetOptions().map_entry
+
+
 def _field(field: d.FieldDescriptor, depth: int) -> st.SearchStrategy:
+    if _is_map(field):  # map<K, V>: a dict, a few random entries or very many
+        key, value = field.message_type.fields_by_name["key"], field.message_type.fields_by_name["value"]
+        few = st.dictionaries(_scalar(key, depth), _scalar(value, depth), max_size=4)
+        huge = st.just(HUGE_REPEATED).map(lambda n: {i: _fixed_value(value) for i in range(n)})
+        return few | huge
     if field.is_repeated:
         few = st.lists(_scalar(field, depth), max_size=4)
         huge = st.just(HUGE_REPEATED).map(lambda n: [_fixed_value(field)] * n)
@@ -102,7 +111,9 @@ def message_strategy(descriptor: d.Descriptor, depth: int = 0) -> st.SearchStrat
             if value is None:
                 continue
             field = descriptor.fields_by_name[name]
-            if field.is_repeated:
+            if _is_map(field):
+                getattr(message, name).update(value)
+            elif field.is_repeated:
                 getattr(message, name).extend(value)
             elif field.type == d.FieldDescriptor.TYPE_MESSAGE:
                 getattr(message, name).CopyFrom(value)
