@@ -45,3 +45,15 @@ def gateway_stack(demo_workdir: Path, logs: Path, *, engine: str = "wombat", bat
     finally:
         gateway.stop()
         inference.stop()
+
+
+CALLERS_KEY = "callers-key-0123456789"
+
+
+@pytest.fixture(scope="session")
+def callers_stack(demo_workdir, tmp_path_factory):
+    """The in-house engine behind a gateway that checks a key and caps bodies at 64 KiB, shared by the
+    modules that test what callers send (test_gateway_callers.py, test_real_callers.py): one start."""
+    with gateway_stack(demo_workdir, tmp_path_factory.mktemp("callers"), batch=8, queue=64, api_key=CALLERS_KEY,
+                       gateway_args=("--max-body-bytes", "65536")) as stack:  # fmt: skip
+        yield stack
