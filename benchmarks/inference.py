@@ -401,7 +401,8 @@ def gateway_features(url: str, model: str, texts: list[str], rounds: int) -> dic
         settle()
         constrained.append(asyncio.run(run([body(i, response_format=schema) for i in range(SLOTS)])))
         settle()
-        single.append(asyncio.run(run([body(i) for i in range(SLOTS)])))
+        # Both sides sample (n > 1 of greedy would be four copies), seeded: the same work per token.
+        single.append(asyncio.run(run([body(i, temperature=1.0, seed=i) for i in range(SLOTS)])))
         settle()
         fanned.append(asyncio.run(run([body(i, n=4, temperature=1.0, seed=i) for i in range(SLOTS // 4)])))
         settle()
