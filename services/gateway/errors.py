@@ -54,6 +54,11 @@ def replica_full(error: grpc.RpcError) -> bool:
     return error.code() is grpc.StatusCode.RESOURCE_EXHAUSTED and error_info(error) is not None
 
 
+def worth_another_replica(error: grpc.RpcError) -> bool:
+    """A refusal that says nothing of the request: the replica is unavailable, or its queue is full."""
+    return error.code() is grpc.StatusCode.UNAVAILABLE or replica_full(error)
+
+
 def from_rpc_error(error: grpc.RpcError, field_names: dict[str, str]) -> OpenAIError:
     """The OpenAI error for a replica's gRPC status; `field_names` maps contract fields to OpenAI's."""
     code = error.code()

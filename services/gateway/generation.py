@@ -28,12 +28,11 @@ import grpc
 from starlette.requests import Request
 
 from services.gateway import convert
-from services.gateway.errors import OpenAIError, from_rpc_error, replica_full
+from services.gateway.errors import OpenAIError, from_rpc_error, worth_another_replica
 from services.gateway.replicas import Replica, ReplicaPool
 from wombat.inference.v1 import inference_pb2 as pb
 
 log = logging.getLogger(__name__)
-FAILOVER_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
 
 
 class Disconnect:
@@ -139,9 +138,7 @@ async def _open(
         except grpc.RpcError as exc:
             if disconnect.gone:
                 raise OpenAIError(499, "the client went away") from None
-            if exc.code() not in FAILOVER_CODES or (
-                exc.code() is grpc.StatusCode.RESOURCE_EXHAUSTED and not replica_full(exc)
-            ):
+            if not worth_another_replica(exc):
                 raise from_rpc_error(exc, fields) from None
             last_error = exc
             pool.refused(replica, exc.code())
@@ -230,9 +227,8 @@ async def sse(chunks: AsyncIterator[dict]) -> AsyncIterator[str]:
     """Server-sent events as OpenAI sends them. Any failure after the stream began is an `error` event
     (the openai SDK raises it as APIError), then [DONE]: a stream never just stops."""
     try:
-        async with contextlib.aclosing(
-            chunks
-        ):  # closed at once when the client goes: its calls are cancelled
+        # aclosing: when the client goes, the chunks' generator is closed at once and its calls cancelled.
+        async with contextlib.aclosing(chunks):
             async for chunk in chunks:
                 yield f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
     except OpenAIError as exc:

@@ -107,8 +107,7 @@ class OutputProcessor:
                 f"the model produced NaN or infinite logits for request {state.id} after "
                 f"{len(state.generated)} tokens (a float16 overflow?); serve the model in bfloat16 or float32"
             ))  # fmt: skip
-        first = not state.first_token
-        if first:
+        if not state.first_token:
             state.first_token = now
         prompt_logprobs, state.prompt_logprobs = state.prompt_logprobs, ()
         if state.request.params.max_new_tokens == 0:

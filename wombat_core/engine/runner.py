@@ -48,6 +48,7 @@ class PrefillGroup:
     # Prompt logprobs: the rows (indices in the group) that asked, the most alternatives one asked for, and
     # each prefilled chunk's scores, kept on the device until the group is complete.
     score_rows: list[int] = field(default_factory=list)
+    score_index: torch.Tensor | None = None  # score_rows on the device, made once for every chunk
     score_top: int = 0
     scored: list[torch.Tensor] = field(default_factory=list)
 
@@ -149,8 +150,9 @@ class ModelRunner:
         wanted = prompt_logprobs or [None] * len(prompts)
         score_rows = [i for i, k in enumerate(wanted) if k is not None]
         top = max((wanted[i] for i in score_rows), default=0)
+        index = torch.tensor(score_rows, dtype=torch.int64).to(self.device) if score_rows else None
         return PrefillGroup(self.slots - len(prompts), input_ids, position_ids, real, offsets,
-                            score_rows=score_rows, score_top=top)  # fmt: skip
+                            score_rows=score_rows, score_index=index, score_top=top)  # fmt: skip
 
     @torch.inference_mode()
     def complete_group(self, group: PrefillGroup, keep: list[int]) -> int:
@@ -227,8 +229,7 @@ class ModelRunner:
         [n, T, vocab] score the tokens at columns start + 1 ... (the last column predicts no prompt token).
         Log-softmax in float32, as the sampler's logprobs. Returns [n, T', 2 + 2 * top] float64."""
         end = min(start + logits.shape[1], group.length - 1)
-        rows = torch.tensor(group.score_rows, device=self.device)
-        targets = group.input_ids[rows, start + 1 : end + 1]  # [n, T']
+        targets = group.input_ids[group.score_index, start + 1 : end + 1]  # [n, T']
         logprobs = torch.log_softmax(logits[:, : end - start].float(), dim=-1)
         chosen = logprobs.gather(2, targets[..., None])
         parts = [targets[..., None].double(), chosen.double()]
@@ -259,9 +260,8 @@ class ModelRunner:
         causal = keys[None, :] <= queries[:, None]  # [chunk, columns]
         itself = keys[None, :] == queries[:, None]
         mask = (group.real[:, None, :end] & causal[None]) | itself[None]  # [rows, chunk, columns]
-        every = torch.tensor(group.score_rows, device=self.device) if group.score_rows else None
         return Segment(group.input_ids[:, start:end], group.position_ids[:, start:end], mask[:, None], write,
-                       every)  # fmt: skip
+                       group.score_index)  # fmt: skip
 
     def _model_forward(self, segment: Segment) -> SegmentLogits:
         """The model's own forward on one segment; the logits of each row's last position [rows, vocab], and
