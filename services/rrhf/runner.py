@@ -20,6 +20,7 @@ from services.rrhf.events import create_channel, get_channel
 from services.rrhf.jobs import CandidatesJob, JobKind, JobState, JobStore, TrainingJob
 from wombat_core.atomic import write_file_atomically
 from wombat_core.errors import FailedPrecondition
+from wombat_core.host_memory import compute_process_env
 from wombat_core.rrhf.candidates import CandidatesConfig
 from wombat_core.rrhf.data import PreferenceRecord, dump_jsonl, load_jsonl
 from wombat_core.rrhf.events import CandidatesProgress, OutputSaved, from_record, to_record
@@ -164,6 +165,8 @@ class JobRunner:
                 name=f"{job.job_id}-{self.store.get(job.job_id).attempts}",
                 storage_path=str(self.state_dir / "ray-results"),
                 failure_config=FailureConfig(max_failures=self.max_failures),
+                # A CPU worker's step reuses its buffers instead of page-faulting them in (host_memory.py).
+                worker_runtime_env={} if job.use_gpu else {"env_vars": compute_process_env()},
             ),
         )
         self._supervise(job.job_id, channel, lambda: trainer.fit().error)

@@ -18,6 +18,7 @@ import ray
 
 from wombat_core import errors
 from wombat_core.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, WombatError
+from wombat_core.host_memory import compute_process_env
 from wombat_core.rrhf.scoring import ScoreItem
 
 log = logging.getLogger(__name__)
@@ -101,7 +102,12 @@ class ScorerPool:
     def __init__(self, model_dir: Path, method: str, replicas: int, max_batch_responses: int = 256,
                  gpus_per_replica: float = 0.0, max_pending: int = 64, dtype: str = "auto"):  # fmt: skip
         self.model_dir, self.method = model_dir, method
-        options = {"num_gpus": gpus_per_replica} if gpus_per_replica else {}
+        # A CPU replica's batches reuse the last one's buffers instead of page-faulting them in (host_memory).
+        options = (
+            {"num_gpus": gpus_per_replica}
+            if gpus_per_replica
+            else {"runtime_env": {"env_vars": compute_process_env()}}
+        )
         self.actors = [
             ScorerActor.options(**options).remote(str(model_dir), method, dtype) for _ in range(replicas)
         ]
