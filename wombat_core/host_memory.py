@@ -14,7 +14,7 @@ bring).
 
 Threads need more: glibc gives each thread its own arena, whose heaps (64 MiB at most) are unmapped
 whenever they empty, whatever the trim threshold, and Ray Train runs the training loop in a thread of
-its worker. The same step there took 1.40 s, and 0.98 s with one arena. The arena count is fixed when a
+its worker. The same step in a thread took 1.38-1.48 s, and 0.98 s with one arena and no mmap. The arena count is fixed when a
 process first needs a second arena, so it cannot be changed from inside a running worker: processes
 started to compute get `compute_process_env()` (glibc's tunables, read at start), and a process already
 running calls `keep_freed_memory()` (enough for its main thread).
