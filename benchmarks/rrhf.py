@@ -180,8 +180,8 @@ def main() -> None:
         prepare_demo_model(args.model)
     shipped = resources.files("wombat_core.rrhf") / "data" / "preferences.jsonl"
     records = load_jsonl(shipped)
-    # The baselines run with the malloc tunables a training worker sets for itself (run_training), so the
-    # service-step ratio compares the service with the same computation, not with glibc's defaults.
+    # The baselines run with the malloc settings the service starts its CPU training workers with
+    # (host_memory.py), so the service-step ratio compares the same computation, not glibc's defaults.
     keep_freed_memory()
 
     bare = bare_baselines(args.model, records, args.steps)

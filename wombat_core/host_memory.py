@@ -9,15 +9,15 @@ guest gave back can cost a fault on the host too. Here malloc never maps (`M_MMA
 comes from the heap, which threads reach by glibc's retry in the main arena) and trims only above 1 GiB.
 Measured on SmolLM2-135M (8 RRHF steps of 4 responses, 2 cores, model load included): 2.2 M page faults,
 8-10 s of system time and a 1.37-1.63 s step with the defaults; 0.8 M, 5 s and 1.17-1.18 s kept.
-PyTorch's CPU performance guide recommends the same (or jemalloc/tcmalloc, which a pip install cannot
-bring).
+(PyTorch's CPU performance guide makes the same point by recommending jemalloc or tcmalloc, which a pip
+install cannot bring.)
 
 Threads need more: glibc gives each thread its own arena, whose heaps (64 MiB at most) are unmapped
 whenever they empty, whatever the trim threshold, and Ray Train runs the training loop in a thread of
-its worker. The same step in a thread took 1.38-1.48 s, and 0.98 s with one arena and no mmap. The arena count is fixed when a
-process first needs a second arena, so it cannot be changed from inside a running worker: processes
-started to compute get `compute_process_env()` (glibc's tunables, read at start), and a process already
-running calls `keep_freed_memory()` (enough for its main thread).
+its worker. The same step in a thread took 1.38-1.48 s, and 0.98 s with one arena and no mmap. The
+arena count is fixed when a process first needs a second arena, so it cannot be changed from inside a
+running worker: processes started to compute get `compute_process_env()` (glibc's tunables, read at
+start), and a process already running calls `keep_freed_memory()` (enough for its main thread).
 
 Whoever starts a process decides, never a library call deep inside it: the RRHF service gives its CPU
 training workers and CPU scorer replicas the environment, and the benchmark's baseline calls
