@@ -6,7 +6,7 @@ glibc's defaults a buffer above the mmap threshold (128 KiB, raised after a free
 ~100 MiB each), and the heap is trimmed back to the kernel once 64 MiB sit free at its top: either way
 the next step takes a page fault and a zeroed page for every 4 KiB it touches, and in a VM a page the
 guest gave back can cost a fault on the host too. Here malloc never maps (`M_MMAP_MAX` 0: every buffer
-comes from the heap, which threads reach by glibc's retry in the main arena) and trims only above 1 GiB.
+comes from a heap) and trims only above 1 GiB.
 Measured on SmolLM2-135M (8 RRHF steps of 4 responses, 2 cores, model load included): 2.2 M page faults,
 8-10 s of system time and a 1.37-1.63 s step with the defaults; 0.8 M, 5 s and 1.17-1.18 s kept.
 (PyTorch's CPU performance guide makes the same point by recommending jemalloc or tcmalloc, which a pip
