@@ -96,6 +96,13 @@ def serve_inference(
     max_new_tokens_limit: Annotated[
         int, typer.Option(help="largest max_new_tokens a request may ask")
     ] = 4096,
+    admission_wait_ms: Annotated[
+        float,
+        typer.Option(
+            help="in-house engine: after a step that freed a slot, wait up to this long (at most a tenth "
+            "of a step) for the next request before stepping again; 0 turns it off"
+        ),
+    ] = 10.0,
     default_format: Annotated[
         str, typer.Option(help="prompt format when a request leaves it unset: raw, alpaca or chat")
     ] = "alpaca",
@@ -120,6 +127,8 @@ def serve_inference(
         fail(f"--max-model-len must be >= 2, got {max_model_len}")
     if not 0 < gpu_memory_utilization <= 1:
         fail(f"--gpu-memory-utilization must be in (0, 1], got {gpu_memory_utilization}")
+    if admission_wait_ms < 0:
+        fail(f"--admission-wait-ms must be >= 0, got {admission_wait_ms}")
     settings = InferenceSettings(
         model_dir=model,
         engine=engines[engine],
@@ -133,6 +142,7 @@ def serve_inference(
         max_queue=max_queue,
         max_prefill_tokens=max_prefill_tokens,
         cpu_threads=cpu_threads,
+        admission_wait_s=admission_wait_ms / 1000,
     )
     _run(lambda: InferenceService(settings),
          log_level, host, port, metrics_port, health_port, drain_seconds,

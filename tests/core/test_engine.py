@@ -10,6 +10,7 @@ import torch
 
 from tests.engine_fixtures import save_servable_tiny_model, save_wired_model, text_tokens
 from wombat_core.engine import Engine, EngineConfig, FinishReason, GenerationRequest, SamplingParams
+from wombat_core.engine import engine as engine_module
 from wombat_core.engine.detokenizer import IncrementalDetokenizer
 from wombat_core.engine.loading import load_for_serving
 from wombat_core.errors import InvalidArgument, ResourceExhausted
@@ -68,16 +69,94 @@ PROMPTS = ["Name three colours.", "The quick brown fox", "你好世界 🙂", "B
            "café", "1234567890 times."]  # fmt: skip
 
 
-def test_greedy_matches_hf_generate_alone_and_batched(loaded, engine):
-    ids = [loaded.tokenizer(p)["input_ids"] for p in PROMPTS]
-    alone = submit(engine, ids[0], "alone", temperature=0, max_new_tokens=24).wait()[0]
-    assert alone == reference_greedy(loaded, ids[0], 24)
-    collectors = []
-    for i, prompt in enumerate(ids):  # staggered arrivals join a running batch; more than max_batch_size
-        collectors.append(submit(engine, prompt, f"r{i}", temperature=0, max_new_tokens=24))
-        time.sleep(0.003 * i)
-    for prompt, collector in zip(ids, collectors, strict=True):
-        assert collector.wait()[0] == reference_greedy(loaded, prompt, 24)
+@pytest.mark.parametrize("prefill_first", [True, False], ids=["prefill apart", "prefill with decode"])
+def test_greedy_matches_hf_generate_alone_and_batched(loaded, prefill_first):
+    engine = Engine(loaded.model, loaded.tokenizer,
+                    EngineConfig(max_batch_size=4, max_queue=4, context_length=256, prefill_first=prefill_first))  # fmt: skip
+    engine.start()
+    try:
+        ids = [loaded.tokenizer(p)["input_ids"] for p in PROMPTS]
+        alone = submit(engine, ids[0], "alone", temperature=0, max_new_tokens=24).wait()[0]
+        assert alone == reference_greedy(loaded, ids[0], 24)
+        collectors = []
+        for i, prompt in enumerate(ids):  # staggered arrivals join a running batch; more than max_batch_size
+            collectors.append(submit(engine, prompt, f"r{i}", temperature=0, max_new_tokens=24))
+            time.sleep(0.003 * i)
+        for prompt, collector in zip(ids, collectors, strict=True):
+            assert collector.wait()[0] == reference_greedy(loaded, prompt, 24)
+    finally:
+        engine.stop()
+
+
+@pytest.mark.parametrize("prefill_first", [True, False])
+def test_prefill_first_runs_a_newcomers_prefill_as_its_own_forward_before_the_decode_step(
+    loaded, prefill_first
+):
+    """While a row decodes, a newcomer's prefill runs alone and then the decode step (its first token goes out
+    between the two), or, with prefill_first off (CUDA's default), in one forward with the decode step."""
+    engine = Engine(loaded.model, loaded.tokenizer,
+                    EngineConfig(max_batch_size=4, context_length=256, prefill_first=prefill_first))  # fmt: skip
+    calls, step = [], engine.runner.step
+
+    def recording_step(group, max_prefill_tokens, decode=True):
+        calls.append((group is not None, decode and engine.runner.rows > 0))
+        return step(group, max_prefill_tokens, decode)
+
+    engine.runner.step = recording_step
+    engine.start()
+    try:
+        running = submit(engine, (1, 5, 6, 7), "running", temperature=0, max_new_tokens=40, ignore_eos=True)
+        while len(running.events) < 3:
+            time.sleep(0.001)
+        newcomer = submit(engine, (1, 8, 9), "newcomer", temperature=0, max_new_tokens=4, ignore_eos=True)
+        running.wait(), newcomer.wait()
+    finally:
+        engine.stop()
+    # calls: (a prefill chunk in it, a decode step in it); the first is the running request's own prefill
+    joined = next(i for i, (prefill, _) in enumerate(calls) if prefill and i > 0)
+    if prefill_first:
+        assert calls[joined : joined + 2] == [(True, False), (False, True)]
+    else:
+        assert calls[joined] == (True, True)
+
+
+@pytest.mark.parametrize("admission_wait_s", [0.5, 0.0], ids=["with an admission wait", "without"])
+def test_a_request_sent_on_a_final_event_joins_the_next_step(loaded, monkeypatch, admission_wait_s):
+    """A caller that sends its next request 20 ms after its final event: with an admission wait, its prefill
+    is the engine's next forward (no decode step of the running row comes between its final event and its
+    next first token); without one, the running row's next step has begun and the newcomer waits for it."""
+    monkeypatch.setattr(engine_module, "ADMISSION_WAIT_STEP_SHARE", 1000.0)  # the window is the setting
+    engine = Engine(loaded.model, loaded.tokenizer,
+                    EngineConfig(max_batch_size=4, context_length=256, admission_wait_s=admission_wait_s,
+                                 prefill_first=True))  # fmt: skip
+    order: list[tuple[str, object]] = []
+    done = threading.Event()
+
+    def sink(name):
+        def record(event):
+            order.append((name, event))
+            if name == "first" and event.finished:  # the caller sends again a moment later
+                threading.Timer(0.02, lambda: engine.submit(next_request, sink("next"))).start()
+            if name == "next" and event.finished:
+                done.set()
+
+        return record
+
+    next_request = GenerationRequest("next", (1, 8, 9), SamplingParams(temperature=0, max_new_tokens=2))
+    params = SamplingParams(temperature=0, max_new_tokens=60, ignore_eos=True)
+    engine.submit(GenerationRequest("running", (1, 5, 6, 7), params), sink("running"))
+    engine.submit(GenerationRequest("first", (1, 5, 6), SamplingParams(temperature=0, max_new_tokens=4,
+                                                                        ignore_eos=True)), sink("first"))  # fmt: skip
+    engine.start()
+    try:
+        assert done.wait(60)
+    finally:
+        engine.stop()
+    names = [name for name, _ in order]
+    final = next(i for i, (name, event) in enumerate(order) if name == "first" and event.finished)
+    first_token = names.index("next")
+    decode_steps_between = names[final + 1 : first_token].count("running")
+    assert decode_steps_between == 0 if admission_wait_s else decode_steps_between >= 1
 
 
 def test_long_prompt_is_prefilled_in_chunks_with_the_same_result(loaded):
@@ -465,3 +544,8 @@ def test_an_invalid_schema_is_refused_at_submit_naming_the_field(engine):
         with pytest.raises(InvalidArgument, match="structured_output json_schema cannot be used") as caught:
             submit(engine, (5, 6), "bad", structured=StructuredOutput("json_schema", spec))
         assert caught.value.metadata["field"] == "structured_output"
+
+
+def test_a_negative_admission_wait_is_refused_naming_the_field():
+    with pytest.raises(InvalidArgument, match="admission_wait_s must be >= 0"):
+        EngineConfig(admission_wait_s=-0.001)

@@ -83,6 +83,7 @@ class BackendSettings:
     max_model_len: int | None = None  # caps the model's context (vLLM's name)
     gpu_memory_utilization: float = 0.9
     cpu_threads: int | None = None
+    admission_wait_s: float = 0.010  # the in-house engine's (EngineConfig); vLLM schedules on its own
 
 
 class EngineBackend(abc.ABC):
@@ -159,6 +160,7 @@ class WombatBackend(EngineBackend):
             max_new_tokens_limit=settings.max_new_tokens_limit,
             cpu_threads=settings.cpu_threads,
             gpu_memory_utilization=settings.gpu_memory_utilization,
+            admission_wait_s=settings.admission_wait_s,
         ))  # fmt: skip
         engine.start()
         return cls(loaded, engine)

@@ -95,6 +95,17 @@ class Scheduler:
             cancelled, self.cancelled = self.cancelled, set()
             return cancelled
 
+    def await_arrivals(self, count: int, timeout: float) -> None:
+        """Waits up to `timeout` seconds until `count` requests are waiting (returns at once if they are),
+        or a cancellation or stop comes."""
+        deadline = time.monotonic() + timeout
+        with self.lock:
+            while len(self.waiting) < count and not (self.cancelled or self.stopping):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return
+                self.lock.wait(left)
+
     def take_cancelled(self, ids: set[str]) -> tuple[list[RequestState], list[int]]:
         """Takes the cancelled requests out of the queue and the prefilling group; returns them with the
         running rows that are cancelled (the caller retires those rows)."""
