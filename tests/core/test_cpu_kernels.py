@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from tests.models import tiny_config
+from wombat_core.engine import cpu_fused
 from wombat_core.engine.cpu_forward import LeanLlamaForward
 from wombat_core.engine.cpu_kernels import (
     KERNELS,
@@ -85,14 +86,18 @@ def test_threads_sharing_one_packed_model_get_their_own_results(plain):
     assert failures == []
 
 
-def test_the_lean_forward_gives_the_model_forwards_logits_through_the_runner(plain):
+@pytest.mark.parametrize("fused", [True, False], ids=["fused kernels", "PyTorch operations"])
+def test_the_lean_forward_gives_the_model_forwards_logits_through_the_runner(plain, fused, monkeypatch):
     """A left-padded group prefilled in two chunks, decode steps, then a newcomer's prefill chunks in the
     same steps as the running rows' decode (one forward on the lean path, two on the model's own), on the
-    plain model and on the swapped one, fed the same tokens: the same logits at every step."""
+    plain model and on the swapped one, fed the same tokens: the same logits at every step; with the small
+    operations as cpu_fused's compiled kernels and as PyTorch operations."""
+    monkeypatch.setenv("WOMBAT_FUSED_KERNELS", "1" if fused else "0")
     packed = copy.deepcopy(plain)
     use_packed_kernels(packed)
     reference, lean = ModelRunner(plain, 0, 6, 64), ModelRunner(packed, 0, 6, 64)
     assert isinstance(lean._lean, LeanLlamaForward) and reference._lean is None
+    assert lean._lean.fused is fused
     torch.manual_seed(3)
     prompts = [tuple(torch.randint(1, 300, (n,)).tolist()) for n in (9, 4, 13)]
     newcomers = [tuple(torch.randint(1, 300, (n,)).tolist()) for n in (6, 11)]
@@ -149,3 +154,50 @@ def test_the_float32_kernels_follow_the_cpu_and_the_override(plain, monkeypatch)
     monkeypatch.setenv("WOMBAT_CPU_KERNELS", "mkl")
     with pytest.raises(ValueError, match="WOMBAT_CPU_KERNELS must be one of openblas, onednn"):
         default_float32_kernels()
+
+
+def test_the_fused_kernels_compute_what_hugging_faces_modules_compute():
+    """cpu_fused's kernels against the modules they stand in for: LlamaRMSNorm after a residual add, SiLU
+    times up, and apply_rotary_pos_emb with the keys and values landing in the cache where a plan says."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb
+
+    torch.manual_seed(0)
+    tokens, hidden, heads, kv_heads, head_dim = 5, 48, 4, 2, 16
+    x, delta = torch.randn(tokens, hidden), torch.randn(tokens, hidden)
+    norm = LlamaRMSNorm(hidden, eps=1e-5)
+    norm.weight.data = torch.randn(hidden)
+    stream = x.clone().numpy()
+    normed = cpu_fused.add_rms_norm(stream, delta.numpy(), norm.weight.detach().numpy(), 1e-5)
+    torch.testing.assert_close(torch.from_numpy(stream), x + delta)  # the residual stream, updated in place
+    torch.testing.assert_close(torch.from_numpy(normed), norm(x + delta).detach())
+    alone = cpu_fused.add_rms_norm(x.numpy().copy(), None, norm.weight.detach().numpy(), 1e-5)
+    torch.testing.assert_close(torch.from_numpy(alone), norm(x).detach())
+
+    gate_up = torch.randn(tokens, 2 * hidden)
+    expected = torch.nn.functional.silu(gate_up[:, :hidden]) * gate_up[:, hidden:]
+    torch.testing.assert_close(torch.from_numpy(cpu_fused.silu_mul(gate_up.numpy(), hidden)), expected)
+
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * head_dim)
+    angles = torch.randn(tokens, head_dim // 2)
+    cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
+    keys, values = torch.zeros(3, kv_heads, 8, head_dim), torch.zeros(3, kv_heads, 8, head_dim)
+    slots, columns = torch.tensor([2, 2, 0, 1, 1]), torch.tensor([0, 1, 5, 7, 3])
+    queries = cpu_fused.rotary_write(qkv.numpy(), cos.numpy(), sin.numpy(), heads, kv_heads, keys.numpy(),
+                                     values.numpy(), slots.numpy(), columns.numpy())  # fmt: skip
+    q = qkv[:, : heads * head_dim].view(tokens, heads, head_dim).transpose(0, 1)  # [heads, tokens, d]
+    k = (
+        qkv[:, heads * head_dim : (heads + kv_heads) * head_dim]
+        .view(tokens, kv_heads, head_dim)
+        .transpose(0, 1)
+    )
+    v = qkv[:, (heads + kv_heads) * head_dim :].view(tokens, kv_heads, head_dim)
+    q_rotated, k_rotated = apply_rotary_pos_emb(q[None], k[None], cos[None], sin[None])
+    torch.testing.assert_close(torch.from_numpy(queries), q_rotated[0].transpose(0, 1))
+    torch.testing.assert_close(keys[slots, :, columns], k_rotated[0].transpose(0, 1))
+    torch.testing.assert_close(values[slots, :, columns], v)
+    untouched = torch.ones(3, 8, dtype=torch.bool)
+    untouched[slots, columns] = False
+    assert (
+        keys.transpose(1, 2)[untouched].abs().sum() == 0
+        and values.transpose(1, 2)[untouched].abs().sum() == 0
+    )

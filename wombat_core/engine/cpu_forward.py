@@ -30,9 +30,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
+from wombat_core.engine import cpu_fused
 from wombat_core.engine.cpu_kernels import PackedLinear, PreparedWeight, Projection, linear
 from wombat_core.engine.kv_cache import CacheWrite, KVCache
 
@@ -69,6 +71,13 @@ class LeanLlamaForward:
         self.embed, self.rotary, self.final_norm = body.embed_tokens, body.rotary_emb, body.norm
         self.lm_head = model.lm_head
         self.layers = [_Layer(layer) for layer in body.layers[: config.num_hidden_layers]]
+        # The small operations between the multiplications as compiled loops (cpu_fused.py), for float32
+        # models whose activation is SiLU (LLaMA's), where numba is installed.
+        self.fused = (
+            cpu_fused.available()
+            and next(model.parameters()).dtype == torch.float32
+            and all(layer.silu for layer in self.layers)
+        )
 
     @torch.inference_mode()
     def __call__(self, segments: list[Segment], cache: KVCache) -> list[SegmentLogits]:
@@ -76,7 +85,6 @@ class LeanLlamaForward:
         rotary embedding take all N at once, and only attention runs per segment (each over its own rows of
         the cache, with its own mask). Returns each segment's logits at its rows' last position,
         [rows, vocab] in the model's dtype, and at every position of the rows it asked for."""
-        heads, kv_heads, head_dim = self.heads, self.kv_heads, self.head_dim
         x = self.embed(torch.cat([s.input_ids.reshape(-1) for s in segments]))  # [N, hidden]
         positions = torch.cat([s.position_ids.reshape(-1) for s in segments])
         cos, sin = self.rotary(x[None], positions[None])  # [1, N, head_dim]
@@ -90,6 +98,26 @@ class LeanLlamaForward:
         for segment in segments:
             bounds.append((start, start + segment.input_ids.numel()))
             start = bounds[-1][1]
+        if self.fused:
+            x = self._fused_layers(x, cos[:, 0], sin[:, 0], segments, masks, bounds, cache)
+        else:
+            x = self._layers(x, cos, sin, segments, masks, bounds, cache)
+        lasts = []  # the index among the N of each row's last token, per segment
+        for segment, (first, last) in zip(segments, bounds, strict=True):
+            length = segment.input_ids.shape[1]
+            lasts.append(torch.arange(first + length - 1, last, length, device=x.device))
+        logits = self.lm_head(rms_norm(x[torch.cat(lasts)], self.final_norm))
+        results = [SegmentLogits(part) for part in logits.split([len(index) for index in lasts])]
+        for segment, (first, last), result in zip(segments, bounds, results, strict=True):
+            if segment.every_position is not None:  # the LM head over those rows' every token
+                rows, length = segment.input_ids.shape
+                hidden = x[first:last].view(rows, length, -1)[segment.every_position]
+                result.every = self.lm_head(rms_norm(hidden, self.final_norm))
+        return results
+
+    def _layers(self, x, cos, sin, segments: list[Segment], masks, bounds, cache: KVCache) -> torch.Tensor:
+        """The decoder layers in PyTorch operations; returns the last layer's output [N, hidden]."""
+        heads, kv_heads, head_dim = self.heads, self.kv_heads, self.head_dim
         half = head_dim // 2
         qk_width = (heads + kv_heads) * head_dim
         for index, layer in enumerate(self.layers):
@@ -113,18 +141,44 @@ class LeanLlamaForward:
             gate_up = linear(rms_norm(x, layer.post_norm), layer.gate_up, 2 * layer.intermediate)
             gate, up = gate_up.split(layer.intermediate, dim=-1)
             x = x + linear(layer.act(gate) * up, layer.down, layer.hidden)
-        lasts = []  # the index among the N of each row's last token, per segment
-        for segment, (first, last) in zip(segments, bounds, strict=True):
-            length = segment.input_ids.shape[1]
-            lasts.append(torch.arange(first + length - 1, last, length, device=x.device))
-        logits = self.lm_head(rms_norm(x[torch.cat(lasts)], self.final_norm))
-        results = [SegmentLogits(part) for part in logits.split([len(index) for index in lasts])]
-        for segment, (first, last), result in zip(segments, bounds, results, strict=True):
-            if segment.every_position is not None:  # the LM head over those rows' every token
+        return x
+
+    def _fused_layers(
+        self, x, cos, sin, segments: list[Segment], masks, bounds, cache: KVCache
+    ) -> torch.Tensor:
+        """The decoder layers with cpu_fused's kernels between the multiplications: per layer, the residual
+        add and norm, rotary with the cache write, SDPA per segment, the residual add and norm, and the
+        activation; about eight calls instead of some twenty-five. x is updated in place and returned."""
+        heads, kv_heads, head_dim = self.heads, self.kv_heads, self.head_dim
+        places = [cache.token_places(s.write, s.input_ids.shape[1]) for s in segments]
+        slots = torch.cat([slot for slot, _ in places]).numpy()
+        columns = torch.cat([column for _, column in places]).numpy()
+        cos, sin = cos.contiguous().numpy(), sin.contiguous().numpy()  # [N, head_dim]
+        residual, delta = x.numpy(), None  # the stream x, and the last output still to be added to it
+        for index, layer in enumerate(self.layers):
+            h = cpu_fused.add_rms_norm(residual, delta, layer.input_weight, layer.input_eps)
+            qkv = linear(torch.from_numpy(h), layer.qkv, layer.qkv_width).numpy()
+            keys, values = cache.keys[index].numpy(), cache.values[index].numpy()
+            queries = torch.from_numpy(
+                cpu_fused.rotary_write(qkv, cos, sin, heads, kv_heads, keys, values, slots, columns)
+            )
+            outputs = []
+            for segment, mask, (first, last) in zip(segments, masks, bounds, strict=True):
                 rows, length = segment.input_ids.shape
-                hidden = x[first:last].view(rows, length, -1)[segment.every_position]
-                result.every = self.lm_head(rms_norm(hidden, self.final_norm))
-        return results
+                query = queries[first:last].view(rows, length, heads, head_dim).transpose(1, 2)
+                keys, values = cache.attended(index, segment.write)
+                attention = F.scaled_dot_product_attention(
+                    query, keys, values, attn_mask=mask, scale=self.scaling, enable_gqa=kv_heads != heads
+                )
+                outputs.append(attention.transpose(1, 2).reshape(rows * length, heads * head_dim))
+            attention = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+            o = linear(attention, layer.o, layer.hidden).numpy()
+            h = cpu_fused.add_rms_norm(residual, o, layer.post_weight, layer.post_eps)
+            gate_up = linear(torch.from_numpy(h), layer.gate_up, 2 * layer.intermediate).numpy()
+            activated = cpu_fused.silu_mul(gate_up, layer.intermediate)
+            delta = linear(torch.from_numpy(activated), layer.down, layer.hidden).numpy()
+        np.add(residual, delta, out=residual)
+        return x
 
 
 def rms_norm(x: torch.Tensor, norm: torch.nn.Module) -> torch.Tensor:
@@ -152,4 +206,10 @@ class _Layer:
         self.intermediate = gate.shared.sizes[0]
         self.down = down.packed
         self.act = mlp.act_fn
+        self.silu = isinstance(self.act, torch.nn.SiLU) or type(self.act).__name__ == "SiLUActivation"
         self.input_norm, self.post_norm = layer.input_layernorm, layer.post_attention_layernorm
+        # What the fused kernels take: the norms' weights as float32 arrays (views of the parameters).
+        self.input_weight = self.input_norm.weight.detach().numpy()
+        self.post_weight = self.post_norm.weight.detach().numpy()
+        self.input_eps = float(self.input_norm.variance_epsilon)
+        self.post_eps = float(self.post_norm.variance_epsilon)
