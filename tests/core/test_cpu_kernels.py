@@ -201,3 +201,25 @@ def test_the_fused_kernels_compute_what_hugging_faces_modules_compute():
         keys.transpose(1, 2)[untouched].abs().sum() == 0
         and values.transpose(1, 2)[untouched].abs().sum() == 0
     )
+
+
+def test_decode_attention_over_the_cache_equals_sdpa_with_the_runners_mask():
+    """Rows with their own spans of columns (left padding, different lengths) and GQA heads: the kernel
+    over the cache storage gives what SDPA gives on the cache's views with a mask of those spans."""
+    torch.manual_seed(1)
+    slots, kv_heads, capacity, head_dim, heads = 4, 2, 32, 16, 6
+    keys, values = (
+        torch.randn(slots, kv_heads, capacity, head_dim),
+        torch.randn(slots, kv_heads, capacity, head_dim),
+    )
+    queries = torch.randn(3, heads, head_dim)
+    firsts, lasts = torch.tensor([0, 5, 2]), torch.tensor([20, 20, 9])
+    columns = torch.arange(21)
+    mask = (columns[None, :] >= firsts[:, None]) & (columns[None, :] <= lasts[:, None])  # [rows, columns]
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        queries[:, :, None], keys[:3, :, :21], values[:3, :, :21], attn_mask=mask[:, None, None], scale=0.25,
+        enable_gqa=True,
+    )  # fmt: skip
+    got = cpu_fused.decode_attention(queries.numpy(), keys.numpy(), values.numpy(), torch.arange(3).numpy(),
+                                     firsts.numpy(), lasts.numpy(), 0.25)  # fmt: skip
+    torch.testing.assert_close(torch.from_numpy(got), expected[:, :, 0].reshape(3, heads * head_dim))

@@ -22,6 +22,10 @@ scaling the config names applies), its activation, its epsilons and attention sc
 cpu_kernels.py prepared. Float32 logits equal the Hugging Face forward's to ~1e-6 (tested), and the
 engine's greedy ids equal HF `generate`'s (tested end to end).
 
+Between the multiplications, float32 models run cpu_fused.py's compiled kernels (numba) instead of the
+PyTorch operations: the residual add with the norm, rotary with the cache write, a decode step's attention
+and the activation, each one call (`_fused_layers`; `_layers` is the same forward in PyTorch operations).
+
 It is used only where cpu_kernels swapped the model's modules (a CPU model of the LLaMA layout); every
 other model, and every CUDA model, runs its own forward.
 """
@@ -52,6 +56,9 @@ class Segment:
     mask: torch.Tensor
     write: CacheWrite
     every_position: torch.Tensor | None = None
+    spans: tuple[torch.Tensor, torch.Tensor] | None = (
+        None  # decode: each row's first and last column attended
+    )
 
 
 @dataclass
@@ -147,8 +154,9 @@ class LeanLlamaForward:
         self, x, cos, sin, segments: list[Segment], masks, bounds, cache: KVCache
     ) -> torch.Tensor:
         """The decoder layers with cpu_fused's kernels between the multiplications: per layer, the residual
-        add and norm, rotary with the cache write, SDPA per segment, the residual add and norm, and the
-        activation; about eight calls instead of some twenty-five. x is updated in place and returned."""
+        add and norm, rotary with the cache write, attention (the decode kernel over the cache storage for
+        a decode step, SDPA for a prefill chunk), the residual add and norm, and the activation: about eight
+        calls instead of some twenty-five. x is updated in place and returned."""
         heads, kv_heads, head_dim = self.heads, self.kv_heads, self.head_dim
         places = [cache.token_places(s.write, s.input_ids.shape[1]) for s in segments]
         slots = torch.cat([slot for slot, _ in places]).numpy()
@@ -158,13 +166,20 @@ class LeanLlamaForward:
         for index, layer in enumerate(self.layers):
             h = cpu_fused.add_rms_norm(residual, delta, layer.input_weight, layer.input_eps)
             qkv = linear(torch.from_numpy(h), layer.qkv, layer.qkv_width).numpy()
-            keys, values = cache.keys[index].numpy(), cache.values[index].numpy()
+            key_store, value_store = cache.keys[index].numpy(), cache.values[index].numpy()
             queries = torch.from_numpy(
-                cpu_fused.rotary_write(qkv, cos, sin, heads, kv_heads, keys, values, slots, columns)
+                cpu_fused.rotary_write(qkv, cos, sin, heads, kv_heads, key_store, value_store, slots, columns)
             )
             outputs = []
             for segment, mask, (first, last) in zip(segments, masks, bounds, strict=True):
                 rows, length = segment.input_ids.shape
+                if segment.spans is not None:  # a decode step: over the storage, each row its own span
+                    firsts, lasts = segment.spans
+                    outputs.append(torch.from_numpy(cpu_fused.decode_attention(
+                        queries[first:last].numpy(), key_store, value_store, slots[first:last], firsts.numpy(),
+                        lasts.numpy(),
+                        self.scaling)))  # fmt: skip
+                    continue
                 query = queries[first:last].view(rows, length, heads, head_dim).transpose(1, 2)
                 keys, values = cache.attended(index, segment.write)
                 attention = F.scaled_dot_product_attention(

@@ -14,6 +14,8 @@ a value (sums of squares may add in another order: ~1e-7 relative, tested agains
     add_rms_norm         x += delta, then LLaMA's RMSNorm of x (the residual add and the next norm)
     silu_mul             act(gate) * up over the packed [gate | up] product (SiLU only)
     rotary_write         rotary on q and k (rotate_half layout), k and v written into the cache columns
+    decode_attention     a decode step's attention straight over the cache storage, between each row's
+                         first and last column (no mask tensor, no views), GQA heads sharing each key
 
 numba is optional: `available()` is False without it (or with WOMBAT_FUSED_KERNELS=0), and the lean
 forward then runs the PyTorch operations. vLLM depends on numba too, so its environment has it as well.
@@ -100,6 +102,40 @@ if numba is not None:
                     values[slot, h, column, j] = qkv[t, base + j]
         return queries
 
+    @_jit_sum
+    def _decode_attention(queries, keys, values, slots, firsts, lasts, scale):  # pragma: no cover - compiled
+        tokens, heads, head_dim = queries.shape
+        kv_heads = keys.shape[1]
+        group = heads // kv_heads
+        out = np.zeros((tokens, heads * head_dim), dtype=queries.dtype)
+        scores = np.empty((group, keys.shape[2]), dtype=np.float32)
+        for t in range(tokens):
+            slot, first, count = slots[t], firsts[t], lasts[t] - firsts[t] + 1
+            for g in range(kv_heads):
+                for c in range(count):  # each key once for the query heads that share it (GQA)
+                    for i in range(group):
+                        h = g * group + i
+                        dot = np.float32(0.0)
+                        for j in range(head_dim):
+                            dot += queries[t, h, j] * keys[slot, g, first + c, j]
+                        scores[i, c] = dot * scale
+                for i in range(group):
+                    h = g * group + i
+                    top = scores[i, 0]
+                    for c in range(1, count):
+                        top = max(top, scores[i, c])
+                    total = np.float32(0.0)
+                    for c in range(count):
+                        weight = np.exp(scores[i, c] - top)
+                        scores[i, c] = weight
+                        total += weight
+                    inverse = np.float32(1.0) / total
+                    for c in range(count):
+                        weight = scores[i, c] * inverse
+                        for j in range(head_dim):
+                            out[t, h * head_dim + j] += weight * values[slot, g, first + c, j]
+        return out
+
 
 def add_rms_norm(x: np.ndarray, delta: np.ndarray | None, weight: np.ndarray, eps: float) -> np.ndarray:
     """x += delta (in place, when given), then RMSNorm(x) * weight as a new [rows, width] array."""
@@ -109,6 +145,14 @@ def add_rms_norm(x: np.ndarray, delta: np.ndarray | None, weight: np.ndarray, ep
 def silu_mul(gate_up: np.ndarray, intermediate: int) -> np.ndarray:
     """silu(gate) * up, gate and up the two halves of the packed product [rows, 2 * intermediate]."""
     return _silu_mul(gate_up, intermediate)
+
+
+def decode_attention(queries: np.ndarray, keys: np.ndarray, values: np.ndarray, slots: np.ndarray,
+                     firsts: np.ndarray, lasts: np.ndarray, scale: float) -> np.ndarray:  # fmt: skip
+    """Attention of one query token per row over the cache storage: row t's queries [heads, head_dim] attend
+    to columns firsts[t]..lasts[t] (inclusive) of slot slots[t], the query heads of a group sharing their
+    key-value head (GQA); softmax in float32, as SDPA's. Returns [tokens, heads * head_dim]."""
+    return _decode_attention(queries, keys, values, slots, firsts, lasts, np.float32(scale))
 
 
 def rotary_write(qkv: np.ndarray, cos: np.ndarray, sin: np.ndarray, heads: int, kv_heads: int,

@@ -249,7 +249,8 @@ class ModelRunner:
         keys = torch.arange(attend, device=self.device)
         mask = (keys[None, :] >= self._offsets[:rows, None]) & (keys[None, :] <= columns[:, None])
         positions = (columns - self._offsets[:rows])[:, None]
-        return Segment(self._last_tokens[:rows, None], positions, mask[:, None, None, :], write)
+        return Segment(self._last_tokens[:rows, None], positions, mask[:, None, None, :], write,
+                       spans=(self._offsets[:rows], columns))  # fmt: skip
 
     def _prefill_segment(self, group: PrefillGroup, max_tokens: int) -> Segment:
         start = group.done
