@@ -88,12 +88,18 @@ def test_greedy_matches_hf_generate_alone_and_batched(loaded, prefill_first):
         engine.stop()
 
 
-@pytest.mark.parametrize("prefill_first", [True, False])
+@pytest.mark.parametrize(
+    "prefill_first, prompt_tokens, apart",
+    [(True, 3, True), (False, 3, False), (None, 3, True), (None, 200, False)],
+    ids=["on", "off", "auto, a short prompt on CPU", "auto, a long prompt on CPU"],
+)
 def test_prefill_first_runs_a_newcomers_prefill_as_its_own_forward_before_the_decode_step(
-    loaded, prefill_first
+    loaded, prefill_first, prompt_tokens, apart
 ):
     """While a row decodes, a newcomer's prefill runs alone and then the decode step (its first token goes out
-    between the two), or, with prefill_first off (CUDA's default), in one forward with the decode step."""
+    between the two), or, with prefill_first off (CUDA's default) or for a prompt over
+    PREFILL_FIRST_MAX_TOKENS on CPU, in one forward with the decode step."""
+    assert engine_module.PREFILL_FIRST_MAX_TOKENS < 200
     engine = Engine(loaded.model, loaded.tokenizer,
                     EngineConfig(max_batch_size=4, context_length=256, prefill_first=prefill_first))  # fmt: skip
     calls, step = [], engine.runner.step
@@ -108,13 +114,14 @@ def test_prefill_first_runs_a_newcomers_prefill_as_its_own_forward_before_the_de
         running = submit(engine, (1, 5, 6, 7), "running", temperature=0, max_new_tokens=40, ignore_eos=True)
         while len(running.events) < 3:
             time.sleep(0.001)
-        newcomer = submit(engine, (1, 8, 9), "newcomer", temperature=0, max_new_tokens=4, ignore_eos=True)
+        prompt = tuple(3 + i % 50 for i in range(prompt_tokens))
+        newcomer = submit(engine, prompt, "newcomer", temperature=0, max_new_tokens=4, ignore_eos=True)
         running.wait(), newcomer.wait()
     finally:
         engine.stop()
     # calls: (a prefill chunk in it, a decode step in it); the first is the running request's own prefill
     joined = next(i for i, (prefill, _) in enumerate(calls) if prefill and i > 0)
-    if prefill_first:
+    if apart:
         assert calls[joined : joined + 2] == [(True, False), (False, True)]
     else:
         assert calls[joined] == (True, True)
