@@ -99,7 +99,7 @@ def serve_inference(
     admission_wait_ms: Annotated[
         float,
         typer.Option(
-            help="in-house engine: after a step that freed a slot, wait up to this long (at most a tenth "
+            help="in-house engine: after a step that freed a slot, wait up to this long (at most 15 percent "
             "of a step) for the next request before stepping again; 0 turns it off"
         ),
     ] = 10.0,
