@@ -61,9 +61,8 @@ class Segment:
     mask: torch.Tensor
     write: CacheWrite
     every_position: torch.Tensor | None = None
-    spans: tuple[torch.Tensor, torch.Tensor] | None = (
-        None  # decode: each row's first and last column attended
-    )
+    # A decode step's rows: each one's first and last column attended (the decode kernel reads them).
+    spans: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 @dataclass
@@ -167,6 +166,7 @@ class LeanLlamaForward:
         slots = torch.cat([slot for slot, _ in places]).numpy()
         columns = torch.cat([column for _, column in places]).numpy()
         cos, sin = cos.contiguous().numpy(), sin.contiguous().numpy()  # [N, head_dim]
+        spans = [None if s.spans is None else (s.spans[0].numpy(), s.spans[1].numpy()) for s in segments]
         residual, delta = x.numpy(), None  # the stream x, and the last output still to be added to it
         for index, layer in enumerate(self.layers):
             h = cpu_fused.add_rms_norm(residual, delta, layer.input_weight, layer.input_eps)
@@ -176,14 +176,12 @@ class LeanLlamaForward:
                 cpu_fused.rotary_write(qkv, cos, sin, heads, kv_heads, key_store, value_store, slots, columns)
             )
             outputs = []
-            for segment, mask, (first, last) in zip(segments, masks, bounds, strict=True):
+            for segment, mask, span, (first, last) in zip(segments, masks, spans, bounds, strict=True):
                 rows, length = segment.input_ids.shape
-                if segment.spans is not None:  # a decode step: over the storage, each row its own span
-                    firsts, lasts = segment.spans
+                if span is not None:  # a decode step: over the storage, each row its own span of columns
                     outputs.append(torch.from_numpy(cpu_fused.decode_attention(
-                        queries[first:last].numpy(), key_store, value_store, slots[first:last], firsts.numpy(),
-                        lasts.numpy(),
-                        self.scaling)))  # fmt: skip
+                        queries[first:last].numpy(), key_store, value_store, slots[first:last], *span, self.scaling
+                    )))  # fmt: skip
                     continue
                 query = queries[first:last].view(rows, length, heads, head_dim).transpose(1, 2)
                 keys, values = cache.attended(index, segment.write)

@@ -87,11 +87,11 @@ class EngineConfig:
     # and activations may use, as vLLM's --gpu-memory-utilization.
     gpu_memory_utilization: float = 0.9
     # After a step that let rows go while nobody waits, how long the next step may wait for newcomers
-    # (never more than ADMISSION_WAIT_STEP_SHARE of the last step). A caller that sends its next request on its final
-    # event (a benchmark, an eval harness, a worker draining a queue) arrives a few milliseconds after
-    # the next step started and would wait that whole step before its prefill began; waiting a few
-    # milliseconds instead starts its prefill one step sooner. It costs at most that share of a step, only
-    # after steps that freed a slot with the queue empty; 0 turns it off.
+    # (never more than ADMISSION_WAIT_STEP_SHARE of the last step). A caller that sends its next request
+    # on its final event (a benchmark, an eval harness, a worker draining a queue) arrives a few
+    # milliseconds after the next step started and would wait that whole step before its prefill began;
+    # waiting a few milliseconds instead starts its prefill one step sooner. It costs at most that share
+    # of a step, only after steps that freed a slot with the queue empty; 0 turns it off.
     admission_wait_s: float = 0.010
     # Whether a newcomer's prefill chunk runs as its own forward before the running rows' decode step (its
     # first token goes out after that forward), rather than in one forward with it. None: on CPU for short

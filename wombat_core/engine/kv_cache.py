@@ -186,17 +186,16 @@ class KVCache(Cache):
 
     def attended(self, layer_idx: int, write: CacheWrite) -> tuple[torch.Tensor, torch.Tensor]:
         """The views [rows, kv_heads, attend, head_dim] a plan's rows attend over (no copy)."""
-        return self.keys[layer_idx][write.rows, :, : write.attend], self.values[layer_idx][
-            write.rows, :, : write.attend
-        ]
+        keys, values = self.keys[layer_idx], self.values[layer_idx]
+        return keys[write.rows, :, : write.attend], values[write.rows, :, : write.attend]
 
     def token_places(self, write: CacheWrite, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The slot and the column of each token a plan writes, in a forward's token order (row by row, `length`
         tokens a row): for a writer that fills the storage itself (cpu_fused.rotary_write)."""
         if isinstance(write.columns, slice):
-            rows = write.rows.stop - write.rows.start
-            slots = torch.arange(write.rows.start, write.rows.stop).repeat_interleave(length)
-            return slots, torch.arange(write.columns.start, write.columns.stop).repeat(rows)
+            device, rows = self.keys[0].device, write.rows.stop - write.rows.start
+            slots = torch.arange(write.rows.start, write.rows.stop, device=device).repeat_interleave(length)
+            return slots, torch.arange(write.columns.start, write.columns.stop, device=device).repeat(rows)
         assert write.row_index is not None
         return write.row_index + write.rows.start, write.columns
 
