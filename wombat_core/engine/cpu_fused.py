@@ -8,8 +8,9 @@ norm of one 576-wide row took 20 us hot and 60 us right after the caches were fl
 operations took ~10 ms of a 32 ms single-stream step. One compiled loop per group of them touches a few
 hundred bytes of code: these kernels cut that part by about two thirds.
 
-Each kernel computes what the PyTorch operations it replaces compute, in float32, in the same order within
-a value (sums of squares may add in another order: ~1e-7 relative, tested against the PyTorch path):
+Each kernel computes what the PyTorch operations it replaces compute, in float32; only sums (of squares,
+dot products, the softmax's) may add in another order, ~1e-7 relative (tested against the Hugging Face
+modules and SDPA, and the whole forward against the model's own logits):
 
     add_rms_norm         x += delta, then LLaMA's RMSNorm of x (the residual add and the next norm)
     silu_mul             act(gate) * up over the packed [gate | up] product (SiLU only)
