@@ -5,8 +5,8 @@ model) through the caches. Between those multiplications sit about twenty small 
 (norms, rotary, cache writes, the activation, residual adds). Each dispatches through several kilobytes of
 PyTorch's code and data, and the weight stream has just evicted them: measured on an AVX2-only EPYC, a
 norm of one 576-wide row took 20 us hot and 60 us right after the caches were flushed, and the small
-operations took ~10 ms of a 32 ms single-stream step. One compiled loop per group of them touches a few
-hundred bytes of code: these kernels cut that part by about two thirds.
+operations took ~10 ms of a 32 ms single-stream step. One compiled loop per group of them replaces
+several dispatches: these kernels cut that part to ~3.6 ms (measured the same way).
 
 Each kernel computes what the PyTorch operations it replaces compute, in float32; only sums (of squares,
 dot products, the softmax's) may add in another order, ~1e-7 relative (tested against the Hugging Face
@@ -25,12 +25,9 @@ Compiled code is cached next to this file where that is writable, else compiled 
 
 from __future__ import annotations
 
-import logging
 import os
 
 import numpy as np
-
-log = logging.getLogger(__name__)
 
 try:  # numba is an optional dependency: the PyTorch path is the fallback
     import numba
