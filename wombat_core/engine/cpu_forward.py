@@ -100,11 +100,9 @@ class LeanLlamaForward:
         positions = torch.cat([s.position_ids.reshape(-1) for s in segments])
         cos, sin = self.rotary(x[None], positions[None])  # [1, N, head_dim]
         cos, sin = cos[0, :, None, :], sin[0, :, None, :]  # broadcast over the heads of [N, heads, d]
-        # SDPA turns a boolean mask into an additive one in every layer: once per forward is enough.
-        masks = [
-            torch.zeros(s.mask.shape, dtype=x.dtype, device=x.device).masked_fill_(~s.mask, float("-inf"))
-            for s in segments
-        ]
+        # SDPA turns a boolean mask into an additive one in every layer: once per forward is enough. A
+        # decode step the fused kernel attends by its spans needs none.
+        masks = [None if self.fused and s.spans is not None else _additive(s.mask, x.dtype) for s in segments]
         bounds, start = [], 0  # each segment's tokens are [start, end) of the N
         for segment in segments:
             bounds.append((start, start + segment.input_ids.numel()))
@@ -143,10 +141,7 @@ class LeanLlamaForward:
                 keys = qk[first:last, heads:].view(rows, length, kv_heads, head_dim).transpose(1, 2)
                 values = qkv[first:last, qk_width:].view(rows, length, kv_heads, head_dim).transpose(1, 2)
                 keys, values = cache.write(index, keys, values, segment.write)
-                attention = F.scaled_dot_product_attention(
-                    queries, keys, values, attn_mask=mask, scale=self.scaling, enable_gqa=kv_heads != heads
-                )
-                outputs.append(attention.transpose(1, 2).reshape(rows * length, heads * head_dim))
+                outputs.append(self._sdpa(queries, keys, values, mask))
             attention = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
             x = x + linear(attention, layer.o, layer.hidden)
             gate_up = linear(rms_norm(x, layer.post_norm), layer.gate_up, 2 * layer.intermediate)
@@ -184,11 +179,7 @@ class LeanLlamaForward:
                     )))  # fmt: skip
                     continue
                 query = queries[first:last].view(rows, length, heads, head_dim).transpose(1, 2)
-                keys, values = cache.attended(index, segment.write)
-                attention = F.scaled_dot_product_attention(
-                    query, keys, values, attn_mask=mask, scale=self.scaling, enable_gqa=kv_heads != heads
-                )
-                outputs.append(attention.transpose(1, 2).reshape(rows * length, heads * head_dim))
+                outputs.append(self._sdpa(query, *cache.attended(index, segment.write), mask))
             attention = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
             o = linear(attention, layer.o, layer.hidden).numpy()
             h = cpu_fused.add_rms_norm(residual, o, layer.post_weight, layer.post_eps)
@@ -201,6 +192,20 @@ class LeanLlamaForward:
             delta = linear(activated, layer.down, layer.hidden).numpy()
         np.add(residual, delta, out=residual)
         return x
+
+    def _sdpa(self, queries, keys, values, mask) -> torch.Tensor:
+        """SDPA of one segment's queries [rows, heads, T, head_dim] over its cache views, GQA in the kernel;
+        returns [rows * T, heads * head_dim], the layout the output projection takes."""
+        rows, heads, length, head_dim = queries.shape
+        attention = F.scaled_dot_product_attention(
+            queries, keys, values, attn_mask=mask, scale=self.scaling, enable_gqa=self.kv_heads != heads
+        )
+        return attention.transpose(1, 2).reshape(rows * length, heads * head_dim)
+
+
+def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean attention mask (True: may attend) as SDPA's additive one: 0 there, -inf elsewhere."""
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
 
 
 def rms_norm(x: torch.Tensor, norm: torch.nn.Module) -> torch.Tensor:

@@ -47,9 +47,11 @@ def available() -> bool:
 
 
 if numba is not None:
-    # fastmath only where it changes the order of a sum of squares (it vectorises the reduction).
-    _jit = numba.njit(cache=_cache_writable(), nogil=True, boundscheck=False)
-    _jit_sum = numba.njit(cache=_cache_writable(), nogil=True, boundscheck=False, fastmath={"reassoc"})
+    # fastmath's reassociation only for the kernels with sums (of squares, dot products): it lets LLVM
+    # vectorise them, changing only the order in which they add.
+    _cache = _cache_writable()
+    _jit = numba.njit(cache=_cache, nogil=True, boundscheck=False)
+    _jit_sum = numba.njit(cache=_cache, nogil=True, boundscheck=False, fastmath={"reassoc"})
 
     @_jit_sum
     def _add_rms_norm(x, delta, weight, eps, add):  # pragma: no cover - compiled
