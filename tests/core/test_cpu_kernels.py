@@ -1,4 +1,4 @@
-"""The CPU kernel swap (OpenBLAS or oneDNN-packed weights, shared-input projections) and the lean forward
+"""The CPU kernel swap (numba's compiled matmul, OpenBLAS or oneDNN-packed weights, shared-input projections) and the lean forward
 on it (cpu_forward.py) compute what the plain Hugging Face model computes."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tests.models import tiny_config
-from wombat_core.engine import cpu_fused
+from wombat_core.engine import cpu_fused, cpu_matmul
 from wombat_core.engine.cpu_forward import LeanLlamaForward
 from wombat_core.engine.cpu_kernels import (
     KERNELS,
@@ -44,9 +44,33 @@ def test_packed_model_gives_the_plain_models_logits(plain, kernels):
     mask = torch.ones(3, 17, dtype=torch.long)
     mask[1, :5] = 0  # a left-padded row
     with torch.no_grad():
-        expected = plain(input_ids=ids, attention_mask=mask).logits
-        got = packed(input_ids=ids, attention_mask=mask).logits
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+        for width in (17, 4, 1):  # 51 token rows, 12, and 3
+            expected = plain(input_ids=ids[:, :width], attention_mask=mask[:, :width]).logits
+            got = packed(input_ids=ids[:, :width], attention_mask=mask[:, :width]).logits
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 16, cpu_matmul.CHUNK_ROWS, 2 * cpu_matmul.CHUNK_ROWS + 3])
+def test_the_compiled_matmul_computes_what_torch_computes(rows):
+    """Every kernel, register block and remainder: one row (8-output blocks), 4-row blocks and the rows
+    left over, chunks of CHUNK_ROWS, full and partial output blocks (576, 577 outputs) and a single
+    output; against float64 torch."""
+    generator = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, 96, generator=generator)
+    for outputs in (576, 577, 1):
+        weight = torch.randn(outputs, 96, generator=generator)
+        got = torch.from_numpy(cpu_matmul.matmul(x.numpy(), weight.numpy()))
+        torch.testing.assert_close(got, (x.double() @ weight.double().T).float(), rtol=1e-5, atol=1e-5)
+
+
+def test_the_compiled_matmul_lets_nan_through():
+    """fastmath here only reorders sums: a NaN in the input must reach the output (the engine fails a
+    request on NaN logits rather than sampling from them)."""
+    x = torch.ones(2, 8)
+    x[1, 3] = float("nan")
+    got = torch.from_numpy(cpu_matmul.matmul(x.numpy(), torch.ones(9, 8).numpy()))
+    assert not got[0].isnan().any() and got[1].isnan().all()
+    assert torch.from_numpy(cpu_matmul.matmul(x[1:].numpy(), torch.ones(9, 8).numpy())).isnan().all()
 
 
 def test_the_swap_applies_only_where_it_is_made_for(plain):
@@ -124,18 +148,21 @@ def test_the_lean_forward_gives_the_model_forwards_logits_through_the_runner(pla
     torch.testing.assert_close(logits[1], logits[0], rtol=1e-5, atol=1e-5)
 
 
-def test_openblas_kernels_take_the_threads_and_torch_runs_single_threaded(plain):
+@pytest.mark.parametrize("kernels", ["numba", "openblas"])
+def test_blas_kernels_take_the_threads_and_torch_runs_single_threaded(plain, kernels):
     from threadpoolctl import threadpool_info
 
     packed = copy.deepcopy(plain)
-    use_packed_kernels(packed, kernels="openblas")
+    use_packed_kernels(packed, kernels=kernels)
     before = torch.get_num_threads()
     try:
+        cpu_matmul.set_threads(2 if kernels == "openblas" else 1)
         use_threads(packed, 2)
         assert torch.get_num_threads() == 1
         assert {pool["num_threads"] for pool in threadpool_info() if pool["internal_api"] == "openblas"} == {
             2
         }
+        assert cpu_matmul.numba.get_num_threads() == (2 if kernels == "numba" else 1)
     finally:
         torch.set_num_threads(before)
 
@@ -145,14 +172,18 @@ def test_the_float32_kernels_follow_the_cpu_and_the_override(plain, monkeypatch)
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
     assert default_float32_kernels() == "onednn"
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
-    assert default_float32_kernels() == "openblas"
+    assert default_float32_kernels() == "numba"
     packed = copy.deepcopy(plain)
     use_packed_kernels(packed)
-    assert packed.wombat_cpu_kernels == "openblas"
+    assert packed.wombat_cpu_kernels == "numba"
+    monkeypatch.setenv("WOMBAT_FUSED_KERNELS", "0")  # compiled kernels off: OpenBLAS alone
+    assert default_float32_kernels() == "openblas"
+    with pytest.raises(ValueError, match="numba kernels need numba with an OpenMP or TBB threading layer"):
+        use_packed_kernels(copy.deepcopy(plain), kernels="numba")
     monkeypatch.setenv("WOMBAT_CPU_KERNELS", "onednn")
     assert default_float32_kernels() == "onednn"
     monkeypatch.setenv("WOMBAT_CPU_KERNELS", "mkl")
-    with pytest.raises(ValueError, match="WOMBAT_CPU_KERNELS must be one of openblas, onednn"):
+    with pytest.raises(ValueError, match="WOMBAT_CPU_KERNELS must be one of numba, openblas, onednn"):
         default_float32_kernels()
 
 
@@ -203,9 +234,11 @@ def test_the_fused_kernels_compute_what_hugging_faces_modules_compute():
     )
 
 
-def test_decode_attention_over_the_cache_equals_sdpa_with_the_runners_mask():
+@pytest.mark.parametrize("split", [False, True], ids=["on the calling thread", "split over the cores"])
+def test_decode_attention_over_the_cache_equals_sdpa_with_the_runners_mask(split, monkeypatch):
     """Rows with their own spans of columns (left padding, different lengths) and GQA heads: the kernel
     over the cache storage gives what SDPA gives on the cache's views with a mask of those spans."""
+    monkeypatch.setattr(cpu_fused, "SPLIT_ATTENTION_MIN_ROWS", 1 if split else 100)
     torch.manual_seed(1)
     slots, kv_heads, capacity, head_dim, heads = 4, 2, 32, 16, 6
     keys, values = (

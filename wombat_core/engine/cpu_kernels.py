@@ -3,17 +3,21 @@ still runs (the engine runs the lean forward of cpu_forward.py on the same weigh
 
 Why: decoding multiplies a few rows by every weight matrix, which is bound by memory bandwidth at one row
 and by the GEMM kernel's efficiency at sixteen. On this project's CPUs (an AVX2-only EPYC among them) the
-BLAS that numpy ships (OpenBLAS) multiplies float32 rows by a [in, out] weight 1.3x faster than oneDNN's
-pre-packed weights at one row and about 2x faster at 16 to 64 rows, which is where continuous batching
-lives; on an AVX-512 machine oneDNN's packed kernels ran near the memory bandwidth. So float32 weights
-go to OpenBLAS, except on AVX-512 CPUs (`default_float32_kernels`; `WOMBAT_CPU_KERNELS` overrides).
-bfloat16 weights (which OpenBLAS cannot multiply) use oneDNN. And the three attention projections
+BLAS that numpy ships (OpenBLAS) multiplies float32 rows 1.3x faster than oneDNN's pre-packed weights at
+one row and about 2x faster at 16 to 64 rows, which is where continuous batching lives; and
+cpu_matmul's compiled kernels are faster again (1.2x at 1 and 16 rows, 2x at 4), because they do not
+repack the weight on every call as OpenBLAS does, and about as fast on prefill-sized products. On an
+AVX-512 machine oneDNN's packed kernels ran near the memory bandwidth. So float32 weights keep
+PyTorch's [out, in] layout for the compiled kernels ("numba"; "openblas" where they are unavailable),
+except on AVX-512 CPUs, which get oneDNN (`default_float32_kernels`; `WOMBAT_CPU_KERNELS` overrides).
+bfloat16 weights (which neither can multiply) use oneDNN. And the three attention projections
 (q, k, v) and the two MLP input projections (gate, up) read the same input, so each trio and pair
 becomes one matrix: fewer, larger multiplications.
 
 Threads: OpenBLAS has its own thread pool, and two busy-waiting pools (OpenBLAS's and PyTorch's OpenMP
-team) on the same cores slow each other down by several times. So a model on OpenBLAS kernels runs its
-PyTorch operations single-threaded and gives OpenBLAS the cores (`use_threads`): the element-wise
+team) on the same cores slow each other down by several times. So a model on numba or OpenBLAS kernels
+runs its PyTorch operations single-threaded and gives its BLAS the cores (`use_threads`; with "numba"
+OpenBLAS never runs, as its spinning threads slowed numba's eightfold): the element-wise
 operations of a decode step are too small to gain from a team anyway. (Attention split over Python
 threads was tried: no gain beside OpenBLAS's spinning workers.)
 
@@ -27,57 +31,81 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from typing import NamedTuple
 
 import numpy as np
 import torch
 from threadpoolctl import threadpool_limits
 
+from wombat_core.engine import cpu_matmul
+
 log = logging.getLogger(__name__)
 
 PACKING_BATCH_HINT = 16  # oneDNN chooses the blocking for this many rows; 1 to 64 rows all run well with it
 
-PreparedWeight = np.ndarray | torch.Tensor  # OpenBLAS: a [in, out] float32 array; oneDNN: a packed tensor
+
+class FloatWeight(NamedTuple):
+    """A float32 weight in PyTorch's [out, in] layout (the parameter's own memory where it was contiguous),
+    multiplied by cpu_matmul's compiled kernels or by numpy's BLAS (OpenBLAS)."""
+
+    matrix: np.ndarray
+    compiled: bool
 
 
-KERNELS = ("openblas", "onednn")
+PreparedWeight = FloatWeight | torch.Tensor  # oneDNN: a packed tensor
+
+
+KERNELS = ("numba", "openblas", "onednn")
 
 
 def _pack(weight: torch.Tensor, kernels: str) -> PreparedWeight:
     weight = weight.detach()
-    if kernels == "openblas":
-        return np.ascontiguousarray(weight.t().numpy())
+    if kernels in ("numba", "openblas"):
+        return FloatWeight(np.ascontiguousarray(weight.numpy()), compiled=kernels == "numba")
     return torch.ops.mkldnn._reorder_linear_weight(weight, PACKING_BATCH_HINT)
 
 
 def linear(x: torch.Tensor, packed: PreparedWeight, out_features: int) -> torch.Tensor:
     rows = x.detach().reshape(-1, x.shape[-1])
-    if isinstance(packed, np.ndarray):  # numpy's matmul releases the GIL while OpenBLAS runs
-        product = torch.from_numpy(np.matmul(rows.contiguous().numpy(), packed))
+    if isinstance(packed, FloatWeight):  # both release the GIL while they multiply
+        array = rows.contiguous().numpy()
+        if packed.compiled:
+            product = torch.from_numpy(cpu_matmul.matmul(array, packed.matrix))
+        else:
+            product = torch.from_numpy(np.matmul(array, packed.matrix.T))
     else:
         product = torch.ops.mkldnn._linear_pointwise(rows, packed, None, "none", [], "")
     return product.reshape(*x.shape[:-1], out_features)
 
 
 def use_threads(model: torch.nn.Module, threads: int) -> None:
-    """Call on the thread that runs `model` with `threads` CPUs. With OpenBLAS kernels, PyTorch's operations
-    there run single-threaded and OpenBLAS (process-wide) gets the threads (the module docstring says why);
-    sizing OpenBLAS also matters because it starts a thread per CPU of the node, not of the pod's quota.
-    Otherwise PyTorch's OpenMP team gets them."""
-    if getattr(model, "wombat_cpu_kernels", None) == "openblas":  # set by use_packed_kernels
+    """Call on the thread that runs `model` with `threads` CPUs. With numba or OpenBLAS kernels, PyTorch's
+    operations there run single-threaded and OpenBLAS (process-wide) and numba (for this thread) get the
+    threads (the module docstring says why); sizing OpenBLAS also matters because it starts a thread per
+    CPU of the node, not of the pod's quota. Otherwise PyTorch's OpenMP team gets them."""
+    kernels = getattr(model, "wombat_cpu_kernels", None)  # set by use_packed_kernels
+    if kernels in ("numba", "openblas"):
         torch.set_num_threads(1)
         threadpool_limits(limits=threads, user_api="blas")
+        # numba's parallel kernels (the matmul, the fused attention) get the cores only where OpenBLAS
+        # never runs: beside OpenBLAS's spinning pool a numba launch took eight times as long.
+        cpu_matmul.set_threads(threads if kernels == "numba" else 1)
     else:
         torch.set_num_threads(threads)
 
 
 def default_float32_kernels() -> str:
-    """The float32 kernels for this CPU: `WOMBAT_CPU_KERNELS` when set (openblas or onednn), else oneDNN
-    where the CPU has AVX-512 (its packed kernels ran near the memory bandwidth there) and OpenBLAS
-    elsewhere (1.3x to 2x faster than oneDNN on an AVX2-only EPYC). Decided by ISA, not by timing both at
+    """The float32 kernels for this CPU: `WOMBAT_CPU_KERNELS` when set (one of KERNELS), else oneDNN
+    where the CPU has AVX-512 (its packed kernels ran near the memory bandwidth there) and numba's
+    compiled kernel with OpenBLAS elsewhere (OpenBLAS alone where the compiled kernels are unavailable;
+    either is 1.3x to 2x faster than oneDNN on an AVX2-only EPYC). Decided by ISA, not by timing them at
     load: a timing taken while the node is busy (other pods loading) picked the slower one here."""
-    chosen = os.environ.get("WOMBAT_CPU_KERNELS") or (
-        "onednn" if torch.backends.cpu.get_cpu_capability().startswith("AVX512") else "openblas"
-    )
+    chosen = os.environ.get("WOMBAT_CPU_KERNELS")
+    if not chosen:
+        if torch.backends.cpu.get_cpu_capability().startswith("AVX512"):
+            chosen = "onednn"
+        else:
+            chosen = "numba" if cpu_matmul.available() else "openblas"
     if chosen not in KERNELS:
         raise ValueError(f"WOMBAT_CPU_KERNELS must be one of {', '.join(KERNELS)}, got {chosen!r}")
     return chosen
@@ -168,8 +196,12 @@ def use_packed_kernels(model: torch.nn.Module, *, kernels: str | None = None) ->
     float32 = next(model.parameters()).dtype == torch.float32
     if kernels is None:
         kernels = default_float32_kernels() if float32 else "onednn"
-    if kernels not in KERNELS or (kernels == "openblas" and not float32):
-        raise ValueError(f"kernels must be one of {KERNELS} (openblas for float32 only), got {kernels!r}")
+    if kernels not in KERNELS or (kernels != "onednn" and not float32):
+        raise ValueError(f"kernels must be one of {KERNELS} (onednn only for bfloat16), got {kernels!r}")
+    if kernels == "numba" and not cpu_matmul.available():
+        raise ValueError(
+            "numba kernels need numba with an OpenMP or TBB threading layer, and WOMBAT_FUSED_KERNELS unset or 1"
+        )
     with torch.no_grad():
         for layer in model.model.layers:
             attention, mlp = layer.self_attn, layer.mlp
