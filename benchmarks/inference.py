@@ -435,7 +435,7 @@ def gateway_features(url: str, model: str, texts: list[str], rounds: int) -> dic
 
 def profile_steps(model_dir: Path) -> None:
     """torch.profiler tables of decode steps in this process, at batch 1 and 16 (the engine's path; time
-    spent in OpenBLAS, outside PyTorch, shows in the step's total only)."""
+    spent in numba's or OpenBLAS's kernels, outside PyTorch, shows in the step's total only)."""
     import torch
 
     from wombat_core.cpus import available_cpus

@@ -4,6 +4,8 @@ on it (cpu_forward.py) compute what the plain Hugging Face model computes."""
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -61,6 +63,23 @@ def test_the_compiled_matmul_computes_what_torch_computes(rows):
         weight = torch.randn(outputs, 96, generator=generator)
         got = torch.from_numpy(cpu_matmul.matmul(x.numpy(), weight.numpy()))
         torch.testing.assert_close(got, (x.double() @ weight.double().T).float(), rtol=1e-5, atol=1e-5)
+
+
+def test_checking_the_compiled_kernels_launches_no_threads():
+    """`available()` runs on the loading thread; a launch there would give that thread an OpenMP team of
+    its own and slow the engine thread's launches (cpu_matmul's docstring). numba's threading layer is
+    chosen at the first launch, so none may have been chosen after the check."""
+    code = (
+        "import numba\n"
+        "from wombat_core.engine import cpu_kernels, cpu_matmul\n"
+        "assert cpu_matmul.available() and cpu_kernels.default_float32_kernels() in ('numba', 'onednn')\n"
+        "try:\n"
+        "    print(numba.threading_layer())\n"
+        "except ValueError:\n"
+        "    print('no launch')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "no launch"
 
 
 def test_the_compiled_matmul_lets_nan_through():

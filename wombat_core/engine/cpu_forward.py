@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from wombat_core.engine import cpu_fused
-from wombat_core.engine.cpu_kernels import PackedLinear, PreparedWeight, Projection, linear
+from wombat_core.engine.cpu_kernels import PackedLinear, PreparedWeight, Projection, linear, multiply
 from wombat_core.engine.kv_cache import CacheWrite, KVCache
 
 # Up to this many tokens a forward's activation runs as cpu_fused.silu_mul; beyond, as PyTorch's SiLU, whose
@@ -165,7 +165,7 @@ class LeanLlamaForward:
         residual, delta = x.numpy(), None  # the stream x, and the last output still to be added to it
         for index, layer in enumerate(self.layers):
             h = cpu_fused.add_rms_norm(residual, delta, layer.input_weight, layer.input_eps)
-            qkv = linear(torch.from_numpy(h), layer.qkv, layer.qkv_width).numpy()
+            qkv = multiply(h, layer.qkv)
             key_store, value_store = cache.keys[index].numpy(), cache.values[index].numpy()
             queries = torch.from_numpy(
                 cpu_fused.rotary_write(qkv, cos, sin, heads, kv_heads, key_store, value_store, slots, columns)
@@ -181,15 +181,15 @@ class LeanLlamaForward:
                 query = queries[first:last].view(rows, length, heads, head_dim).transpose(1, 2)
                 outputs.append(self._sdpa(query, *cache.attended(index, segment.write), mask))
             attention = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
-            o = linear(attention, layer.o, layer.hidden).numpy()
+            o = multiply(attention.numpy(), layer.o)
             h = cpu_fused.add_rms_norm(residual, o, layer.post_weight, layer.post_eps)
-            gate_up = linear(torch.from_numpy(h), layer.gate_up, 2 * layer.intermediate).numpy()
+            gate_up = multiply(h, layer.gate_up)
             if len(gate_up) <= FUSED_ACTIVATION_MAX_TOKENS:
-                activated = torch.from_numpy(cpu_fused.silu_mul(gate_up, layer.intermediate))
+                activated = cpu_fused.silu_mul(gate_up, layer.intermediate)
             else:
                 gate, up = torch.from_numpy(gate_up).split(layer.intermediate, dim=-1)
-                activated = F.silu(gate).mul_(up)
-            delta = linear(activated, layer.down, layer.hidden).numpy()
+                activated = F.silu(gate).mul_(up).numpy()
+            delta = multiply(activated, layer.down)
         np.add(residual, delta, out=residual)
         return x
 

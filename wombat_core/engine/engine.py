@@ -77,7 +77,7 @@ class EngineConfig:
     max_prefill_tokens: int = 512  # tokens per prefill chunk (over all rows of the group)
     context_length: int = 2048
     max_new_tokens_limit: int = 4096
-    # CPUs of the engine thread (cpu_kernels.use_threads: OpenBLAS's pool, or torch's OpenMP team); None
+    # CPUs of the engine thread (cpu_kernels.use_threads: numba's or OpenBLAS's threads, or torch's team); None
     # leaves the settings alone. The engine thread should be the process's only multi-threaded user: a
     # second team on the same cores slows every op by half (libgomp stops spinning when its threads
     # outnumber the cores), so whoever loads the model for a server loads it single-threaded and gives the
