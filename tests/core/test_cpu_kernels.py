@@ -1,5 +1,6 @@
-"""The CPU kernel swap (numba's compiled matmul, OpenBLAS or oneDNN-packed weights, shared-input projections) and the lean forward
-on it (cpu_forward.py) compute what the plain Hugging Face model computes."""
+"""The CPU kernel swap (numba's compiled matmul, OpenBLAS or oneDNN-packed weights, shared-input
+projections) and the lean forward on it (cpu_forward.py) compute what the plain Hugging Face model
+computes."""
 
 from __future__ import annotations
 

@@ -197,10 +197,11 @@ def decode_attention(queries: np.ndarray, keys: np.ndarray, values: np.ndarray, 
     to columns firsts[t]..lasts[t] (inclusive) of slot slots[t], the query heads of a group sharing their
     key-value head (GQA); softmax in float32, as SDPA's. Returns [tokens, heads * head_dim]."""
     # In three passes: the scores minus each row's maximum, their exp by numpy (vectorised; numba's exp
-    # calls libm a value at a time), then the weighted sum of the values, one query head's row at a time.
-    # Against the one-pass kernel this replaced (serial), a 16-row step's attention took 4.4-4.9 ms
-    # instead of 7.3-7.6 (~50 columns a row); split over two cores a 16-row, 300-column call took 420 us
-    # instead of 690 serial, while at one row the launches cost more (1.25 ms a step instead of 0.8).
+    # calls libm a value at a time), then the weighted sum of the values, one query head's row at a time;
+    # the first and last split over the cores from SPLIT_ATTENTION_MIN_ROWS rows. A 16-row step's
+    # attention (~50 columns a row) took 4.4-5.5 ms split, against 7.3 for the one-pass serial kernel this
+    # replaced and 7.6 for these passes serial; a 16-row call over 300 columns 390-520 us split, 690
+    # serial. At one row the launches cost more than they save (1.25 ms a step split, 0.8 serial).
     split = len(queries) >= SPLIT_ATTENTION_MIN_ROWS
     scores = (_scores_split if split else _scores_alone)(
         queries, keys, slots, firsts, lasts, np.float32(scale)

@@ -103,8 +103,8 @@ def use_threads(model: torch.nn.Module, threads: int) -> None:
 def default_float32_kernels() -> str:
     """The float32 kernels for this CPU: `WOMBAT_CPU_KERNELS` when set (one of KERNELS), else oneDNN
     where the CPU has AVX-512 (its packed kernels ran near the memory bandwidth there) and numba's
-    compiled kernel with OpenBLAS elsewhere (OpenBLAS alone where the compiled kernels are unavailable;
-    either is 1.3x to 2x faster than oneDNN on an AVX2-only EPYC). Decided by ISA, not by timing them at
+    compiled kernels elsewhere (OpenBLAS where those are unavailable; on an AVX2-only EPYC OpenBLAS is
+    1.3x to 2x faster than oneDNN, the compiled kernels faster again). Decided by ISA, not by timing them at
     load: a timing taken while the node is busy (other pods loading) picked the slower one here."""
     chosen = os.environ.get("WOMBAT_CPU_KERNELS")
     if not chosen:

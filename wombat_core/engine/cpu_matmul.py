@@ -9,11 +9,11 @@ of the demo model's projections, weights streamed from memory), ms per pass:
     OpenBLAS    16.1    35.4    35.7    30.8    41.9    62.4    101     180
     this        13.2    16.1    19.9    23.5    34.4    54.3    94.2    195
 
-(The one-row figure is the 4x3 kernel's; the one-row kernel below read at 33 GB/s where OpenBLAS read at
-28 in the same run: 16.3 vs 19.0 ms with the output layer.) Products of more than `CHUNK_ROWS` rows
-(prefill) run in chunks of that many rows, each near OpenBLAS's speed at that size, rather than handing
-them to OpenBLAS: after an OpenBLAS call its threads spin for ~0.1 s, and a decode step's kernel on the
-same cores then took 102 ms instead of 12 (measured). One kernel family for every product avoids that.
+(The one-row figure is the 4x3 kernel's. With the output layer, the one-row kernel below took 16.7 ms
+where OpenBLAS took 20.6, 32 against 26 GB/s.) Products of more than `CHUNK_ROWS` rows (prefill) run in
+chunks of that many rows, each near OpenBLAS's speed at that size, rather than handing them to OpenBLAS:
+after an OpenBLAS call its threads spin for ~0.1 s, and 40 one-row products on the same cores then took
+102 ms instead of 12 (measured). One kernel family for every product avoids that.
 
 How: each output is a dot product of an input row and a weight row, both contiguous in PyTorch's
 [out, in] layout, so the weight needs no repacking and no second copy. A block of 4 rows by 3 outputs
@@ -26,11 +26,11 @@ from OpenBLAS's only in the order of the additions (tested); no-NaN assumptions 
 still propagates to the logits.
 
 Threads: numba's parallel layer runs `numba.set_num_threads` threads, which `cpu_kernels.use_threads`
-sets on the engine thread. It must be OpenMP (libgomp) or TBB: numba's fallback work queue took ~100 us
-a launch here, against ~5 us, so `available()` is False without them. `available()` finds that out
-without launching anything, because the first launch must come from the engine thread: OpenMP keeps a
-team of workers per launching thread, and after one launch from the loading thread the engine thread's
-launches ran a single stream at 26 tok/s instead of 47 (measured in one process, engine alone).
+sets on the engine thread. It must be OpenMP (libgomp) or TBB: numba's fallback work queue took
+~100 us for a small product here, OpenMP ~5 us, so `available()` is False without them. It finds that
+out without launching anything, because the first launch must come from the engine thread: OpenMP keeps
+a team of workers per launching thread, and after one launch from the loading thread the engine
+thread's launches ran a single stream at 26 tok/s instead of 47 (measured in one process, engine alone).
 Launches are serialised in the process: two engines in one process (tests) must not launch at once,
 and the cores are shared anyway.
 """
@@ -114,18 +114,10 @@ if numba is not None:
                 for i in range(width):
                     w0, w1, w2 = weight[o, i], weight[o + 1, i], weight[o + 2, i]
                     x0, x1, x2, x3 = x[r, i], x[r + 1, i], x[r + 2, i], x[r + 3, i]
-                    s00 += x0 * w0
-                    s01 += x0 * w1
-                    s02 += x0 * w2
-                    s10 += x1 * w0
-                    s11 += x1 * w1
-                    s12 += x1 * w2
-                    s20 += x2 * w0
-                    s21 += x2 * w1
-                    s22 += x2 * w2
-                    s30 += x3 * w0
-                    s31 += x3 * w1
-                    s32 += x3 * w2
+                    s00, s01, s02 = s00 + x0 * w0, s01 + x0 * w1, s02 + x0 * w2
+                    s10, s11, s12 = s10 + x1 * w0, s11 + x1 * w1, s12 + x1 * w2
+                    s20, s21, s22 = s20 + x2 * w0, s21 + x2 * w1, s22 + x2 * w2
+                    s30, s31, s32 = s30 + x3 * w0, s31 + x3 * w1, s32 + x3 * w2
                 y[r, o], y[r, o + 1], y[r, o + 2] = s00, s01, s02
                 y[r + 1, o], y[r + 1, o + 1], y[r + 1, o + 2] = s10, s11, s12
                 y[r + 2, o], y[r + 2, o + 1], y[r + 2, o + 2] = s20, s21, s22
