@@ -20,7 +20,15 @@ How: each output is a dot product of an input row and a weight row, both contigu
 keeps 12 sums in vector registers and loads each weight and input vector once for 4 or 3 of them (other
 blocks measured slower: 2x4 and 4x2 within 10 %, 3x4 and 4x4 register-spilled at 16 rows). A single row
 (one stream decoding) takes 8 outputs at a time instead: 8 weight rows streamed at once keep more
-memory requests in flight. The output blocks are split over the cores (numba's prange). fastmath's
+memory requests in flight.
+
+Prefetch: with several rows a block's weights come from memory during its first pass (4 rows) and from
+L1 during the others, so memory sat idle for three passes in four and the hardware prefetcher did not
+run far enough ahead to fill them. Each pass therefore asks for its share of the next block's cache lines
+(llvm.prefetch, which never faults). Measured over the 30 layers' projections, ms: 16 rows 31.8 against
+35.9, 4 rows 18.5 against 20.1, 2 rows 16.8 against 18.9, 64 rows 98.6 against 102 (the next block, not
+two ahead: two ahead was slower at 16 rows and no better at 2). One row is at memory bandwidth already
+(~30 GB/s) and does without. The output blocks are split over the cores (numba's prange). fastmath's
 reassociation and contraction let LLVM vectorise the sums with fused multiply-adds, so results differ
 from OpenBLAS's only in the order of the additions (tested); no-NaN assumptions are not made, so a NaN
 still propagates to the logits.
@@ -88,14 +96,62 @@ def matmul(x: np.ndarray, weight: np.ndarray) -> np.ndarray:
 
 
 if numba is not None:
+    from llvmlite import ir as llvm_ir  # numba's own dependency
+    from numba.core import cgutils
+    from numba.core import types as numba_types
+    from numba.extending import intrinsic
+
     _jit = numba.njit(
         parallel=True, nogil=True, boundscheck=False, cache=cpu_fused.cache, fastmath={"reassoc", "contract"}
     )
+
+    @intrinsic
+    def _prefetch(typingctx, array, row, column):
+        """Ask for the cache line holding array[row, column] (a read, kept in every cache level)."""
+
+        def codegen(context, builder, signature, args):
+            array_type = signature.args[0]
+            array_struct = context.make_array(array_type)(context, builder, args[0])
+            pointer = cgutils.get_item_pointer(
+                context,
+                builder,
+                array_type,
+                array_struct,
+                [args[1], args[2]],
+                wraparound=False,
+                boundscheck=False,
+            )
+            byte_pointer = builder.bitcast(pointer, llvm_ir.IntType(8).as_pointer())
+            i32 = llvm_ir.IntType(32)
+            function = cgutils.get_or_insert_function(
+                builder.module,
+                llvm_ir.FunctionType(llvm_ir.VoidType(), [byte_pointer.type, i32, i32, i32]),
+                "llvm.prefetch.p0i8",
+            )
+            read, all_levels, data = (llvm_ir.Constant(i32, value) for value in (0, 3, 1))
+            builder.call(function, [byte_pointer, read, all_levels, data])
+            return context.get_dummy_value()
+
+        return numba_types.void(array, row, column), codegen
+
+    @numba.njit(inline="always", boundscheck=False)
+    def _prefetch_share(weight, first, count, share, shares):  # pragma: no cover - compiled
+        """Prefetch share `share` of `shares` of weight[first : first + count] (contiguous rows), a cache line
+        (16 floats) at a time; nothing past the last row."""
+        width = weight.shape[1]
+        if first + count > weight.shape[0]:
+            return
+        lines = (count * width + 15) // 16
+        per = (lines + shares - 1) // shares
+        for line in range(share * per, min((share + 1) * per, lines)):
+            element = line * 16
+            _prefetch(weight, first + element // width, element % width)
 
     @_jit
     def _rows(x, weight):  # pragma: no cover - compiled
         rows, width = x.shape
         outputs = weight.shape[0]
+        passes = rows // 4 + rows % 4  # over each block's weights: 4 rows at a time, then one at a time
         y = np.empty((rows, outputs), np.float32)
         for block in numba.prange((outputs + 2) // 3):
             o = block * 3
@@ -109,6 +165,7 @@ if numba is not None:
                 continue
             r = 0
             while r + 4 <= rows:
+                _prefetch_share(weight, o + 3, 3, r // 4, passes)
                 s00 = s01 = s02 = s10 = s11 = s12 = np.float32(0)
                 s20 = s21 = s22 = s30 = s31 = s32 = np.float32(0)
                 for i in range(width):
@@ -124,6 +181,7 @@ if numba is not None:
                 y[r + 3, o], y[r + 3, o + 1], y[r + 3, o + 2] = s30, s31, s32
                 r += 4
             while r < rows:  # the last rows, one at a time
+                _prefetch_share(weight, o + 3, 3, rows // 4 + r % 4, passes)
                 s00 = s01 = s02 = np.float32(0)
                 for i in range(width):
                     x0 = x[r, i]
