@@ -9,11 +9,12 @@ of the demo model's projections, weights streamed from memory), ms per pass:
     OpenBLAS    16.1    35.4    35.7    30.8    41.9    62.4    101     180
     this        13.2    16.1    19.9    23.5    34.4    54.3    94.2    195
 
-(The one-row figure is the 4x3 kernel's. With the output layer, the one-row kernel below took 16.7 ms
-where OpenBLAS took 20.6, 32 against 26 GB/s.) Products of more than `CHUNK_ROWS` rows (prefill) run in
-chunks of that many rows, each near OpenBLAS's speed at that size, rather than handing them to OpenBLAS:
-after an OpenBLAS call its threads spin for ~0.1 s, and 40 one-row products on the same cores then took
-102 ms instead of 12 (measured). One kernel family for every product avoids that.
+(The table predates the prefetch described below. The one-row figure is the 4x3 kernel's. With the output
+layer, the one-row kernel below took 16.7 ms where OpenBLAS took 20.6, 32 against 26 GB/s.) Products of
+more than `CHUNK_ROWS` rows (prefill) run in chunks of that many rows, each near OpenBLAS's speed at that
+size, rather than handing them to OpenBLAS: after an OpenBLAS call its threads spin for ~0.1 s, and 40
+one-row products on the same cores then took 102 ms instead of 12 (measured). One kernel family for every
+product avoids that.
 
 How: each output is a dot product of an input row and a weight row, both contiguous in PyTorch's
 [out, in] layout, so the weight needs no repacking and no second copy. A block of 4 rows by 3 outputs
@@ -25,9 +26,10 @@ memory requests in flight.
 Prefetch: with several rows a block's weights come from memory during its first pass (4 rows) and from
 L1 during the others, so memory sat idle for three passes in four and the hardware prefetcher did not
 run far enough ahead to fill them. Each pass therefore asks for its share of the next block's cache lines
-(llvm.prefetch, which never faults). Measured over the 30 layers' projections, ms: 16 rows 31.8 against
-35.9, 4 rows 18.5 against 20.1, 2 rows 16.8 against 18.9, 64 rows 98.6 against 102 (the next block, not
-two ahead: two ahead was slower at 16 rows and no better at 2). One row is at memory bandwidth already
+(llvm.prefetch, which never faults). Measured over the 30 layers' projections, with and without, in one
+run, ms: 2 rows 16.8 against 18.9, 4 rows 18.5 against 20.1, 8 rows 21.9 against 24.4, 16 rows 31.8 against
+35.9, 32 rows 50.5 against 55.6, 64 rows 98.6 against 102. The block after the current one, not two ahead:
+two ahead was slower at 16 rows and no better at 2. One row is at memory bandwidth already
 (~30 GB/s) and does without. The output blocks are split over the cores (numba's prange). fastmath's
 reassociation and contraction let LLVM vectorise the sums with fused multiply-adds, so results differ
 from OpenBLAS's only in the order of the additions (tested); no-NaN assumptions are not made, so a NaN
