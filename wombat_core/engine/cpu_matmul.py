@@ -21,19 +21,20 @@ How: each output is a dot product of an input row and a weight row, both contigu
 keeps 12 sums in vector registers and loads each weight and input vector once for 4 or 3 of them (other
 blocks measured slower: 2x4 and 4x2 within 10 %, 3x4 and 4x4 register-spilled at 16 rows). A single row
 (one stream decoding) takes 8 outputs at a time instead: 8 weight rows streamed at once keep more
-memory requests in flight.
-
-Prefetch: with several rows a block's weights come from memory during its first pass (4 rows) and from
-L1 during the others, so memory sat idle for three passes in four and the hardware prefetcher did not
-run far enough ahead to fill them. Each pass therefore asks for its share of the next block's cache lines
-(llvm.prefetch, which never faults). Measured over the 30 layers' projections, with and without, in one
-run, ms: 2 rows 16.8 against 18.9, 4 rows 18.5 against 20.1, 8 rows 21.9 against 24.4, 16 rows 31.8 against
-35.9, 32 rows 50.5 against 55.6, 64 rows 98.6 against 102. The block after the current one, not two ahead:
-two ahead was slower at 16 rows and no better at 2. One row is at memory bandwidth already
-(~30 GB/s) and does without. The output blocks are split over the cores (numba's prange). fastmath's
+memory requests in flight. The output blocks are split over the cores (numba's prange). fastmath's
 reassociation and contraction let LLVM vectorise the sums with fused multiply-adds, so results differ
 from OpenBLAS's only in the order of the additions (tested); no-NaN assumptions are not made, so a NaN
 still propagates to the logits.
+
+Prefetch: with several rows a block's weights come from memory during its first pass (4 rows) and from
+L1 during the others, so memory sits idle for three passes in four, and the hardware prefetcher does not
+make up for it: at 16 rows the 30 layers' projections ran at ~92 GFLOPS with the weights streamed from
+memory and ~116 with one layer's weights resident in L3. Each pass therefore asks for its share of the
+next block's cache lines (llvm.prefetch, which never faults). Measured over the 30 layers' projections,
+with and without, in one run, ms: 2 rows 16.8 against 18.9, 4 rows 18.5 against 20.1, 8 rows 21.9
+against 24.4, 16 rows 31.8 against 35.9, 32 rows 50.5 against 55.6, 64 rows 98.6 against 102. The block
+after the current one, not two ahead: two ahead was slower at 16 rows and no better at 2. One row is at
+memory bandwidth already (~30 GB/s) and does without.
 
 Threads: numba's parallel layer runs `numba.set_num_threads` threads, which `cpu_kernels.use_threads`
 sets on the engine thread. It must be OpenMP (libgomp) or TBB: numba's fallback work queue took
