@@ -69,7 +69,7 @@ def linear(x: torch.Tensor, packed: PreparedWeight, out_features: int) -> torch.
     rows = x.detach().reshape(-1, x.shape[-1])
     if isinstance(packed, FloatWeight):
         product = torch.from_numpy(multiply(rows.numpy(), packed))
-    else:
+    else:  # oneDNN's call made here, not through `multiply`: bfloat16 rows have no numpy form
         product = torch.ops.mkldnn._linear_pointwise(rows, packed, None, "none", [], "")
     return product.reshape(*x.shape[:-1], out_features)
 
